@@ -1,0 +1,230 @@
+"""The gateway application: one object that owns all state, and its handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .auth import KeyRing
+from .backends import Backend, HealthMonitor
+from .config import GatewayConfig
+from .errors import error_response
+from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
+from .routing import Router
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The OpenAI endpoints routed by `model`.
+MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Open without a key: liveness for nginx and the health timers.
+PUBLIC_PATHS = frozenset({"/healthz"})
+# The name (never the value) of the client key a request came with.
+KEY_NAME = web.RequestKey("key_name", str)
+
+
+class Gateway:
+    """Owns the configuration, the backends, the router and the HTTP client."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.keyring = KeyRing(config.api_keys)
+        self.backends = [
+            Backend.from_config(model, backend)
+            for model in config.models.values()
+            for backend in model.backends
+        ]
+        self.router = Router(self.backends)
+        self.started = time.time()
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the gateway's client session is not open")
+        return self._session
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def _client_context(self, _app: web.Application) -> AsyncIterator[None]:
+        # One pooled session for every upstream call; its pool is bounded by
+        # the sum of the backends' concurrency, with headroom for health polls.
+        limit = sum(b.max_concurrency for b in self.backends) * 2 + 16
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        monitor = HealthMonitor(
+            self._session,
+            self.backends,
+            interval=self.config.health_interval,
+            unhealthy_after=self.config.unhealthy_after,
+        )
+        # Know the backends' state before the first request, then keep polling.
+        await monitor.check_all()
+        task = asyncio.create_task(monitor.run(), name="health-monitor")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self._session.close()
+            self._session = None
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes,
+            middlewares=[self._errors_middleware, self._auth_middleware],
+        )
+        app.cleanup_ctx.append(self._client_context)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model}", self.get_model)
+        for path in MODEL_ROUTES:
+            app.router.add_post(path, self.route_by_model)
+        return app
+
+    # --- middlewares -----------------------------------------------------
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error leaves in OpenAI's shape, whatever raised it."""
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413,
+                f"request body is larger than {self.config.max_body_bytes} bytes",
+                code="request_too_large",
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, exc.reason or "error", headers=_allow_header(exc))
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS or not self.config.require_api_key:
+            return await handler(request)
+        key_name = self.keyring.identify(request.headers.get("Authorization"))
+        if key_name is None:
+            return error_response(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        request[KEY_NAME] = key_name
+        return await handler(request)
+
+    # --- handlers --------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        models = {
+            name: sum(1 for b in self.router.backends(name) if b.health == "ready")
+            for name in self.config.models
+        }
+        return web.json_response(
+            {"status": "ok", "version": __version__, "ready_backends": models}
+        )
+
+    def _model_card(self, name: str) -> dict[str, object]:
+        model = self.config.models[name]
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": model.owned_by,
+            "engine": model.engine,
+        }
+
+    async def list_models(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [self._model_card(n) for n in self.config.models]}
+        )
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.config.models:
+            return _unknown_model(name)
+        return web.json_response(self._model_card(name))
+
+    async def route_by_model(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        parsed = _model_and_stream(body)
+        if isinstance(parsed, web.Response):
+            return parsed
+        model, stream = parsed
+        if not self.router.knows(model):
+            return _unknown_model(model)
+
+        candidates = self.router.candidates(model)
+        if not candidates:
+            return error_response(
+                503,
+                f"model '{model}' has no ready backend right now",
+                code="model_unavailable",
+                headers={"Retry-After": "5"},
+            )
+        failures: list[str] = []
+        for backend in candidates:
+            backend.outstanding += 1
+            try:
+                try:
+                    upstream = await open_upstream(
+                        self.session, backend, request.path, body, self.config.timeouts
+                    )
+                except UpstreamUnavailable as exc:
+                    # Nothing reached the client yet: the next replica may answer.
+                    backend.record_failure(self.config.unhealthy_after)
+                    failures.append(f"{backend.name}: {exc}")
+                    log.warning("backend %s (%s) failed before the first byte: %s",
+                                backend.name, model, exc)
+                    continue
+                if stream and upstream.status == 200:
+                    return await relay_stream(request, upstream, self.config.timeouts.idle)
+                return await relay_whole(upstream, self.config.timeouts.idle)
+            finally:
+                backend.outstanding -= 1
+        return error_response(
+            502,
+            f"no backend of model '{model}' answered: " + "; ".join(failures),
+            code="upstream_unavailable",
+        )
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+def _unknown_model(name: str) -> web.Response:
+    return error_response(
+        404, f"the model '{name}' does not exist", code="model_not_found", param="model"
+    )
+
+
+def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
+    """Read only `model` and `stream` from a request body."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(payload, dict):
+        return error_response(400, "request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return error_response(400, "'model' is required and must be a string", param="model")
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        return error_response(400, "'stream' must be a boolean", param="stream")
+    return model, stream

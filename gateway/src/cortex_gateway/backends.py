@@ -1,0 +1,122 @@
+"""Backends (one engine server each) and their health.
+
+Health polling is asynchronous and concurrent: one slow or dead server never
+delays the verdict on the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .config import BackendConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class Health(enum.StrEnum):
+    STARTING = "starting"  # not yet answered 200: loading, or not up yet
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+
+
+# Each engine's liveness endpoint. llama-server answers 503 while it loads the
+# model and 200 once it serves; vLLM's /health answers 200 once it serves.
+HEALTH_PATHS = {"llamacpp": "/health", "vllm": "/health"}
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    model: str
+    engine: str
+    url: str
+    api_key: str | None
+    max_concurrency: int
+    health: Health = Health.STARTING
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    last_change: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        """host:port, the label the backend goes by in logs and metrics."""
+        return urlsplit(self.url).netloc
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, backend: BackendConfig) -> Backend:
+        return cls(
+            model=model.name,
+            engine=model.engine,
+            url=backend.url,
+            api_key=backend.api_key,
+            max_concurrency=backend.max_concurrency,
+        )
+
+    def set_health(self, health: Health) -> None:
+        if health is not self.health:
+            log.info("backend %s (%s) is now %s", self.name, self.model, health)
+            self.health = health
+            self.last_change = time.monotonic()
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        self.set_health(Health.READY)
+
+    def record_failure(self, unhealthy_after: int) -> None:
+        self.consecutive_failures += 1
+        if self.health is Health.READY and self.consecutive_failures < unhealthy_after:
+            return
+        # A server that has never answered stays "starting": a model that
+        # takes minutes to load is not dead, only not there yet.
+        if self.health is not Health.STARTING:
+            self.set_health(Health.UNHEALTHY)
+
+
+class HealthMonitor:
+    """Polls every backend's health endpoint at a fixed interval."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        backends: Iterable[Backend],
+        *,
+        interval: float,
+        unhealthy_after: int,
+        timeout: float = 3.0,
+    ) -> None:
+        self._session = session
+        self._backends = list(backends)
+        self._interval = interval
+        self._unhealthy_after = unhealthy_after
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def check(self, backend: Backend) -> None:
+        url = backend.url + HEALTH_PATHS[backend.engine]
+        try:
+            async with self._session.get(url, timeout=self._timeout) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            backend.record_failure(self._unhealthy_after)
+            return
+        if status == 200:
+            backend.record_success()
+        elif status == 503 and backend.health is not Health.READY:
+            backend.set_health(Health.STARTING)  # still loading the model
+        else:
+            backend.record_failure(self._unhealthy_after)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(b) for b in self._backends))
+
+    async def run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self._interval)

@@ -1,0 +1,211 @@
+"""The gateway's configuration: YAML rendered by the `gateway` role.
+
+Parsing is strict, and every error names the field that is wrong
+(`models[1].backends[0].url: ...`), so a bad inventory is caught by
+`cortex-gateway check-config` before the role restarts anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENGINES = ("llamacpp", "vllm")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    # Non-streaming engines send their headers only when the completion is
+    # done, so the first byte can take as long as the whole generation.
+    first_byte: float = 600.0
+    idle: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str
+    api_key: str | None
+    max_concurrency: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    engine: str
+    owned_by: str
+    backends: tuple[BackendConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str
+    port: int
+    require_api_key: bool
+    # sha256 hex of each client key -> the key's name (never the key itself)
+    api_keys: Mapping[str, str]
+    models: Mapping[str, ModelConfig]
+    timeouts: Timeouts
+    max_body_bytes: int
+    health_interval: float
+    unhealthy_after: int
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a port of `true` is still a mistake.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{where}: expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{where}: expected {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+             float: "a number", bool: "a boolean"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: Any, where: str) -> float:
+    number = float(_expect(value, (int, float), where))
+    if number <= 0:
+        raise ConfigError(f"{where}: must be greater than 0, got {value}")
+    return number
+
+
+def _no_unknown(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown option (allowed: {', '.join(sorted(allowed))})")
+
+
+def _backend(raw: Any, where: str) -> BackendConfig:
+    _expect(raw, dict, where)
+    _no_unknown(raw, {"url", "api_key", "max_concurrency"}, where)
+    url = _expect(raw.get("url"), str, f"{where}.url")
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{where}.url: must be an http(s) URL with a host, got {url!r}")
+    api_key = raw.get("api_key")
+    if api_key is not None:
+        _expect(api_key, str, f"{where}.api_key")
+    concurrency = _expect(raw.get("max_concurrency", 4), int, f"{where}.max_concurrency")
+    if concurrency < 1:
+        raise ConfigError(f"{where}.max_concurrency: must be at least 1, got {concurrency}")
+    return BackendConfig(url=url.rstrip("/"), api_key=api_key or None, max_concurrency=concurrency)
+
+
+def _model(raw: Any, where: str) -> ModelConfig:
+    _expect(raw, dict, where)
+    _no_unknown(raw, {"name", "engine", "owned_by", "backends"}, where)
+    name = _expect(raw.get("name"), str, f"{where}.name")
+    if not name:
+        raise ConfigError(f"{where}.name: must not be empty")
+    engine = _expect(raw.get("engine"), str, f"{where}.engine")
+    if engine not in ENGINES:
+        raise ConfigError(f"{where}.engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    owned_by = _expect(raw.get("owned_by", "cortex"), str, f"{where}.owned_by")
+    backends_raw = _expect(raw.get("backends"), list, f"{where}.backends")
+    if not backends_raw:
+        raise ConfigError(f"{where}.backends: needs at least one backend")
+    backends = tuple(_backend(b, f"{where}.backends[{i}]") for i, b in enumerate(backends_raw))
+    return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends)
+
+
+def parse_config(raw: Any) -> GatewayConfig:
+    """Turn the YAML document into a GatewayConfig, or raise ConfigError."""
+    _expect(raw, dict, "config")
+    _no_unknown(raw, {"listen", "auth", "models", "timeouts", "limits", "health"}, "")
+
+    listen = _expect(raw.get("listen", {}), dict, "listen")
+    _no_unknown(listen, {"host", "port"}, "listen")
+    host = _expect(listen.get("host", "127.0.0.1"), str, "listen.host")
+    port = _expect(listen.get("port", 8000), int, "listen.port")
+    if not 0 < port < 65536:
+        raise ConfigError(f"listen.port: must be between 1 and 65535, got {port}")
+
+    auth = _expect(raw.get("auth", {}), dict, "auth")
+    _no_unknown(auth, {"require_api_key", "api_keys"}, "auth")
+    require = _expect(auth.get("require_api_key", True), bool, "auth.require_api_key")
+    keys: dict[str, str] = {}
+    for i, entry in enumerate(_expect(auth.get("api_keys", []), list, "auth.api_keys")):
+        where = f"auth.api_keys[{i}]"
+        _expect(entry, dict, where)
+        _no_unknown(entry, {"name", "sha256"}, where)
+        key_name = _expect(entry.get("name"), str, f"{where}.name")
+        digest = _expect(entry.get("sha256"), str, f"{where}.sha256").lower()
+        if not _SHA256_HEX.match(digest):
+            raise ConfigError(f"{where}.sha256: must be 64 hex digits (cortex-gateway hash-key makes one)")
+        keys[digest] = key_name
+    if require and not keys:
+        raise ConfigError("auth.api_keys: require_api_key is true but no key is configured")
+
+    models: dict[str, ModelConfig] = {}
+    for i, entry in enumerate(_expect(raw.get("models", []), list, "models")):
+        model = _model(entry, f"models[{i}]")
+        if model.name in models:
+            raise ConfigError(f"models[{i}].name: duplicate model name {model.name!r}")
+        models[model.name] = model
+
+    timeouts_raw = _expect(raw.get("timeouts", {}), dict, "timeouts")
+    _no_unknown(timeouts_raw, {"connect", "first_byte", "idle"}, "timeouts")
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        connect=_positive(timeouts_raw.get("connect", defaults.connect), "timeouts.connect"),
+        first_byte=_positive(timeouts_raw.get("first_byte", defaults.first_byte), "timeouts.first_byte"),
+        idle=_positive(timeouts_raw.get("idle", defaults.idle), "timeouts.idle"),
+    )
+
+    limits = _expect(raw.get("limits", {}), dict, "limits")
+    _no_unknown(limits, {"max_body_bytes"}, "limits")
+    max_body = int(_positive(limits.get("max_body_bytes", 4 * 1024 * 1024), "limits.max_body_bytes"))
+
+    health = _expect(raw.get("health", {}), dict, "health")
+    _no_unknown(health, {"interval", "unhealthy_after"}, "health")
+    interval = _positive(health.get("interval", 5.0), "health.interval")
+    unhealthy_after = _expect(health.get("unhealthy_after", 3), int, "health.unhealthy_after")
+    if unhealthy_after < 1:
+        raise ConfigError(f"health.unhealthy_after: must be at least 1, got {unhealthy_after}")
+
+    return GatewayConfig(
+        host=host,
+        port=port,
+        require_api_key=require,
+        api_keys=keys,
+        models=models,
+        timeouts=timeouts,
+        max_body_bytes=max_body,
+        health_interval=interval,
+        unhealthy_after=unhealthy_after,
+    )
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw)

@@ -1,0 +1,119 @@
+"""Forwarding a request to one backend, and relaying its answer.
+
+The client's body bytes go upstream untouched; a streamed answer is relayed
+chunk by chunk as it arrives, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from aiohttp import web
+
+from .backends import Backend
+from .config import Timeouts
+from .errors import error_body
+
+# Upstream statuses after which another replica may still be tried: nothing
+# has reached the client yet, and the fault is the server's, not the request's.
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+
+class UpstreamUnavailable(Exception):
+    """The backend could not be reached or would not answer; nothing was sent."""
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    path: str,
+    body: bytes,
+    timeouts: Timeouts,
+) -> aiohttp.ClientResponse:
+    """POST the body to the backend and wait for its status line and headers."""
+    headers = {"Content-Type": "application/json"}
+    if backend.api_key:
+        headers["Authorization"] = f"Bearer {backend.api_key}"
+    # sock_read stays off here: until the first byte, first_byte is the bound.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None)
+    try:
+        async with asyncio.timeout(timeouts.first_byte):
+            upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
+    except TimeoutError as exc:
+        raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc
+    if upstream.status in RETRYABLE_STATUSES:
+        upstream.release()
+        raise UpstreamUnavailable(f"answered {upstream.status}")
+    return upstream
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, idle: float) -> web.Response:
+    """Relay a non-streamed answer: status, content type and bytes as they are."""
+    try:
+        async with asyncio.timeout(idle):
+            payload = await upstream.read()
+    finally:
+        upstream.release()
+    return web.Response(
+        status=upstream.status,
+        body=payload,
+        content_type=upstream.content_type,
+        charset=upstream.charset,
+    )
+
+
+def sse_error_event(message: str) -> bytes:
+    body = error_body(502, message, code="upstream_stream_broken")
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, idle: float
+) -> web.StreamResponse:
+    """Relay server-sent events as they arrive.
+
+    A stream that breaks midway ends with an SSE error event and a closed
+    connection, so the client sees an error rather than a hang or a silent cut.
+    """
+    response = web.StreamResponse(
+        status=upstream.status,
+        headers={
+            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache",
+            # nginx must not buffer a stream, whatever its site config says.
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await response.prepare(request)
+    completed = False
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                await response.write(sse_error_event(f"the model server sent nothing for {idle:g}s"))
+                break
+            except aiohttp.ClientError as exc:
+                await response.write(sse_error_event(f"the model server broke off the stream: {exc}"))
+                break
+            if not chunk:
+                completed = True
+                break
+            await response.write(chunk)
+    finally:
+        # Closing (not releasing) an unfinished upstream aborts the
+        # generation on the engine instead of letting it run for nobody.
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()
+    if completed:
+        await response.write_eof()
+    elif request.transport is not None:
+        request.transport.close()
+    return response

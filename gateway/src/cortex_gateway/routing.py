@@ -1,0 +1,35 @@
+"""Choosing a backend for a model: least outstanding requests, round-robin ties."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from .backends import Backend, Health
+
+
+class Router:
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self._by_model: dict[str, list[Backend]] = {}
+        for backend in backends:
+            self._by_model.setdefault(backend.model, []).append(backend)
+        self._turns = {model: itertools.count() for model in self._by_model}
+
+    def knows(self, model: str) -> bool:
+        return model in self._by_model
+
+    def backends(self, model: str) -> list[Backend]:
+        return list(self._by_model.get(model, ()))
+
+    def candidates(self, model: str) -> list[Backend]:
+        """Ready backends in the order to try them.
+
+        The list is rotated by a per-model turn counter before a stable sort
+        by outstanding requests, so equally loaded replicas take turns.
+        """
+        ready = [b for b in self._by_model.get(model, ()) if b.health is Health.READY]
+        if not ready:
+            return []
+        turn = next(self._turns[model]) % len(ready)
+        rotated = ready[turn:] + ready[:turn]
+        return sorted(rotated, key=lambda b: b.outstanding)

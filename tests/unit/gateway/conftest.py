@@ -1,0 +1,114 @@
+"""Fixtures: real aiohttp servers standing in for engines, and a gateway in front."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from cortex_gateway.app import Gateway
+from cortex_gateway.auth import hash_key
+from cortex_gateway.config import parse_config
+
+CLIENT_KEY = "sk-test-client-key-0123456789abcdef"
+ENGINE_KEY = "engine-secret-key"
+
+
+@dataclass
+class FakeEngine:
+    """An OpenAI-compatible engine that records what it was sent."""
+
+    health_status: int = 200
+    chunks: int = 3
+    chunk_delay: float = 0.0
+    break_stream_after: int | None = None
+    received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", self.complete)
+        app.router.add_post("/v1/completions", self.complete)
+        return app
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, status=self.health_status)
+
+    async def complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append((request.path, body, request.headers.get("Authorization")))
+        payload = json.loads(body)
+        if not payload.get("stream"):
+            return web.json_response(
+                {
+                    "id": "cmpl-1",
+                    "object": "chat.completion",
+                    "model": payload["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(self.chunks):
+            if self.break_stream_after is not None and i == self.break_stream_after:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            event = {"id": "c", "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await asyncio.sleep(self.chunk_delay)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def make_config(backends: dict[str, list[str]], **extra: Any) -> dict[str, Any]:
+    return {
+        "listen": {"host": "127.0.0.1", "port": 8000},
+        "auth": {"require_api_key": True, "api_keys": [{"name": "tests", "sha256": hash_key(CLIENT_KEY)}]},
+        "models": [
+            {"name": name, "engine": "llamacpp",
+             "backends": [{"url": url, "api_key": ENGINE_KEY, "max_concurrency": 2} for url in urls]}
+            for name, urls in backends.items()
+        ],
+        "health": {"interval": 0.2, "unhealthy_after": 2},
+        **extra,
+    }
+
+
+@pytest.fixture
+async def engine_server() -> Callable[..., Any]:
+    servers: list[TestServer] = []
+
+    async def start(engine: FakeEngine) -> str:
+        server = TestServer(engine.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+def gateway_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    async def start(raw_config: dict[str, Any]) -> Any:
+        gateway = Gateway(parse_config(raw_config))
+        client = await aiohttp_client(gateway.build_app())
+        client.gateway = gateway
+        return client
+
+    return start
+
+
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}

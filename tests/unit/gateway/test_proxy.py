@@ -1,0 +1,110 @@
+"""The gateway against real HTTP servers standing in for engines."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from .conftest import AUTH, ENGINE_KEY, FakeEngine, make_config
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_non_streaming_answer_passes_through(engine_server, gateway_client):
+    engine = FakeEngine()
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
+
+
+async def test_request_body_is_forwarded_byte_for_byte(engine_server, gateway_client):
+    engine = FakeEngine()
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    # Odd spacing, key order and an unknown field must all survive.
+    raw = b'{ "zeta": [1,2],  "model":"m", "messages": [], "x-extra": {"a": null} }'
+    resp = await client.post("/v1/chat/completions", data=raw, headers=AUTH)
+    assert resp.status == 200
+    assert engine.received[0][1] == raw
+
+
+async def test_engine_gets_its_own_key_not_the_clients(engine_server, gateway_client):
+    engine = FakeEngine()
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert engine.received[0][2] == f"Bearer {ENGINE_KEY}"
+
+
+async def test_stream_is_relayed_as_server_sent_events(engine_server, gateway_client):
+    engine = FakeEngine(chunks=4)
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    text = (await resp.read()).decode()
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["t0", "t1", "t2", "t3"]
+
+
+async def test_stream_broken_midway_ends_with_an_error_event(engine_server, gateway_client):
+    engine = FakeEngine(chunks=5, break_stream_after=2)
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    body = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            body += chunk
+    except Exception:  # noqa: BLE001 - the connection is closed on purpose
+        pass
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "upstream_stream_broken"
+
+
+async def test_refused_replica_is_skipped_for_the_next(engine_server, gateway_client):
+    engine = FakeEngine()
+    good = await engine_server(engine)
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = await gateway_client(make_config({"m": [dead, good]}))
+    # The dead replica was never ready; mark it ready to force a real attempt.
+    for backend in client.gateway.backends:
+        backend.record_success()
+    for _ in range(4):
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+        assert resp.status == 200
+    assert len(engine.received) == 4
+
+
+async def test_model_with_no_ready_backend_gets_503(engine_server, gateway_client):
+    engine = FakeEngine(health_status=503)  # still loading
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "5"
+    assert (await resp.json())["error"]["code"] == "model_unavailable"
+    assert engine.received == []
+
+
+async def test_models_lists_every_model_with_its_engine(engine_server, gateway_client):
+    url = await engine_server(FakeEngine())
+    client = await gateway_client(make_config({"a": [url], "b": [url]}))
+    resp = await client.get("/v1/models", headers=AUTH)
+    data = (await resp.json())["data"]
+    assert [(m["id"], m["object"], m["engine"]) for m in data] == [
+        ("a", "model", "llamacpp"), ("b", "model", "llamacpp")]
+
+
+async def test_healthz_needs_no_key_and_counts_ready_backends(engine_server, gateway_client):
+    url = await engine_server(FakeEngine())
+    client = await gateway_client(make_config({"m": [url]}))
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert (await resp.json())["ready_backends"] == {"m": 1}
