@@ -1,0 +1,13 @@
+# Shared by the scripts in this folder; source it, don't run it.
+# shellcheck shell=bash
+set -euo pipefail
+
+CORTEX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CORTEX_CACHE_DIR="${CORTEX_CACHE_DIR:-$HOME/.cache/cortex-serving}"
+CORTEX_VENV="${CORTEX_VENV:-$CORTEX_CACHE_DIR/venv}"
+export CORTEX_ROOT CORTEX_CACHE_DIR CORTEX_VENV
+export ANSIBLE_CONFIG="$CORTEX_ROOT/ansible.cfg"
+export PATH="$CORTEX_VENV/bin:$PATH"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
