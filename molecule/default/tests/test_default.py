@@ -1,0 +1,136 @@
+"""The embedded default, converged: services, sockets, engine hardening, and
+real chat completions through nginx and the gateway with the openai client."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from conftest import GATEWAY_URL, journal
+
+MODEL = "smollm2-135m-instruct"
+ENGINE_PORT = 18080
+
+
+@pytest.mark.parametrize("unit", ["docker", "cortex-gateway", "nginx"])
+def test_unit_is_active_and_enabled(host, unit):
+    service = host.service(unit)
+    assert service.is_running, journal(host, unit)
+    assert service.is_enabled
+
+
+def test_nginx_config_is_clean(host):
+    result = host.run("nginx -t")
+    assert result.rc == 0, result.stderr
+
+
+def test_nginx_site_does_not_buffer(host):
+    site = host.file("/etc/nginx/sites-enabled/cortex-gateway.conf")
+    assert site.is_symlink
+    assert "proxy_buffering off;" in site.content_string
+    assert not host.file("/etc/nginx/sites-enabled/default").exists
+
+
+def test_gateway_unit_runs_the_rendered_config(host):
+    unit = host.file("/etc/systemd/system/cortex-gateway.service").content_string
+    assert (
+        "ExecStart=/opt/cortex-gateway/venv/bin/cortex-gateway serve --config /etc/cortex-gateway/config.yml"
+        in unit.splitlines()
+    )
+    assert "User=cortex-gateway" in unit.splitlines()
+
+
+def test_gateway_config_is_private_and_stores_only_key_digests(host, client_key):
+    config = host.file("/etc/cortex-gateway/config.yml")
+    assert config.mode == 0o640
+    assert config.group == "cortex-gateway"
+    assert client_key not in config.content_string
+
+
+def listeners(host, port: int) -> set[str]:
+    out = host.run(f"ss -Hltn 'sport = :{port}'").stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+def test_engine_and_gateway_listen_on_loopback_only(host):
+    assert listeners(host, ENGINE_PORT) == {"127.0.0.1"}
+    assert listeners(host, 8000) == {"127.0.0.1"}
+
+
+def test_nginx_listens_for_clients(host):
+    assert listeners(host, 80) & {"0.0.0.0", "*", "[::]"}
+
+
+def test_engine_container_is_hardened(host):
+    inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}"))[0]
+    assert inspect["State"]["Health"]["Status"] == "healthy"
+    assert inspect["Config"]["User"] == "10001:10001"
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True
+    assert inspect["HostConfig"]["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in inspect["HostConfig"]["SecurityOpt"]
+    mounts = {m["Destination"]: m for m in inspect["Mounts"]}
+    assert mounts["/models"]["RW"] is False
+    assert mounts["/run/secrets/engine-api-key"]["RW"] is False
+    assert "--api-key-file" in inspect["Config"]["Cmd"]
+
+
+def test_engine_refuses_requests_without_its_key(host):
+    status = host.check_output(
+        "curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' "
+        "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}' "
+        f"http://127.0.0.1:{ENGINE_PORT}/v1/chat/completions"
+    )
+    assert status == "401"
+
+
+@pytest.fixture
+def client(client_key):
+    return openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=120, max_retries=0)
+
+
+def test_models_lists_the_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_completion_through_nginx(client):
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=32,
+        temperature=0,
+    )
+    text = reply.choices[0].message.content
+    assert text and text.strip()
+    assert reply.usage.completion_tokens > 0
+
+
+def test_streamed_chat_completion_through_nginx(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1, "a stream should arrive in several chunks"
+    assert "".join(pieces).strip()
+
+
+def test_completion_through_nginx(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8)
+    assert reply.choices[0].text.strip()
+
+
+def test_wrong_key_is_refused(client_key):
+    bad = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key + "x", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as excinfo:
+        bad.models.list()
+    assert excinfo.value.status_code == 401
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert excinfo.value.body["code"] == "model_not_found"
