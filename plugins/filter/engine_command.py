@@ -50,7 +50,7 @@ def _llamacpp_command(model, defaults=None):
     try:
         return llamacpp_command(model, defaults)
     except EngineCommandError as exc:
-        raise AnsibleFilterError(str(exc))
+        raise AnsibleFilterError(str(exc)) from exc
 
 
 class FilterModule(object):

@@ -69,7 +69,7 @@ def _routing_table(hosts, hostvars, fact="model_servers_endpoints"):
     try:
         return routing_table(pairs)
     except FleetError as exc:
-        raise AnsibleFilterError(str(exc))
+        raise AnsibleFilterError(str(exc)) from exc
 
 
 class FilterModule(object):

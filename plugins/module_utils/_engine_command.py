@@ -42,14 +42,24 @@ def llamacpp_command(model, defaults=None):
         raise EngineCommandError("model %s: no model file was resolved from its source" % name)
 
     args = [
-        "--model", "%s/%s" % (LLAMACPP_MODEL_DIR, model_file),
-        "--alias", name,
-        "--host", "0.0.0.0",
-        "--port", str(LLAMACPP_PORT),
-        "--api-key-file", LLAMACPP_API_KEY_FILE,
-        "--ctx-size", str(options.get("ctx_size", 4096)),
-        "--parallel", str(options.get("parallel", 1)),
-        "--n-gpu-layers", str(options.get("n_gpu_layers", 0)),
+        "--model",
+        "%s/%s" % (LLAMACPP_MODEL_DIR, model_file),
+        "--alias",
+        name,
+        # Inside the container's own network namespace; the host side is
+        # published on loopback (or the internal address) only.
+        "--host",
+        "0.0.0.0",  # noqa: S104
+        "--port",
+        str(LLAMACPP_PORT),
+        "--api-key-file",
+        LLAMACPP_API_KEY_FILE,
+        "--ctx-size",
+        str(options.get("ctx_size", 4096)),
+        "--parallel",
+        str(options.get("parallel", 1)),
+        "--n-gpu-layers",
+        str(options.get("n_gpu_layers", 0)),
         # Engines sit behind the gateway; nobody browses to them.
         "--no-webui",
     ]

@@ -133,9 +133,7 @@ class Gateway:
             name: sum(1 for b in self.router.backends(name) if b.health == "ready")
             for name in self.config.models
         }
-        return web.json_response(
-            {"status": "ok", "version": __version__, "ready_backends": models}
-        )
+        return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
 
     def _model_card(self, name: str) -> dict[str, object]:
         model = self.config.models[name]
@@ -187,8 +185,7 @@ class Gateway:
                     # Nothing reached the client yet: the next replica may answer.
                     backend.record_failure(self.config.unhealthy_after)
                     failures.append(f"{backend.name}: {exc}")
-                    log.warning("backend %s (%s) failed before the first byte: %s",
-                                backend.name, model, exc)
+                    log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
                     continue
                 if stream and upstream.status == 200:
                     return await relay_stream(request, upstream, self.config.timeouts.idle)
@@ -208,9 +205,7 @@ def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
 
 
 def _unknown_model(name: str) -> web.Response:
-    return error_response(
-        404, f"the model '{name}' does not exist", code="model_not_found", param="model"
-    )
+    return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
 
 
 def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:

@@ -73,8 +73,14 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-             float: "a number", bool: "a boolean"}
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+    }
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 

@@ -16,8 +16,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         inventory = os.environ["MOLECULE_INVENTORY_FILE"]
         hosts = testinfra.utils.ansible_runner.AnsibleRunner(inventory).get_hosts("all")
         metafunc.parametrize(
-            "host", [testinfra.get_host(f"ansible://{h}?ansible_inventory={inventory}") for h in hosts],
-            ids=hosts, scope="module",
+            "host",
+            [testinfra.get_host(f"ansible://{h}?ansible_inventory={inventory}") for h in hosts],
+            ids=hosts,
+            scope="module",
         )
 
 

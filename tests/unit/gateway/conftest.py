@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
 from cortex_gateway.app import Gateway
 from cortex_gateway.auth import hash_key
 from cortex_gateway.config import parse_config
@@ -50,8 +49,13 @@ class FakeEngine:
                     "id": "cmpl-1",
                     "object": "chat.completion",
                     "model": payload["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
-                                 "finish_reason": "stop"}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hello"},
+                            "finish_reason": "stop",
+                        }
+                    ],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
                 }
             )
@@ -62,8 +66,11 @@ class FakeEngine:
                 assert request.transport is not None
                 request.transport.close()
                 return response
-            event = {"id": "c", "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}
+            event = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
+            }
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await asyncio.sleep(self.chunk_delay)
         await response.write(b"data: [DONE]\n\n")
@@ -76,8 +83,11 @@ def make_config(backends: dict[str, list[str]], **extra: Any) -> dict[str, Any]:
         "listen": {"host": "127.0.0.1", "port": 8000},
         "auth": {"require_api_key": True, "api_keys": [{"name": "tests", "sha256": hash_key(CLIENT_KEY)}]},
         "models": [
-            {"name": name, "engine": "llamacpp",
-             "backends": [{"url": url, "api_key": ENGINE_KEY, "max_concurrency": 2} for url in urls]}
+            {
+                "name": name,
+                "engine": "llamacpp",
+                "backends": [{"url": url, "api_key": ENGINE_KEY, "max_concurrency": 2} for url in urls],
+            }
             for name, urls in backends.items()
         ],
         "health": {"interval": 0.2, "unhealthy_after": 2},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from cortex_gateway.config import ConfigError, load_config, parse_config
 
 from .conftest import make_config
@@ -42,7 +41,11 @@ def test_good_config_loads():
         ("models.0.name", "", "models[0].name: must not be empty"),
         ("models.0.backends", [], "models[0].backends: needs at least one backend"),
         ("models.0.backends.0.url", "127.0.0.1:8080", "models[0].backends[0].url: must be an http(s) URL"),
-        ("models.0.backends.0.max_concurrency", 0, "models[0].backends[0].max_concurrency: must be at least 1"),
+        (
+            "models.0.backends.0.max_concurrency",
+            0,
+            "models[0].backends[0].max_concurrency: must be at least 1",
+        ),
         ("models.0.colour", "red", "models[0].colour: unknown option"),
         ("auth.api_keys", [], "auth.api_keys: require_api_key is true but no key"),
         ("auth.api_keys.0.sha256", "abc", "auth.api_keys[0].sha256: must be 64 hex digits"),
