@@ -79,7 +79,7 @@ async def test_refused_replica_is_skipped_for_the_next(engine_server, gateway_cl
     # The dead replica was never ready; mark it ready to force a real attempt.
     for backend in client.gateway.backends:
         backend.record_success()
-    for _ in range(4):
+    for _attempt in range(4):
         resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
         assert resp.status == 200
     assert len(engine.received) == 4

@@ -17,7 +17,7 @@ def backend(port: int, health: Health = Health.READY) -> Backend:
 def test_equal_replicas_take_turns():
     replicas = [backend(1), backend(2), backend(3)]
     router = Router(replicas)
-    picks = Counter(router.candidates("m")[0].name for _ in range(30))
+    picks = Counter(router.candidates("m")[0].name for _turn in range(30))
     assert picks == Counter({"127.0.0.1:1": 10, "127.0.0.1:2": 10, "127.0.0.1:3": 10})
 
 
@@ -25,7 +25,7 @@ def test_least_outstanding_wins():
     a, b = backend(1), backend(2)
     a.outstanding = 3
     router = Router([a, b])
-    assert all(router.candidates("m")[0] is b for _ in range(5))
+    assert all(router.candidates("m")[0] is b for _turn in range(5))
 
 
 def test_only_ready_backends_are_candidates():
@@ -35,7 +35,7 @@ def test_only_ready_backends_are_candidates():
 
 def test_starting_backend_is_not_declared_unhealthy_by_failures():
     b = backend(1, Health.STARTING)
-    for _ in range(10):
+    for _attempt in range(10):
         b.record_failure(unhealthy_after=3)
     assert b.health is Health.STARTING
 
