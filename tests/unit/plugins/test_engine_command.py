@@ -32,8 +32,16 @@ def test_local_default_renders_exactly():
 
 
 def test_model_settings_override_defaults_and_extra_args_come_last():
-    model = {**SMOLLM, "llamacpp": {"flash_attn": True, "threads": 2, "embeddings": True,
-                                    "metrics": False, "extra_args": ["--seed", 7]}}
+    model = {
+        **SMOLLM,
+        "llamacpp": {
+            "flash_attn": True,
+            "threads": 2,
+            "embeddings": True,
+            "metrics": False,
+            "extra_args": ["--seed", 7],
+        },
+    }
     args = llamacpp_command(model, {"ctx_size": 4096, "parallel": 4})
     assert args[args.index("--ctx-size") + 1] == "4096"
     assert args[args.index("--parallel") + 1] == "4"
