@@ -12,14 +12,14 @@ module: gpu_facts
 short_description: Read the NVIDIA GPUs of a host through NVML
 version_added: 0.1.0
 description:
-  - Reads every NVIDIA GPU of the host through NVML with nvidia-ml-py (C(pynvml)):
-    name, UUID, PCI bus id, compute capability, memory, and MIG mode, with the
-    driver's version and the newest CUDA version it supports.
-  - A host without the driver is not an error unless O(fail_without_driver=true):
-    the result says C(driver_present=false) and why.
+  - Reads every NVIDIA GPU of the host through NVML with nvidia-ml-py (C(pynvml)),
+    giving name, UUID, PCI bus id, compute capability, memory, and MIG mode, with
+    the driver's version and the newest CUDA version it supports.
+  - A host without the driver is not an error unless O(fail_without_driver=true);
+    the result then says C(driver_present=false) and why.
   - Sets the fact C(cortex_gpus) to the result.
 author:
-  - cortex.serving contributors
+  - cortex.serving maintainers (!UNKNOWN)
 requirements:
   - nvidia-ml-py (imported as C(pynvml)) on the host
 options:
@@ -33,8 +33,10 @@ attributes:
     description: Only reads; runs the same in check mode.
   diff_mode:
     support: none
+    description: Changes nothing, so there is nothing to show.
   facts:
     support: full
+    description: Returns the result as the fact C(cortex_gpus).
 """
 
 EXAMPLES = r"""
