@@ -65,7 +65,7 @@ def test_split_model_is_read_as_one(tmp_path):
 
 def test_missing_split_part_is_named(tmp_path):
     write_gguf(tmp_path / "tiny-00001-of-00002.gguf", {"a": (4, 4)}, split=(0, 2))
-    with pytest.raises(GGUFInfoError, match="2-file split model, but tiny-00002-of-00002.gguf is missing"):
+    with pytest.raises(GGUFInfoError, match=r"2-file split model, but tiny-00002-of-00002\.gguf is missing"):
         read_gguf_info(str(tmp_path / "tiny-00001-of-00002.gguf"), gguf)
 
 
@@ -77,5 +77,5 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(GGUFInfoError, match="cannot read .*nothing.gguf"):
+    with pytest.raises(GGUFInfoError, match=r"cannot read .*nothing\.gguf"):
         read_gguf_info(str(tmp_path / "nothing.gguf"), gguf)
