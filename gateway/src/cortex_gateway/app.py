@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .auth import KeyRing
-from .backends import Backend, HealthMonitor
+from .backends import Backend, Health, HealthMonitor
 from .config import GatewayConfig
 from .errors import error_response
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
@@ -130,7 +130,7 @@ class Gateway:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         models = {
-            name: sum(1 for b in self.router.backends(name) if b.health == "ready")
+            name: sum(1 for b in self.router.backends(name) if b.health is Health.READY)
             for name in self.config.models
         }
         return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
