@@ -13,6 +13,7 @@ version_added: 0.1.0
 description:
   - Turns one entry of C(cortex_models) (with its resolved C(model_file)) into
     the argument list passed to the llama-server container.
+  - The collection also has the filter C(vllm_command), the same for C(vllm serve).
 positional: defaults
 options:
   _input:
@@ -43,6 +44,7 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
     EngineCommandError,
     llamacpp_command,
+    vllm_command,
 )
 
 
@@ -53,6 +55,13 @@ def _llamacpp_command(model, defaults=None):
         raise AnsibleFilterError(str(exc)) from exc
 
 
+def _vllm_command(model, defaults=None):
+    try:
+        return vllm_command(model, defaults)
+    except EngineCommandError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
 class FilterModule(object):
     def filters(self):
-        return {"llamacpp_command": _llamacpp_command}
+        return {"llamacpp_command": _llamacpp_command, "vllm_command": _vllm_command}

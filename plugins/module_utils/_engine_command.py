@@ -3,34 +3,165 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Engine command lines, rendered from one model entry of ``cortex_models``.
 
-Private to the collection: the filter plugin and tests are its only users.
+Every option an inventory can set is typed here, and each renders to the
+engine's own long flag. The unit tests check every rendered vLLM line against
+the option table of the pinned vLLM's parser, and every llama.cpp line against
+the ``--help`` of the llama-server this project builds.
+
+Private to the collection: the filter plugins and tests are its only users.
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-# Where things are inside the llama.cpp container.
+import posixpath
+
+# Where things are inside the engine containers.
 LLAMACPP_PORT = 8080
-LLAMACPP_MODEL_DIR = "/models"
-LLAMACPP_API_KEY_FILE = "/run/secrets/engine-api-key"
+VLLM_PORT = 8000
+MODEL_DIR = "/models"
+LLAMACPP_MODEL_DIR = MODEL_DIR
+API_KEY_FILE = "/run/secrets/engine-api-key"
+LLAMACPP_API_KEY_FILE = API_KEY_FILE
+# vLLM takes its key as --api-key only; the container's entrypoint reads it
+# from the mounted file so it never appears in the container's definition.
+VLLM_ENTRYPOINT = [
+    "/bin/sh",
+    "-c",
+    'exec vllm serve "$@" --api-key "$(cat %s)"' % API_KEY_FILE,
+    "vllm-serve",
+]
+HF_CACHE_DIR = "/cache/huggingface"
+
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+SPLIT_MODES = ("none", "layer", "row")
+POOLING = ("none", "mean", "cls", "last", "rank")
+FLASH_ATTN = ("on", "off", "auto")
+
+# option: (flag, kind[, choices[, negative flag]]). kind: int, float, str,
+# flag (on when true), onoff (a boolean written as on/off), negatable
+# (--x / --no-x, or the given negative flag), list (comma-joined).
+LLAMACPP_OPTIONS = {
+    "n_gpu_layers": ("--n-gpu-layers", "int"),
+    "flash_attn": ("--flash-attn", "onoff", FLASH_ATTN),
+    "batch_size": ("--batch-size", "int"),
+    "ubatch_size": ("--ubatch-size", "int"),
+    "cache_type_k": ("--cache-type-k", "str", CACHE_TYPES),
+    "cache_type_v": ("--cache-type-v", "str", CACHE_TYPES),
+    "tensor_split": ("--tensor-split", "list"),
+    "split_mode": ("--split-mode", "str", SPLIT_MODES),
+    "main_gpu": ("--main-gpu", "int"),
+    "cache_ram": ("--cache-ram", "int"),
+    "threads": ("--threads", "int"),
+    "threads_batch": ("--threads-batch", "int"),
+    "cont_batching": ("--cont-batching", "negatable"),
+    "kv_unified": ("--kv-unified", "flag"),
+    "embeddings": ("--embeddings", "flag"),
+    "pooling": ("--pooling", "str", POOLING),
+    "reranking": ("--reranking", "flag"),
+    "jinja": ("--jinja", "flag"),
+    "chat_template": ("--chat-template", "str"),
+    "mlock": ("--mlock", "flag"),
+    "mmap": ("--mmap", "negatable"),
+    "metrics": ("--metrics", "flag"),
+    "seed": ("--seed", "int"),
+}
+# Handled by llamacpp_command itself rather than the table.
+LLAMACPP_OWN = ("ctx_size", "ctx_per_slot", "parallel", "extra_args")
+
+VLLM_OPTIONS = {
+    "gpu_memory_utilization": ("--gpu-memory-utilization", "float"),
+    "max_model_len": ("--max-model-len", "int"),
+    "tensor_parallel_size": ("--tensor-parallel-size", "int"),
+    "pipeline_parallel_size": ("--pipeline-parallel-size", "int"),
+    "kv_cache_dtype": ("--kv-cache-dtype", "str", ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")),
+    "enable_prefix_caching": ("--enable-prefix-caching", "negatable", None, "--disable-prefix-caching"),
+    "enable_chunked_prefill": ("--enable-chunked-prefill", "negatable", None, "--disable-chunked-prefill"),
+    "max_num_seqs": ("--max-num-seqs", "int"),
+    "max_num_batched_tokens": ("--max-num-batched-tokens", "int"),
+    "dtype": ("--dtype", "str", ("auto", "half", "float16", "bfloat16", "float", "float32")),
+    "quantization": ("--quantization", "str"),
+    "enforce_eager": ("--enforce-eager", "flag"),
+    "trust_remote_code": ("--trust-remote-code", "flag"),
+    "seed": ("--seed", "int"),
+    "tokenizer": ("--tokenizer", "str"),
+    "generation_config": ("--generation-config", "str"),
+}
+VLLM_OWN = ("extra_args",)
 
 
 class EngineCommandError(ValueError):
     """A model entry cannot be rendered; the message names the model and field."""
 
 
-def _flag_value(value):
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
+def _render(name, section, options, table, own):
+    args = []
+    for key in sorted(options):
+        if key in own:
+            continue
+        if key not in table:
+            raise EngineCommandError(
+                "model %s: %s.%s: not a known option (known: %s; anything else goes in %s.extra_args)"
+                % (name, section, key, ", ".join(sorted(set(table) | set(own))), section)
+            )
+    for key, spec in table.items():
+        if key not in options or options[key] is None:
+            continue
+        value = options[key]
+        flag, kind = spec[0], spec[1]
+        choices = spec[2] if len(spec) > 2 else None
+        where = "model %s: %s.%s" % (name, section, key)
+        if kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and value != int(value)):
+                raise EngineCommandError("%s: must be %s, got %r" % (where, "a whole number" if kind == "int" else "a number", value))
+            args += [flag, str(int(value) if kind == "int" else value)]
+        elif kind == "str":
+            if choices and str(value) not in choices:
+                raise EngineCommandError("%s: must be one of %s, got %r" % (where, ", ".join(choices), value))
+            args += [flag, str(value)]
+        elif kind == "onoff":
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            if str(value) not in choices:
+                raise EngineCommandError("%s: must be true, false or one of %s, got %r" % (where, ", ".join(choices), value))
+            args += [flag, str(value)]
+        elif kind == "flag":
+            if not isinstance(value, bool):
+                raise EngineCommandError("%s: must be true or false, got %r" % (where, value))
+            if value:
+                args.append(flag)
+        elif kind == "negatable":
+            if not isinstance(value, bool):
+                raise EngineCommandError("%s: must be true or false, got %r" % (where, value))
+            negative = spec[3] if len(spec) > 3 else "--no-" + flag[2:]
+            args.append(flag if value else negative)
+        elif kind == "list":
+            if not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise EngineCommandError("%s: must be a list of non-negative numbers, got %r" % (where, value))
+            args += [flag, ",".join(str(v) for v in value)]
+    extra = options.get("extra_args") or []
+    if not isinstance(extra, list):
+        raise EngineCommandError("model %s: %s.extra_args must be a list of strings" % (name, section))
+    return args, [str(a) for a in extra]
 
 
-def llamacpp_command(model, defaults=None):
+def _whole(name, where, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineCommandError("model %s: %s: must be a whole number of 1 or more, got %r" % (name, where, value))
+    return value
+
+
+def llamacpp_command(model, defaults=None, context_length=None):
     """The llama-server arguments (after the image's entrypoint) for one model.
 
     ``defaults`` holds the role's llama.cpp defaults; the model's own
-    ``llamacpp`` section overrides them key by key.
+    ``llamacpp`` section overrides them key by key. The total context is
+    ``ctx_size`` when given, else ``parallel`` slots of ``ctx_per_slot``
+    tokens each, and ``ctx_per_slot`` defaults to the model's own trained
+    context (``context_length``), so each request keeps the full context.
     """
     name = model.get("name")
     if not name:
@@ -40,10 +171,26 @@ def llamacpp_command(model, defaults=None):
     model_file = model.get("model_file")
     if not model_file:
         raise EngineCommandError("model %s: no model file was resolved from its source" % name)
-
+    parallel = _whole(name, "llamacpp.parallel", options.get("parallel", 1))
+    if options.get("ctx_size") is not None:
+        ctx_size = _whole(name, "llamacpp.ctx_size", options["ctx_size"])
+    else:
+        per_slot = options.get("ctx_per_slot") or context_length or 4096
+        ctx_size = parallel * _whole(name, "llamacpp.ctx_per_slot", per_slot)
+    gpus = model.get("gpus") or []
+    split = options.get("tensor_split")
+    if split is not None and isinstance(split, list) and gpus and len(split) != len(gpus):
+        raise EngineCommandError(
+            "model %s: llamacpp.tensor_split: %d shares for %d GPUs (%s)"
+            % (name, len(split), len(gpus), ", ".join(str(g) for g in gpus))
+        )
+    if not gpus:
+        # Without a GPU nothing can be offloaded.
+        options["n_gpu_layers"] = 0
+    rendered, extra = _render(name, "llamacpp", options, LLAMACPP_OPTIONS, LLAMACPP_OWN)
     args = [
         "--model",
-        "%s/%s" % (LLAMACPP_MODEL_DIR, model_file),
+        posixpath.join(MODEL_DIR, model_file),
         "--alias",
         name,
         # Inside the container's own network namespace; the host side is
@@ -53,26 +200,61 @@ def llamacpp_command(model, defaults=None):
         "--port",
         str(LLAMACPP_PORT),
         "--api-key-file",
-        LLAMACPP_API_KEY_FILE,
+        API_KEY_FILE,
         "--ctx-size",
-        str(options.get("ctx_size", 4096)),
+        str(ctx_size),
         "--parallel",
-        str(options.get("parallel", 1)),
-        "--n-gpu-layers",
-        str(options.get("n_gpu_layers", 0)),
+        str(parallel),
         # Engines sit behind the gateway; nobody browses to them.
         "--no-webui",
     ]
-    if "flash_attn" in options:
-        args += ["--flash-attn", _flag_value(options["flash_attn"])]
-    if "threads" in options:
-        args += ["--threads", str(options["threads"])]
-    if options.get("embeddings"):
-        args.append("--embeddings")
-    if options.get("metrics", True):
-        args.append("--metrics")
-    extra = options.get("extra_args") or []
-    if not isinstance(extra, list):
-        raise EngineCommandError("model %s: llamacpp.extra_args must be a list of strings" % name)
-    args += [str(a) for a in extra]
-    return args
+    return args + rendered + extra
+
+
+def vllm_command(model, defaults=None):
+    """The ``vllm serve`` arguments for one model (after VLLM_ENTRYPOINT).
+
+    The API key is not among them: the entrypoint appends it from the key file.
+    """
+    name = model.get("name")
+    if not name:
+        raise EngineCommandError("a model entry has no name")
+    options = dict(defaults or {})
+    options.update(model.get("vllm") or {})
+    source = model.get("source") or {}
+    gpus = model.get("gpus") or []
+    if not gpus:
+        raise EngineCommandError("model %s: gpus: vLLM needs at least one GPU" % name)
+    tensor = _whole(name, "vllm.tensor_parallel_size", options.get("tensor_parallel_size", 1))
+    pipeline = _whole(name, "vllm.pipeline_parallel_size", options.get("pipeline_parallel_size", 1))
+    if tensor * pipeline != len(gpus):
+        raise EngineCommandError(
+            "model %s: vllm.tensor_parallel_size: %d x pipeline_parallel_size %d = %d GPUs, but the model has %d (%s)"
+            % (name, tensor, pipeline, tensor * pipeline, len(gpus), ", ".join(str(g) for g in gpus))
+        )
+    if options.get("gpu_memory_utilization") is None and model.get("gpu_memory_fraction") is not None:
+        # A shared GPU: vLLM takes exactly the fraction the inventory gave it.
+        options["gpu_memory_utilization"] = model["gpu_memory_fraction"]
+    if source.get("hf_repo"):
+        target = [source["hf_repo"]]
+        if source.get("revision"):
+            target += ["--revision", str(source["revision"])]
+        target += ["--download-dir", HF_CACHE_DIR]
+    elif source.get("path"):
+        target = [MODEL_DIR]
+    else:
+        raise EngineCommandError("model %s: source: vLLM loads a model from source.hf_repo or source.path" % name)
+    rendered, extra = _render(name, "vllm", options, VLLM_OPTIONS, VLLM_OWN)
+    return (
+        target
+        + [
+            "--served-model-name",
+            name,
+            "--host",
+            "0.0.0.0",  # noqa: S104 - inside the container; published on loopback
+            "--port",
+            str(VLLM_PORT),
+        ]
+        + rendered
+        + extra
+    )

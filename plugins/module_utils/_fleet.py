@@ -3,9 +3,8 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The fleet's endpoints and routing table, derived from cortex_models.
 
-One place decides a model's port and concurrency: the model_servers role
-publishes each host's endpoints with ``model_endpoints``, and the gateway role
-turns all hosts' endpoints into its routing table with ``routing_table``.
+The model_servers role publishes each host's endpoints (from _models), and
+the gateway role turns all hosts' endpoints into its routing table here.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -15,27 +14,6 @@ __metaclass__ = type
 
 class FleetError(ValueError):
     """The fleet's declarations are inconsistent; the message names the field."""
-
-
-def model_endpoints(models, address, port_base, llamacpp_defaults=None):
-    """One endpoint per served model of a host: name, engine, port, url, concurrency."""
-    endpoints = []
-    for index, model in enumerate(models or []):
-        name = model.get("name")
-        options = dict(llamacpp_defaults or {})
-        options.update(model.get("llamacpp") or {})
-        port = int(model.get("port") or int(port_base) + index)
-        endpoints.append(
-            {
-                "name": name,
-                "engine": model.get("engine"),
-                "port": port,
-                "url": "http://%s:%d" % (address, port),
-                # llama-server serves this many requests at once.
-                "max_concurrency": int(options.get("parallel", 1)),
-            }
-        )
-    return endpoints
 
 
 def routing_table(host_endpoints):
@@ -55,6 +33,11 @@ def routing_table(host_endpoints):
                     % (name, host, endpoint["engine"], entry["engine"])
                 )
             entry["backends"].append(
-                {"host": host, "url": endpoint["url"], "max_concurrency": endpoint["max_concurrency"]}
+                {
+                    "host": host,
+                    "url": endpoint["url"],
+                    "max_concurrency": endpoint["max_concurrency"],
+                    "replica": endpoint.get("replica", 0),
+                }
             )
     return [models[name] for name in sorted(models)]

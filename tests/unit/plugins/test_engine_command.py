@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
+    LLAMACPP_OPTIONS,
     EngineCommandError,
     llamacpp_command,
 )
@@ -16,8 +17,12 @@ SMOLLM = {
 }
 
 
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
 def test_local_default_renders_exactly():
-    assert llamacpp_command(SMOLLM, {"ctx_size": 4096, "parallel": 2, "metrics": True}) == [
+    assert llamacpp_command(SMOLLM, {"parallel": 2, "metrics": True}) == [
         "--model", "/models/SmolLM2-135M-Instruct.Q4_1.gguf",
         "--alias", "smollm2-135m-instruct",
         "--host", "0.0.0.0",  # noqa: S104 - inside the container
@@ -25,28 +30,55 @@ def test_local_default_renders_exactly():
         "--api-key-file", "/run/secrets/engine-api-key",
         "--ctx-size", "8192",
         "--parallel", "2",
-        "--n-gpu-layers", "0",
         "--no-webui",
+        "--n-gpu-layers", "0",
         "--metrics",
     ]  # fmt: skip
 
 
-def test_model_settings_override_defaults_and_extra_args_come_last():
+def test_each_slot_keeps_the_full_trained_context_unless_told_otherwise():
+    model = {**SMOLLM, "llamacpp": {"parallel": 4}}
+    assert flag(llamacpp_command(model, context_length=8192), "--ctx-size") == str(4 * 8192)
+    model = {**SMOLLM, "llamacpp": {"parallel": 4, "ctx_per_slot": 2048}}
+    assert flag(llamacpp_command(model, context_length=8192), "--ctx-size") == str(4 * 2048)
+
+
+def test_gpu_settings_render_to_llama_server_flags():
     model = {
         **SMOLLM,
+        "gpus": [0, 1],
         "llamacpp": {
+            "parallel": 16,
+            "n_gpu_layers": 999,
             "flash_attn": True,
-            "threads": 2,
-            "embeddings": True,
-            "metrics": False,
-            "extra_args": ["--seed", 7],
+            "batch_size": 2048,
+            "ubatch_size": 512,
+            "cache_type_k": "q8_0",
+            "cache_type_v": "q8_0",
+            "tensor_split": [1, 1],
+            "split_mode": "row",
+            "cache_ram": 0,
+            "cont_batching": False,
         },
     }
-    args = llamacpp_command(model, {"ctx_size": 4096, "parallel": 4})
-    assert args[args.index("--ctx-size") + 1] == "4096"
-    assert args[args.index("--parallel") + 1] == "4"
-    assert args[args.index("--flash-attn") + 1] == "on"
-    assert args[args.index("--threads") + 1] == "2"
+    args = llamacpp_command(model, context_length=4096)
+    assert flag(args, "--n-gpu-layers") == "999"
+    assert flag(args, "--flash-attn") == "on"
+    assert flag(args, "--tensor-split") == "1,1"
+    assert flag(args, "--split-mode") == "row"
+    assert flag(args, "--cache-type-k") == "q8_0"
+    assert flag(args, "--cache-ram") == "0"
+    assert "--no-cont-batching" in args
+
+
+def test_without_gpus_nothing_is_offloaded():
+    args = llamacpp_command({**SMOLLM, "llamacpp": {"n_gpu_layers": 999}})
+    assert flag(args, "--n-gpu-layers") == "0"
+
+
+def test_extra_args_come_last():
+    model = {**SMOLLM, "llamacpp": {"threads": 2, "embeddings": True, "metrics": False, "extra_args": ["--seed", 7]}}
+    args = llamacpp_command(model)
     assert "--embeddings" in args
     assert "--metrics" not in args
     assert args[-2:] == ["--seed", "7"]
@@ -58,12 +90,23 @@ def test_api_key_never_appears_on_the_command_line():
     assert "--api-key" not in args
 
 
+def test_every_option_has_a_long_flag():
+    assert all(spec[0].startswith("--") for spec in LLAMACPP_OPTIONS.values())
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
         ({"engine": "llamacpp", "model_file": "x.gguf"}, "a model entry has no name"),
         ({"name": "m", "engine": "llamacpp"}, "model m: no model file"),
         ({**SMOLLM, "llamacpp": {"extra_args": "--seed 7"}}, "llamacpp.extra_args must be a list"),
+        ({**SMOLLM, "llamacpp": {"parallel": 0}}, "llamacpp.parallel: must be a whole number of 1 or more"),
+        ({**SMOLLM, "llamacpp": {"split_mode": "diagonal"}}, "llamacpp.split_mode: must be one of none, layer, row"),
+        ({**SMOLLM, "llamacpp": {"cache_type_k": "q2"}}, "llamacpp.cache_type_k: must be one of"),
+        ({**SMOLLM, "llamacpp": {"flash_attn": "yes"}}, "llamacpp.flash_attn: must be true, false or one of"),
+        ({**SMOLLM, "gpus": [0, 1], "llamacpp": {"tensor_split": [1, 1, 1]}}, "3 shares for 2 GPUs"),
+        ({**SMOLLM, "llamacpp": {"ctxsize": 1}}, "llamacpp.ctxsize: not a known option"),
+        ({**SMOLLM, "llamacpp": {"batch_size": "big"}}, "llamacpp.batch_size: must be a whole number"),
     ],
 )
 def test_bad_entries_name_the_model_and_field(model, message):

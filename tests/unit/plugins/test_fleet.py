@@ -1,44 +1,41 @@
-"""Endpoints per host and the gateway's routing table across hosts."""
+"""The gateway's routing table across hosts, from each host's instances."""
 
 from __future__ import annotations
 
 import pytest
-from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
-    FleetError,
-    model_endpoints,
-    routing_table,
-)
+from ansible_collections.cortex.serving.plugins.module_utils._fleet import FleetError, routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
 
-MODELS = [
-    {"name": "chat", "engine": "llamacpp", "llamacpp": {"parallel": 4}},
-    {"name": "embed", "engine": "llamacpp", "port": 19000},
-    {"name": "big", "engine": "llamacpp"},
-]
-
-
-def test_ports_follow_the_list_unless_given():
-    endpoints = model_endpoints(MODELS, "10.0.0.5", 18080, {"parallel": 2})
-    assert [(e["name"], e["port"], e["url"]) for e in endpoints] == [
-        ("chat", 18080, "http://10.0.0.5:18080"),
-        ("embed", 19000, "http://10.0.0.5:19000"),
-        ("big", 18082, "http://10.0.0.5:18082"),
-    ]
+CHAT = {
+    "name": "chat",
+    "engine": "llamacpp",
+    "source": {"path": "/srv/chat.gguf"},
+    "replicas": 2,
+    "port": 18080,
+    "llamacpp": {"parallel": 4},
+}
+EMBED = {"name": "embed", "engine": "llamacpp", "source": {"path": "/srv/e.gguf"}, "port": 19000}
 
 
-def test_concurrency_is_the_parallel_slots():
-    endpoints = model_endpoints(MODELS, "127.0.0.1", 18080, {"parallel": 2})
-    assert [e["max_concurrency"] for e in endpoints] == [4, 2, 2]
+def endpoints(models, address):
+    return instance_endpoints(host_instances(models, "h", defaults={"address": address})["instances"])
 
 
-def test_a_model_on_two_hosts_becomes_two_replicas():
-    a = model_endpoints(MODELS[:1], "10.0.0.1", 18080)
-    b = model_endpoints(MODELS[:2], "10.0.0.2", 18080)
-    table = routing_table([("gpu-a", a), ("gpu-b", b)])
+def test_replicas_on_several_hosts_become_backends_in_host_order():
+    table = routing_table([("gpu-a", endpoints([CHAT], "10.0.0.1")), ("gpu-b", endpoints([CHAT, EMBED], "10.0.0.2"))])
     assert [m["name"] for m in table] == ["chat", "embed"]
-    assert [(be["host"], be["url"]) for be in table[0]["backends"]] == [
-        ("gpu-a", "http://10.0.0.1:18080"),
-        ("gpu-b", "http://10.0.0.2:18080"),
+    assert [(b["host"], b["url"], b["max_concurrency"]) for b in table[0]["backends"]] == [
+        ("gpu-a", "http://10.0.0.1:18080", 4),
+        ("gpu-a", "http://10.0.0.1:18081", 4),
+        ("gpu-b", "http://10.0.0.2:18080", 4),
+        ("gpu-b", "http://10.0.0.2:18081", 4),
     ]
+    assert [b["url"] for b in table[1]["backends"]] == ["http://10.0.0.2:19000"]
+
+
+def test_stopped_models_are_not_routed():
+    table = routing_table([("gpu-a", endpoints([CHAT, {**EMBED, "state": "stopped"}], "10.0.0.1"))])
+    assert [m["name"] for m in table] == ["chat"]
 
 
 def test_one_model_name_with_two_engines_is_refused():

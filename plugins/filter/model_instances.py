@@ -1,0 +1,94 @@
+# -*- coding: utf-8 -*-
+# Copyright: cortex.serving contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+name: model_instances
+short_description: Check a host's cortex_models and plan its engine containers
+version_added: 0.1.0
+description:
+  - Checks every entry of a host's C(cortex_models) and returns one engine
+    instance per replica, with its container name, port, GPUs, image, command
+    line, environment, health timeout and concurrency.
+  - Every problem is reported at once, one line each, naming the model and the field.
+  - The collection also has the filter C(routing_table), which merges the
+    C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas.
+positional: host, gpu_count, defaults, shapes
+options:
+  _input:
+    description: The host's list of models.
+    type: list
+    elements: dict
+    required: true
+  host:
+    description: The host's inventory name, for messages.
+    type: str
+    required: true
+  gpu_count:
+    description: How many GPUs the host has; C(none) when unknown.
+    type: int
+  defaults:
+    description: The model_servers role's defaults (address, ports, images, engine settings, timeouts).
+    type: dict
+  shapes:
+    description: Per model name, what C(cortex.serving.gguf_info) read from its file.
+    type: dict
+"""
+
+EXAMPLES = r"""
+- name: Show the containers this host will run
+  ansible.builtin.debug:
+    msg: "{{ cortex_models | cortex.serving.model_instances(inventory_hostname, 0) }}"
+"""
+
+RETURN = r"""
+_value:
+  description: C(host), C(instances) (one per replica) and C(absent) (models to remove).
+  type: dict
+"""
+
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.cortex.serving.plugins.module_utils._fleet import FleetError, routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._models import (
+    ModelsError,
+    host_instances,
+    instance_endpoints,
+)
+
+
+def _model_instances(models, host, gpu_count=None, defaults=None, shapes=None):
+    try:
+        return host_instances(models, host, gpu_count, defaults, shapes)
+    except ModelsError as exc:
+        raise AnsibleFilterError(
+            "cortex_models on %s has %d problem(s):\n- %s" % (host, len(exc.problems), "\n- ".join(exc.problems))
+        ) from exc
+
+
+def _routing_table(hosts, hostvars, fact="model_servers_endpoints"):
+    pairs = []
+    for host in hosts:
+        endpoints = hostvars[host].get(fact)
+        if endpoints is None:
+            raise AnsibleFilterError(
+                "host %s has no %s fact: run playbooks/models.yml (or site.yml) on it first" % (host, fact)
+            )
+        pairs.append((host, endpoints))
+    try:
+        return routing_table(pairs)
+    except FleetError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
+class FilterModule(object):
+    def filters(self):
+        return {
+            "model_instances": _model_instances,
+            "instance_endpoints": instance_endpoints,
+            "routing_table": _routing_table,
+        }

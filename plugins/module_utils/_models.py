@@ -1,0 +1,413 @@
+# -*- coding: utf-8 -*-
+# Copyright: cortex.serving contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A host's ``cortex_models`` list turned into checked engine instances.
+
+This is the one place that decides, for each model on a host, its replicas,
+their containers, ports, GPUs, engine command lines, health timeouts and
+concurrency. The validation play calls it (through the ``model_instances``
+filter) before any host changes, so every mistake it finds is reported at
+once, each line naming the model and the field. The model_servers role then
+deploys exactly what it returned, and the gateway routes to the same list.
+
+Private to the collection: filters, modules and tests are its only users.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import re
+import zlib
+
+from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
+    LLAMACPP_PORT,
+    VLLM_PORT,
+    EngineCommandError,
+    llamacpp_command,
+    vllm_command,
+)
+
+ENGINES = ("llamacpp", "vllm")
+STATES = ("started", "stopped", "absent")
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+SOURCE_KINDS = ("wheel", "path", "url", "hf_repo")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
+
+# What each engine needs from the role when the inventory says nothing.
+BUILTIN_DEFAULTS = {
+    "address": "127.0.0.1",
+    "port_base": 18080,
+    "port_span": 2000,
+    "container_prefix": "cortex-",
+    "restart_policy": "unless-stopped",
+    "images": {"llamacpp": "cortex/llamacpp-server:0c1e570-cpu", "vllm": "vllm/vllm-openai:v0.33.0"},
+    "llamacpp": {"parallel": 2, "metrics": True},
+    # Applied over "llamacpp" to instances that have GPUs (see docs/llamacpp-tuning.md).
+    "llamacpp_gpu": {"n_gpu_layers": 999},
+    "vllm": {},
+    # Start periods: a base plus a rate per GiB of model, per engine. vLLM
+    # also profiles memory and captures CUDA graphs before it answers.
+    "health_timeout": {"llamacpp": [120, 30], "vllm": [600, 60]},
+    "default_context": 4096,
+}
+
+
+class ModelsError(ValueError):
+    """One or more model entries are wrong; ``problems`` has one line each."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super(ModelsError, self).__init__("\n".join(self.problems))
+
+
+def _merge(base, override):
+    merged = dict(base or {})
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def source_kind(source):
+    """Which of the source kinds a ``source`` dict declares (or None)."""
+    kinds = [kind for kind in SOURCE_KINDS if isinstance(source, dict) and source.get(kind)]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def source_file_name(source):
+    """Base name of the model file a source gives (None for a repo directory)."""
+    kind = source_kind(source)
+    if kind == "wheel":
+        name = source.get("member") or ""
+    elif kind == "path":
+        name = source.get("path") or ""
+    elif kind == "url":
+        name = source.get("filename") or str(source.get("url") or "").split("?")[0].rstrip("/")
+    elif kind == "hf_repo":
+        name = source.get("file") or ""
+    else:
+        return None
+    name = name.rsplit("/", 1)[-1]
+    return name or None
+
+
+def _check_source(name, engine, source, problems):
+    where = "model %s: source" % name
+    if not isinstance(source, dict):
+        problems.append("%s: must be a mapping with one of %s" % (where, ", ".join(SOURCE_KINDS)))
+        return
+    given = [kind for kind in SOURCE_KINDS if source.get(kind)]
+    if len(given) != 1:
+        problems.append(
+            "%s: give exactly one of %s (got %s)" % (where, ", ".join(SOURCE_KINDS), ", ".join(given) or "none")
+        )
+        return
+    kind = given[0]
+    if kind == "wheel" and not source.get("member"):
+        problems.append("%s.member: required with source.wheel (the model file's path inside the wheel)" % where)
+    if kind == "path" and not str(source["path"]).startswith("/"):
+        problems.append("%s.path: must be an absolute path on the host, got %r" % (where, source["path"]))
+    if kind == "url":
+        url = str(source["url"])
+        if not re.match(r"^(https?|file)://", url):
+            problems.append("%s.url: must be an http(s):// or file:// URL, got %r" % (where, url))
+        if not source.get("sha256"):
+            problems.append("%s.sha256: required with source.url, so a changed or corrupted download is refused" % where)
+        elif not _SHA256.match(str(source["sha256"])):
+            problems.append("%s.sha256: must be 64 hex digits, got %r" % (where, source["sha256"]))
+        if engine == "vllm":
+            problems.append("%s.url: vLLM loads a model directory; use source.hf_repo or source.path" % where)
+    if kind == "hf_repo":
+        if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", str(source["hf_repo"])):
+            problems.append("%s.hf_repo: must look like owner/name, got %r" % (where, source["hf_repo"]))
+        if engine == "llamacpp" and not source.get("file"):
+            problems.append("%s.file: llama.cpp needs the GGUF file's name inside %s" % (where, source["hf_repo"]))
+    file_name = source_file_name(source)
+    if engine == "llamacpp" and file_name and not file_name.lower().endswith(".gguf"):
+        problems.append(
+            "%s: llama.cpp serves GGUF files only, and %s is not one (no .gguf suffix)" % (where, file_name)
+        )
+    if engine == "vllm" and file_name and file_name.lower().endswith(".gguf"):
+        problems.append(
+            "%s: %s is a GGUF file; serve GGUF with engine llamacpp, and give vLLM a model "
+            "repository or directory" % (where, file_name)
+        )
+
+
+def _replica_gpus(name, gpus, replicas, problems):
+    """Split a model's ``gpus`` into per-replica explicit lists or counts."""
+    if gpus is None or gpus == []:
+        return [[] for _ in range(replicas)], None
+    if _is_int(gpus):
+        if gpus < 0:
+            problems.append("model %s: gpus: a GPU count must be 0 or more, got %d" % (name, gpus))
+            return [[] for _ in range(replicas)], None
+        return [None] * replicas, gpus
+    if not isinstance(gpus, list) or not all(_is_int(g) and g >= 0 for g in gpus):
+        problems.append("model %s: gpus: give a list of GPU indices (like [0, 1]) or a count, got %r" % (name, gpus))
+        return [[] for _ in range(replicas)], None
+    if len(set(gpus)) != len(gpus):
+        problems.append("model %s: gpus: GPU indices repeat in %r" % (name, gpus))
+    if len(gpus) % replicas:
+        problems.append(
+            "model %s: gpus: %d GPU indices cannot be split evenly over %d replicas" % (name, len(gpus), replicas)
+        )
+        return [[] for _ in range(replicas)], None
+    per = len(gpus) // replicas
+    return [list(gpus[i * per:(i + 1) * per]) for i in range(replicas)], None
+
+
+def _auto_port(key, base, span, taken):
+    start = zlib.crc32(key.encode("utf-8")) % span
+    for step in range(span):
+        port = base + (start + step) % span
+        if port not in taken:
+            return port
+    raise ModelsError(["no free automatic port left in %d-%d" % (base, base + span - 1)])
+
+
+def _health_timeout(engine, model, size_bytes, defaults):
+    if model.get("health_timeout") is not None:
+        return int(model["health_timeout"])
+    base, per_gib = defaults["health_timeout"][engine]
+    gib = float(size_bytes or 0) / _GIB
+    return int(base + per_gib * gib)
+
+
+def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=None):
+    """Check a host's models and return its engine instances, one per replica.
+
+    ``gpu_count`` is the number of GPUs the host has (None when unknown, as in
+    a check before facts). ``shapes`` maps a model name to what gguf_info read
+    from its file (context_length, size_bytes), when it is known.
+
+    Returns ``{"instances": [...], "absent": [model names], "host": host}``.
+    Raises ModelsError listing every problem found.
+    """
+    cfg = _merge(BUILTIN_DEFAULTS, defaults)
+    shapes = shapes or {}
+    problems = []
+    if models is None:
+        models = []
+    if not isinstance(models, list):
+        raise ModelsError(["cortex_models on %s: must be a list of model entries, got %s" % (host, type(models).__name__)])
+
+    seen = {}
+    checked = []
+    for position, model in enumerate(models):
+        if not isinstance(model, dict):
+            problems.append("cortex_models[%d] on %s: must be a mapping, got %r" % (position, host, model))
+            continue
+        name = model.get("name")
+        if not name or not isinstance(name, str):
+            problems.append("cortex_models[%d] on %s: name: required (the served model name)" % (position, host))
+            continue
+        if not _NAME.match(name):
+            problems.append(
+                "model %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
+                % name
+            )
+        if name in seen:
+            problems.append("model %s: name: declared twice on %s (entries %d and %d)" % (name, host, seen[name], position))
+            continue
+        seen[name] = position
+        engine = model.get("engine")
+        if engine not in ENGINES:
+            problems.append("model %s: engine: must be one of %s, got %r" % (name, ", ".join(ENGINES), engine))
+            continue
+        other = [e for e in ENGINES if e != engine and model.get(e)]
+        if other:
+            problems.append("model %s: %s: settings for engine %s, but the model runs on %s" % (name, other[0], other[0], engine))
+        state = model.get("state", "started")
+        if state not in STATES:
+            problems.append("model %s: state: must be one of %s, got %r" % (name, ", ".join(STATES), state))
+        restart = model.get("restart_policy", cfg["restart_policy"])
+        if restart not in RESTART_POLICIES:
+            problems.append(
+                "model %s: restart_policy: must be one of %s, got %r" % (name, ", ".join(RESTART_POLICIES), restart)
+            )
+        replicas = model.get("replicas", 1)
+        if not _is_int(replicas) or replicas < 1:
+            problems.append("model %s: replicas: must be a whole number of 1 or more, got %r" % (name, replicas))
+            replicas = 1
+        port = model.get("port")
+        if port is not None and (not _is_int(port) or not 1 <= port <= 65535 - replicas + 1):
+            problems.append("model %s: port: must be a port number (1-65535), got %r" % (name, port))
+            port = None
+        fraction = model.get("gpu_memory_fraction")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+            problems.append("model %s: gpu_memory_fraction: must be a number in (0, 1], got %r" % (name, fraction))
+            fraction = None
+        env = model.get("env") or {}
+        if not isinstance(env, dict):
+            problems.append("model %s: env: must be a mapping of names to values" % name)
+            env = {}
+        _check_source(name, engine, model.get("source"), problems)
+        if state == "absent":
+            checked.append((model, name, engine, state, restart, replicas, port, None, None, fraction, env))
+            continue
+        per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
+        checked.append((model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env))
+
+    # GPUs: explicit indices first, then counts take the lowest free ones.
+    claims = {}
+
+    def claim(gpu, name, fraction):
+        claims.setdefault(gpu, []).append((name, fraction))
+
+    for model, name, engine, state, _r, _n, _p, per_replica, _c, fraction, _e in checked:
+        if state == "absent":
+            continue
+        for gpus in per_replica:
+            for gpu in gpus or []:
+                if gpu_count is not None and gpu >= gpu_count:
+                    problems.append(
+                        "model %s: gpus: GPU %d does not exist on %s, which has %s"
+                        % (name, gpu, host, "no NVIDIA GPU" if gpu_count == 0 else "%d GPU(s): 0-%d" % (gpu_count, gpu_count - 1))
+                    )
+                claim(gpu, name, fraction)
+    for index, item in enumerate(checked):
+        model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env = item
+        if state == "absent" or count is None:
+            continue
+        resolved = []
+        for _ in range(replicas):
+            free = [g for g in range(gpu_count if gpu_count is not None else 64) if g not in claims]
+            if len(free) < count:
+                problems.append(
+                    "model %s: gpus: %d GPU(s) per replica wanted, but only %d of %s's %s are unclaimed"
+                    % (name, count, len(free), host, gpu_count if gpu_count is not None else "?")
+                )
+                resolved.append([])
+                continue
+            for gpu in free[:count]:
+                claim(gpu, name, fraction)
+            resolved.append(free[:count])
+        checked[index] = (model, name, engine, state, restart, replicas, port, resolved, count, fraction, env)
+    for gpu in sorted(claims):
+        holders = claims[gpu]
+        names = sorted(set(n for n, _ in holders))
+        if len(holders) < 2:
+            continue
+        if any(f is None for _, f in holders):
+            problems.append(
+                "model %s: gpus: GPU %d on %s is claimed by %s; models share a GPU only when each sets "
+                "gpu_memory_fraction" % (names[0], gpu, host, " and ".join(names) if len(names) > 1 else "%d replicas of %s" % (len(holders), names[0]))
+            )
+        elif sum(f for _, f in holders) > 1.0 + 1e-9:
+            problems.append(
+                "model %s: gpu_memory_fraction: the models sharing GPU %d on %s (%s) ask for %.2f of it in all"
+                % (names[0], gpu, host, ", ".join(names), sum(f for _, f in holders))
+            )
+
+    # Ports: explicit ones first, so automatic ones step around them.
+    taken = {}
+    for model, name, engine, state, _r, replicas, port, _g, _c, _f, _e in checked:
+        if state == "absent" or port is None:
+            continue
+        for replica in range(replicas):
+            owner = taken.get(port + replica)
+            if owner:
+                problems.append(
+                    "model %s: port: %d is also the port of %s on %s" % (name, port + replica, owner, host)
+                )
+            taken[port + replica] = "%s (replica %d)" % (name, replica) if replicas > 1 else name
+
+    instances = []
+    absent = []
+    for model, name, engine, state, restart, replicas, port, per_replica, _c, fraction, env in checked:
+        if state == "absent":
+            absent.append(name)
+            continue
+        shape = shapes.get(name) or {}
+        options = _merge(cfg.get(engine) or {}, model.get(engine) or {})
+        for replica in range(replicas):
+            gpus = per_replica[replica] or []
+            if port is not None:
+                host_port = port + replica
+            else:
+                host_port = _auto_port("%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), taken)
+                taken[host_port] = name
+            engine_options = dict(options)
+            if engine == "llamacpp" and gpus:
+                engine_options = _merge(_merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {}), model.get("llamacpp") or {})
+            entry = dict(model)
+            entry.update({"model_file": source_file_name(model.get("source")), "gpus": gpus})
+            entry[engine] = engine_options
+            try:
+                if engine == "llamacpp":
+                    command = llamacpp_command(
+                        entry, context_length=shape.get("context_length") or cfg["default_context"]
+                    )
+                else:
+                    command = vllm_command(entry)
+            except EngineCommandError as exc:
+                problems.append(str(exc))
+                continue
+            concurrency = _concurrency(engine, engine_options)
+            tensor_parallel = int(engine_options.get("tensor_parallel_size") or 1) if engine == "vllm" else 1
+            container = "%s%s-%d" % (cfg["container_prefix"], name, replica)
+            instances.append(
+                {
+                    "model": name,
+                    "engine": engine,
+                    "replica": replica,
+                    "replicas": replicas,
+                    "container": container,
+                    "state": state,
+                    "port": host_port,
+                    "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
+                    "url": "http://%s:%d" % (cfg["address"], host_port),
+                    "gpus": gpus,
+                    "gpu_memory_fraction": fraction,
+                    "image": model.get("image") or cfg["images"][engine],
+                    "command": command,
+                    "env": dict((str(k), str(v)) for k, v in env.items()),
+                    "restart_policy": restart,
+                    "health_path": "/health",
+                    "health_timeout": _health_timeout(engine, model, shape.get("size_bytes"), cfg),
+                    "max_concurrency": concurrency,
+                    # Tensor parallelism talks through shared memory.
+                    "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
+                    "shm_size": "8g" if engine == "vllm" else None,
+                    "source_kind": source_kind(model.get("source")),
+                    "model_file": entry["model_file"],
+                }
+            )
+    if problems:
+        raise ModelsError(problems)
+    return {"host": host, "instances": instances, "absent": absent}
+
+
+def _concurrency(engine, options):
+    if engine == "llamacpp":
+        return int(options.get("parallel") or 1)
+    # vLLM schedules up to max_num_seqs sequences at once (its default is 256
+    # on GPUs; the gateway's queue is sized from this number).
+    return int(options.get("max_num_seqs") or 256)
+
+
+def instance_endpoints(instances):
+    """The gateway's view of a host's started instances."""
+    return [
+        {
+            "name": i["model"],
+            "engine": i["engine"],
+            "replica": i["replica"],
+            "port": i["port"],
+            "url": i["url"],
+            "max_concurrency": i["max_concurrency"],
+        }
+        for i in instances
+        if i["state"] == "started"
+    ]
