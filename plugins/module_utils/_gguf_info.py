@@ -93,6 +93,10 @@ def read_gguf_info(path, gguf):
         return _field(first, "%s.%s" % (arch, key))
 
     file_type = _field(first, "general.file_type")
+    tensors = [t for r in readers for t in r.tensors]
+    names = set(t.name for t in tensors)
+    token_embd_bytes = sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
+    output_bytes = sum(int(t.n_bytes) for t in tensors if t.name == "output.weight")
     head_count = arch_field("attention.head_count")
     embedding = arch_field("embedding_length")
     return {
@@ -104,8 +108,13 @@ def read_gguf_info(path, gguf):
         "name": _field(first, "general.name"),
         "file_type": file_type,
         "quantization": quantization_name(gguf, file_type),
-        "parameter_count": sum(int(t.n_elements) for r in readers for t in r.tensors),
-        "tensor_bytes": sum(int(t.n_bytes) for r in readers for t in r.tensors),
+        "parameter_count": sum(int(t.n_elements) for t in tensors),
+        "tensor_bytes": sum(int(t.n_bytes) for t in tensors),
+        # llama.cpp keeps the input embedding in host memory; a model without
+        # its own output matrix reuses (and copies to the GPU) the embedding.
+        "token_embd_bytes": token_embd_bytes,
+        "tied_output": "output.weight" not in names,
+        "output_bytes": output_bytes if "output.weight" in names else token_embd_bytes,
         "context_length": arch_field("context_length"),
         "block_count": arch_field("block_count"),
         "embedding_length": embedding,

@@ -126,6 +126,18 @@ model:
       description: Size of all tensor data together.
       type: int
       sample: 96576768
+    token_embd_bytes:
+      description: Size of the input embedding matrix, which llama.cpp keeps in host memory.
+      type: int
+      sample: 15925248
+    tied_output:
+      description: Whether the model has no output matrix of its own and reuses the embedding.
+      type: bool
+      sample: true
+    output_bytes:
+      description: Size of the output matrix (the embedding's size when it is tied).
+      type: int
+      sample: 15925248
     path:
       description: The path asked about.
       type: str

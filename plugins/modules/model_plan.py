@@ -1,0 +1,146 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: cortex.serving contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: model_plan
+short_description: Plan the GPU memory of a host's engine instances and check that it fits
+version_added: 0.1.0
+description:
+  - The resource calculator. For each engine instance with GPUs it estimates the
+    memory needed on each GPU, and for each GPU whether its instances fit.
+  - llama.cpp instances are planned from their GGUF metadata (see
+    M(cortex.serving.gguf_info)) and their command line, offloaded weights, the KV
+    cache of the whole context with grouped-query attention counted, the compute
+    buffer of one micro-batch, and a per-process CUDA overhead.
+  - vLLM instances are planned from a Hugging Face config (or a parameter count)
+    with dtype and quantization, and checked against the share of the GPU that
+    C(--gpu-memory-utilization) gives vLLM, which vLLM takes whole.
+  - Fails with the plan as a table when something does not fit, unless
+    I(fail_when_over=false).
+author:
+  - cortex.serving maintainers (!UNKNOWN)
+options:
+  instances:
+    description: The host's engine instances, as the C(cortex.serving.model_instances) filter returns them.
+    type: list
+    elements: dict
+    required: true
+  shapes:
+    description:
+      - Per model name, its shape. For llama.cpp, what M(cortex.serving.gguf_info) returned as C(model).
+        For vLLM, C(hf_config) (the model's config.json) or C(parameter_count).
+    type: dict
+    default: {}
+  gpus:
+    description: The host's GPUs, as C(cortex_gpus.gpus) from M(cortex.serving.gpu_facts).
+    type: list
+    elements: dict
+    default: []
+  overhead_mib:
+    description: Per-process overhead per GPU, by engine (C(llamacpp), C(vllm)), instead of the calibrated defaults.
+    type: dict
+    default: {}
+  headroom_mib:
+    description: Memory each GPU keeps free beyond the plan.
+    type: int
+    default: 512
+  fail_when_over:
+    description: Fail when an instance or a GPU does not fit.
+    type: bool
+    default: true
+attributes:
+  check_mode:
+    support: full
+    description: Only computes; runs the same in check mode.
+  diff_mode:
+    support: none
+    description: Changes nothing, so there is nothing to show.
+"""
+
+EXAMPLES = r"""
+- name: Plan the GPU memory of this host's models
+  cortex.serving.model_plan:
+    instances: "{{ (cortex_models | cortex.serving.model_instances(inventory_hostname, cortex_gpus.gpus | length)).instances }}"
+    shapes: "{{ model_shapes }}"
+    gpus: "{{ cortex_gpus.gpus }}"
+  register: plan
+
+- name: Show the plan
+  ansible.builtin.debug:
+    msg: "{{ plan.table.splitlines() }}"
+"""
+
+RETURN = r"""
+rows:
+  description: One row per instance and GPU; sizes in bytes.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - model: llama-3-8b-q8
+      replica: 0
+      engine: llamacpp
+      gpu: 0
+      weights: 7695531008
+      kv_cache: 8589934592
+      compute: 296222720
+      overhead: 536870912
+      need: 17118559232
+      allowed: 85521300000
+      fits: true
+gpus:
+  description: Per GPU, its total, the planned use and what is left; sizes in bytes.
+  returned: always
+  type: list
+  elements: dict
+fits:
+  description: Whether every instance and every GPU fits.
+  returned: always
+  type: bool
+unknown:
+  description: Models with GPUs whose shape was not given, so they were not planned.
+  returned: always
+  type: list
+  elements: str
+table:
+  description: The plan as a text table in MiB.
+  returned: always
+  type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.cortex.serving.plugins.module_utils._plan import PlanError, plan, table
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            instances=dict(type="list", elements="dict", required=True),
+            shapes=dict(type="dict", default={}),
+            gpus=dict(type="list", elements="dict", default=[]),
+            overhead_mib=dict(type="dict", default={}),
+            headroom_mib=dict(type="int", default=512),
+            fail_when_over=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    params = module.params
+    try:
+        result = plan(params["instances"], params["shapes"], params["gpus"], params["overhead_mib"], params["headroom_mib"])
+    except PlanError as exc:
+        module.fail_json(msg=str(exc))
+    text = table(result)
+    if params["fail_when_over"] and not result["fits"]:
+        module.fail_json(msg="the models do not fit this host's GPUs:\n" + text, table=text, **result)
+    module.exit_json(changed=False, table=text, **result)
+
+
+if __name__ == "__main__":
+    main()
