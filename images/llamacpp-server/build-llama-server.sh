@@ -4,8 +4,9 @@
 # machine, so a measured build is the build that ships.
 #
 # Usage: build-llama-server.sh --source DIR|TARBALL --prefix DIR
-#          [--backend cpu|cuda] [--cuda-architectures "89;90"] [--version V]
-#          [--jobs N] [--build-dir DIR]
+#          [--backend cpu|cuda] [--cuda-architectures "89;90"|default]
+#          [--version V] [--jobs N] [--build-dir DIR]
+# --cuda-architectures default leaves llama.cpp's own list of architectures.
 set -euo pipefail
 
 source_arg="" prefix="" backend="cpu" cuda_archs="89" version="unknown"
@@ -50,7 +51,8 @@ cmake_args=(
   -DLLAMA_BUILD_COMMIT="$version" -DLLAMA_BUILD_NUMBER=0
 )
 if [[ "$backend" == cuda ]]; then
-  cmake_args+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$cuda_archs")
+  cmake_args+=(-DGGML_CUDA=ON)
+  [[ "$cuda_archs" == default ]] || cmake_args+=(-DCMAKE_CUDA_ARCHITECTURES="$cuda_archs")
 fi
 
 target="$backend"

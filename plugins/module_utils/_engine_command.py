@@ -245,16 +245,5 @@ def vllm_command(model, defaults=None):
     else:
         raise EngineCommandError("model %s: source: vLLM loads a model from source.hf_repo or source.path" % name)
     rendered, extra = _render(name, "vllm", options, VLLM_OPTIONS, VLLM_OWN)
-    return (
-        target
-        + [
-            "--served-model-name",
-            name,
-            "--host",
-            "0.0.0.0",  # noqa: S104 - inside the container; published on loopback
-            "--port",
-            str(VLLM_PORT),
-        ]
-        + rendered
-        + extra
-    )
+    served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104
+    return target + served + rendered + extra

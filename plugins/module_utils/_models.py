@@ -265,7 +265,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     def claim(gpu, name, fraction):
         claims.setdefault(gpu, []).append((name, fraction))
 
-    for model, name, engine, state, _r, _n, _p, per_replica, _c, fraction, _e in checked:
+    for _m, name, _e, state, _r, _n, _p, per_replica, _c, fraction, _v in checked:
         if state == "absent":
             continue
         for gpus in per_replica:
@@ -312,7 +312,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
 
     # Ports: explicit ones first, so automatic ones step around them.
     taken = {}
-    for model, name, engine, state, _r, replicas, port, _g, _c, _f, _e in checked:
+    for _m, name, _e, state, _r, replicas, port, _g, _c, _f, _v in checked:
         if state == "absent" or port is None:
             continue
         for replica in range(replicas):

@@ -154,7 +154,7 @@ def hf_parameter_count(config):
         vocab = int(text["vocab_size"])
         intermediate = int(text.get("intermediate_size") or 4 * hidden)
     except (KeyError, TypeError, ValueError) as exc:
-        raise PlanError("the Hugging Face config lacks %s" % exc)
+        raise PlanError("the Hugging Face config lacks %s" % exc) from exc
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or hidden // heads)
     experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)

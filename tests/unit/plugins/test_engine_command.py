@@ -77,7 +77,10 @@ def test_without_gpus_nothing_is_offloaded():
 
 
 def test_extra_args_come_last():
-    model = {**SMOLLM, "llamacpp": {"threads": 2, "embeddings": True, "metrics": False, "extra_args": ["--seed", 7]}}
+    model = {
+        **SMOLLM,
+        "llamacpp": {"threads": 2, "embeddings": True, "metrics": False, "extra_args": ["--seed", 7]},
+    }
     args = llamacpp_command(model)
     assert "--embeddings" in args
     assert "--metrics" not in args
@@ -101,7 +104,10 @@ def test_every_option_has_a_long_flag():
         ({"name": "m", "engine": "llamacpp"}, "model m: no model file"),
         ({**SMOLLM, "llamacpp": {"extra_args": "--seed 7"}}, "llamacpp.extra_args must be a list"),
         ({**SMOLLM, "llamacpp": {"parallel": 0}}, "llamacpp.parallel: must be a whole number of 1 or more"),
-        ({**SMOLLM, "llamacpp": {"split_mode": "diagonal"}}, "llamacpp.split_mode: must be one of none, layer, row"),
+        (
+            {**SMOLLM, "llamacpp": {"split_mode": "diagonal"}},
+            "llamacpp.split_mode: must be one of none, layer, row",
+        ),
         ({**SMOLLM, "llamacpp": {"cache_type_k": "q2"}}, "llamacpp.cache_type_k: must be one of"),
         ({**SMOLLM, "llamacpp": {"flash_attn": "yes"}}, "llamacpp.flash_attn: must be true, false or one of"),
         ({**SMOLLM, "gpus": [0, 1], "llamacpp": {"tensor_split": [1, 1, 1]}}, "3 shares for 2 GPUs"),

@@ -22,7 +22,9 @@ def endpoints(models, address):
 
 
 def test_replicas_on_several_hosts_become_backends_in_host_order():
-    table = routing_table([("gpu-a", endpoints([CHAT], "10.0.0.1")), ("gpu-b", endpoints([CHAT, EMBED], "10.0.0.2"))])
+    table = routing_table(
+        [("gpu-a", endpoints([CHAT], "10.0.0.1")), ("gpu-b", endpoints([CHAT, EMBED], "10.0.0.2"))]
+    )
     assert [m["name"] for m in table] == ["chat", "embed"]
     assert [(b["host"], b["url"], b["max_concurrency"]) for b in table[0]["backends"]] == [
         ("gpu-a", "http://10.0.0.1:18080", 4),

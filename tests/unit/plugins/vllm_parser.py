@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _human_int(text: str) -> str:
     if not _HUMAN_INT.match(text):
-        raise argparse.ArgumentTypeError("not a human-readable integer: %r" % text)
+        raise argparse.ArgumentTypeError(f"not a human-readable integer: {text!r}")
     return text
 
 

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The llama.cpp GPU proof, in one command, on a machine with an NVIDIA GPU,
+# nvcc, cmake and ninja (no Docker needed):
+#
+#   tests/bench/gpu/run.sh [build] [build-default] [models] [serve] [plan]
+#
+# build          the project's build script, natively, for this GPU's architecture (timed)
+# build-default  the same with llama.cpp's default architecture list, time-boxed
+#                (CORTEX_DEFAULT_BUILD_BUDGET seconds) and extrapolated from objects compiled
+# models         random-weight GGUFs of real shapes (tests/bench/gpu/make_random_gguf.py)
+# serve          llama-server flag sets side by side (tests/bench/gpu/bench_llamacpp.py)
+# plan           a second model shape served, for model_plan's estimate against measured memory
+#
+# Without arguments it runs every step. Steps resume: what is built or written
+# is kept under CORTEX_GPU_WORK (default /tmp/cortex-gpu); results go to $OUT
+# (or CORTEX_GPU_WORK/out).
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../../.." && pwd)"
+work="${CORTEX_GPU_WORK:-/tmp/cortex-gpu}"
+out="${OUT:-$work/out}"
+tarball="${CORTEX_LLAMACPP_TARBALL:-$(ls "$repo"/.lcsrc/llama.cpp-*.tar.gz 2>/dev/null | head -n1)}"
+deadline="${CORTEX_BENCH_DEADLINE:-0}"
+mkdir -p "$work" "$out"
+steps=("$@")
+((${#steps[@]})) || steps=(build build-default models serve plan)
+log() { printf '[gpu %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+python3 -c 'import gguf' 2>/dev/null || {
+  if [[ -d "$repo/.whl" ]]; then pip install -q --no-index --find-links "$repo/.whl" gguf; else pip install -q gguf; fi
+}
+# The planner is imported from this checkout as ansible_collections.cortex.serving.
+mkdir -p "$work/collections/ansible_collections/cortex"
+ln -sfn "$repo" "$work/collections/ansible_collections/cortex/serving"
+
+arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d .)"
+src="$work/src"
+if [[ ! -f "$src/CMakeLists.txt" ]]; then
+  [[ -f "$tarball" ]] || { echo "no llama.cpp tarball: set CORTEX_LLAMACPP_TARBALL" >&2; exit 2; }
+  mkdir -p "$src" && tar -xzf "$tarball" -C "$src" --strip-components=1
+fi
+version="$(basename "$tarball" .tar.gz | sed 's/^llama.cpp-//')"
+server="$work/sm$arch/bin/llama-server"
+
+for step in "${steps[@]}"; do
+  case "$step" in
+    build)
+      if [[ ! -x "$server" ]]; then
+        log "building llama-server for sm_$arch with $(nproc) jobs"
+        start=$(date +%s)
+        "$repo/images/llamacpp-server/build-llama-server.sh" --source "$src" --prefix "$work/sm$arch" \
+          --backend cuda --cuda-architectures "$arch" --version "$version" --jobs "$(nproc)" \
+          --build-dir "$work/build-sm$arch" 2>&1 | tail -n 3
+        seconds=$(( $(date +%s) - start ))
+        cuda_objects=$(find "$work/build-sm$arch" -name '*.cu.o' | wc -l)
+        printf '{"architectures": "%s", "seconds": %d, "cuda_objects": %d, "jobs": %d}\n' \
+          "$arch" "$seconds" "$cuda_objects" "$(nproc)" >"$out/build-sm$arch.json"
+        log "built in $seconds s"
+      fi
+      ;;
+    build-default)
+      budget="${CORTEX_DEFAULT_BUILD_BUDGET:-240}"
+      dir="$work/build-default"
+      log "building with llama.cpp's default CUDA architectures for at most $budget s"
+      start=$(date +%s)
+      timeout "$budget" "$repo/images/llamacpp-server/build-llama-server.sh" --source "$src" \
+        --prefix "$work/default" --backend cuda --cuda-architectures default --version "$version" \
+        --jobs "$(nproc)" --build-dir "$dir" >/dev/null 2>&1 || true
+      seconds=$(( $(date +%s) - start ))
+      done_cu=$(find "$dir" -name '*.cu.o' | wc -l)
+      left_cu=$(ninja -C "$dir" -n llama-server llama-bench 2>/dev/null | grep -c '\.cu\.o' || true)
+      archs=$(grep -m1 '^CMAKE_CUDA_ARCHITECTURES' "$dir/CMakeCache.txt" | cut -d= -f2 || true)
+      printf '{"architectures": "%s", "seconds": %d, "cuda_objects_done": %d, "cuda_objects_left": %d, "finished": %s}\n' \
+        "$archs" "$seconds" "$done_cu" "$left_cu" "$([[ -x $work/default/bin/llama-server ]] && echo true || echo false)" \
+        >"$out/build-default.json"
+      log "default list ($archs): $done_cu CUDA objects in $seconds s, $left_cu left"
+      ;;
+    models)
+      for spec in "llama3-8b Q8_0" "llama3.2-1b F16"; do
+        set -- $spec
+        file="$work/models/$1-$2.gguf"
+        mkdir -p "$work/models"
+        [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" "$1" "$2" "$file.part" && mv "$file.part" "$file"; }
+      done
+      ;;
+    serve)
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" \
+        --model "$work/models/llama3-8b-Q8_0.gguf" --out "$out/serve-llama3-8b-q8_0.json" \
+        --collections "$work/collections" --deadline "$deadline" \
+        --config "stock=" \
+        --config "baseline_best=--parallel 16 -c 65536 -fa on -b 2048 -ub 512 --cache-ram 0" \
+        --config "${CORTEX_TUNED_NAME:-p32_full_ctx}=${CORTEX_TUNED_FLAGS:---parallel 32 -c 262144 -fa on -b 2048 -ub 512 --cache-ram 0}" \
+        ${CORTEX_EXTRA_CONFIGS:-} >/dev/null
+      ;;
+    plan)
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" \
+        --model "$work/models/llama3.2-1b-F16.gguf" --out "$out/serve-llama3.2-1b-f16.json" \
+        --collections "$work/collections" --deadline "$deadline" --levels 8 \
+        --config "p8_ctx32k=--parallel 8 -c 32768 -fa on --cache-ram 0" \
+        --config "p4_ctx16k_q8kv=--parallel 4 -c 16384 -fa on -ctk q8_0 -ctv q8_0 --cache-ram 0" >/dev/null
+      ;;
+    *) echo "unknown step: $step" >&2; exit 2 ;;
+  esac
+done
+log "results in $out"
