@@ -35,7 +35,7 @@ VLLM_ENTRYPOINT = [
 HF_CACHE_DIR = "/cache/huggingface"
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-SPLIT_MODES = ("none", "layer", "row")
+SPLIT_MODES = ("none", "layer", "row", "tensor")
 POOLING = ("none", "mean", "cls", "last", "rank")
 FLASH_ATTN = ("on", "off", "auto")
 
@@ -56,14 +56,13 @@ LLAMACPP_OPTIONS = {
     "threads": ("--threads", "int"),
     "threads_batch": ("--threads-batch", "int"),
     "cont_batching": ("--cont-batching", "negatable"),
-    "kv_unified": ("--kv-unified", "flag"),
+    "kv_unified": ("--kv-unified", "negatable"),
     "embeddings": ("--embeddings", "flag"),
     "pooling": ("--pooling", "str", POOLING),
     "reranking": ("--reranking", "flag"),
-    "jinja": ("--jinja", "flag"),
+    "jinja": ("--jinja", "negatable"),
     "chat_template": ("--chat-template", "str"),
-    "mlock": ("--mlock", "flag"),
-    "mmap": ("--mmap", "negatable"),
+    "load_mode": ("--load-mode", "str", ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")),
     "metrics": ("--metrics", "flag"),
     "seed": ("--seed", "int"),
 }

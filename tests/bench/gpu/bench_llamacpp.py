@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", required=True, help="NAME=llama-server flags")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--n-predict", type=int, default=128)
-    parser.add_argument("--prompt-words", type=int, default=60)
+    parser.add_argument("--prompt-words", type=int, default=30, help="about 120 prompt tokens: a chat turn")
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--collections", help="folder holding ansible_collections/cortex/serving, for the plan check"

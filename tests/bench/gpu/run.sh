@@ -88,7 +88,7 @@ for step in "${steps[@]}"; do
         --collections "$work/collections" --deadline "$deadline" \
         --config "stock=" \
         --config "baseline_best=--parallel 16 -c 65536 -fa on -b 2048 -ub 512 --cache-ram 0" \
-        --config "${CORTEX_TUNED_NAME:-p32_full_ctx}=${CORTEX_TUNED_FLAGS:---parallel 32 -c 262144 -fa on -b 2048 -ub 512 --cache-ram 0}" \
+        --config "cortex_default=--parallel 32 -c 262144 -kvu -fa on -b 512 -ub 512 --cache-ram 0" \
         ${CORTEX_EXTRA_CONFIGS:-} >/dev/null
       ;;
     plan)

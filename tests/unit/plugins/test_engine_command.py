@@ -106,7 +106,7 @@ def test_every_option_has_a_long_flag():
         ({**SMOLLM, "llamacpp": {"parallel": 0}}, "llamacpp.parallel: must be a whole number of 1 or more"),
         (
             {**SMOLLM, "llamacpp": {"split_mode": "diagonal"}},
-            "llamacpp.split_mode: must be one of none, layer, row",
+            "llamacpp.split_mode: must be one of none, layer, row, tensor",
         ),
         ({**SMOLLM, "llamacpp": {"cache_type_k": "q2"}}, "llamacpp.cache_type_k: must be one of"),
         ({**SMOLLM, "llamacpp": {"flash_attn": "yes"}}, "llamacpp.flash_attn: must be true, false or one of"),

