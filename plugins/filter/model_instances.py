@@ -15,8 +15,10 @@ description:
     instance per replica, with its container name, port, GPUs, image, command
     line, environment, health timeout and concurrency.
   - Every problem is reported at once, one line each, naming the model and the field.
-  - The collection also has the filter C(routing_table), which merges the
-    C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas.
+  - The collection also has the filters C(routing_table), which merges the
+    C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas,
+    C(instance_endpoints), the gateway's view of a host's started instances, and
+    C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of.
 positional: host, gpu_count, defaults, shapes
 options:
   _input:
@@ -58,6 +60,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
     host_instances,
     instance_endpoints,
+    source_files,
 )
 
 
@@ -66,7 +69,8 @@ def _model_instances(models, host, gpu_count=None, defaults=None, shapes=None):
         return host_instances(models, host, gpu_count, defaults, shapes)
     except ModelsError as exc:
         raise AnsibleFilterError(
-            "cortex_models on %s has %d problem(s):\n- %s" % (host, len(exc.problems), "\n- ".join(exc.problems))
+            "cortex_models on %s has %d problem(s):\n- %s"
+            % (host, len(exc.problems), "\n- ".join(exc.problems))
         ) from exc
 
 
@@ -90,5 +94,6 @@ class FilterModule(object):
         return {
             "model_instances": _model_instances,
             "instance_endpoints": instance_endpoints,
+            "model_source_files": source_files,
             "routing_table": _routing_table,
         }

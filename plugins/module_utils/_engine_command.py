@@ -33,6 +33,8 @@ VLLM_ENTRYPOINT = [
     "vllm-serve",
 ]
 HF_CACHE_DIR = "/cache/huggingface"
+# Per-slot share of a unified KV pool when the inventory does not size it.
+UNIFIED_SLOT_TOKENS = 8192
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 SPLIT_MODES = ("none", "layer", "row", "tensor")
@@ -74,7 +76,11 @@ VLLM_OPTIONS = {
     "max_model_len": ("--max-model-len", "int"),
     "tensor_parallel_size": ("--tensor-parallel-size", "int"),
     "pipeline_parallel_size": ("--pipeline-parallel-size", "int"),
-    "kv_cache_dtype": ("--kv-cache-dtype", "str", ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")),
+    "kv_cache_dtype": (
+        "--kv-cache-dtype",
+        "str",
+        ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"),
+    ),
     "enable_prefix_caching": ("--enable-prefix-caching", "negatable", None, "--disable-prefix-caching"),
     "enable_chunked_prefill": ("--enable-chunked-prefill", "negatable", None, "--disable-chunked-prefill"),
     "max_num_seqs": ("--max-num-seqs", "int"),
@@ -112,8 +118,15 @@ def _render(name, section, options, table, own):
         choices = spec[2] if len(spec) > 2 else None
         where = "model %s: %s.%s" % (name, section, key)
         if kind in ("int", "float"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and value != int(value)):
-                raise EngineCommandError("%s: must be %s, got %r" % (where, "a whole number" if kind == "int" else "a number", value))
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (kind == "int" and value != int(value))
+            ):
+                raise EngineCommandError(
+                    "%s: must be %s, got %r"
+                    % (where, "a whole number" if kind == "int" else "a number", value)
+                )
             args += [flag, str(int(value) if kind == "int" else value)]
         elif kind == "str":
             if choices and str(value) not in choices:
@@ -123,7 +136,9 @@ def _render(name, section, options, table, own):
             if isinstance(value, bool):
                 value = "on" if value else "off"
             if str(value) not in choices:
-                raise EngineCommandError("%s: must be true, false or one of %s, got %r" % (where, ", ".join(choices), value))
+                raise EngineCommandError(
+                    "%s: must be true, false or one of %s, got %r" % (where, ", ".join(choices), value)
+                )
             args += [flag, str(value)]
         elif kind == "flag":
             if not isinstance(value, bool):
@@ -136,10 +151,14 @@ def _render(name, section, options, table, own):
             negative = spec[3] if len(spec) > 3 else "--no-" + flag[2:]
             args.append(flag if value else negative)
         elif kind == "list":
-            if not isinstance(value, list) or not value or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
             ):
-                raise EngineCommandError("%s: must be a list of non-negative numbers, got %r" % (where, value))
+                raise EngineCommandError(
+                    "%s: must be a list of non-negative numbers, got %r" % (where, value)
+                )
             args += [flag, ",".join(str(v) for v in value)]
     extra = options.get("extra_args") or []
     if not isinstance(extra, list):
@@ -149,7 +168,9 @@ def _render(name, section, options, table, own):
 
 def _whole(name, where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EngineCommandError("model %s: %s: must be a whole number of 1 or more, got %r" % (name, where, value))
+        raise EngineCommandError(
+            "model %s: %s: must be a whole number of 1 or more, got %r" % (name, where, value)
+        )
     return value
 
 
@@ -159,8 +180,8 @@ def llamacpp_command(model, defaults=None, context_length=None):
     ``defaults`` holds the role's llama.cpp defaults; the model's own
     ``llamacpp`` section overrides them key by key. The total context is
     ``ctx_size`` when given, else ``parallel`` slots of ``ctx_per_slot``
-    tokens each, and ``ctx_per_slot`` defaults to the model's own trained
-    context (``context_length``), so each request keeps the full context.
+    tokens each; without either, each request keeps the model's own trained
+    context (``context_length``): a slot each, or a unified pool that holds it.
     """
     name = model.get("name")
     if not name:
@@ -173,9 +194,17 @@ def llamacpp_command(model, defaults=None, context_length=None):
     parallel = _whole(name, "llamacpp.parallel", options.get("parallel", 1))
     if options.get("ctx_size") is not None:
         ctx_size = _whole(name, "llamacpp.ctx_size", options["ctx_size"])
+    elif options.get("ctx_per_slot") is not None:
+        ctx_size = parallel * _whole(name, "llamacpp.ctx_per_slot", options["ctx_per_slot"])
     else:
-        per_slot = options.get("ctx_per_slot") or context_length or 4096
-        ctx_size = parallel * _whole(name, "llamacpp.ctx_per_slot", per_slot)
+        trained = _whole(name, "context length", context_length or 4096)
+        if options.get("kv_unified"):
+            # One KV pool shared by the slots: sized for every slot at up to
+            # UNIFIED_SLOT_TOKENS, and never below one whole trained context,
+            # so any single request can still use the model's full context.
+            ctx_size = max(parallel * min(trained, UNIFIED_SLOT_TOKENS), trained)
+        else:
+            ctx_size = parallel * trained
     gpus = model.get("gpus") or []
     split = options.get("tensor_split")
     if split is not None and isinstance(split, list) and gpus and len(split) != len(gpus):
@@ -242,7 +271,9 @@ def vllm_command(model, defaults=None):
     elif source.get("path"):
         target = [MODEL_DIR]
     else:
-        raise EngineCommandError("model %s: source: vLLM loads a model from source.hf_repo or source.path" % name)
+        raise EngineCommandError(
+            "model %s: source: vLLM loads a model from source.hf_repo or source.path" % name
+        )
     rendered, extra = _render(name, "vllm", options, VLLM_OPTIONS, VLLM_OWN)
     served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104
     return target + served + rendered + extra

@@ -22,6 +22,7 @@ import zlib
 
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
     LLAMACPP_PORT,
+    VLLM_ENTRYPOINT,
     VLLM_PORT,
     EngineCommandError,
     llamacpp_command,
@@ -101,6 +102,24 @@ def source_file_name(source):
     return name or None
 
 
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def source_files(source):
+    """Every file a source's model file consists of: the parts of a split GGUF, in order."""
+    name = source_file_name(source)
+    if not name:
+        return []
+    folder = ""
+    if source_kind(source) == "hf_repo" and "/" in (source.get("file") or ""):
+        folder = source["file"].rsplit("/", 1)[0] + "/"
+    match = _SPLIT.match(name)
+    if not match:
+        return [folder + name]
+    count = int(match.group("count"))
+    return [folder + "%s-%05d-of-%05d.gguf" % (match.group("stem"), n, count) for n in range(1, count + 1)]
+
+
 def _check_source(name, engine, source, problems):
     where = "model %s: source" % name
     if not isinstance(source, dict):
@@ -109,12 +128,15 @@ def _check_source(name, engine, source, problems):
     given = [kind for kind in SOURCE_KINDS if source.get(kind)]
     if len(given) != 1:
         problems.append(
-            "%s: give exactly one of %s (got %s)" % (where, ", ".join(SOURCE_KINDS), ", ".join(given) or "none")
+            "%s: give exactly one of %s (got %s)"
+            % (where, ", ".join(SOURCE_KINDS), ", ".join(given) or "none")
         )
         return
     kind = given[0]
     if kind == "wheel" and not source.get("member"):
-        problems.append("%s.member: required with source.wheel (the model file's path inside the wheel)" % where)
+        problems.append(
+            "%s.member: required with source.wheel (the model file's path inside the wheel)" % where
+        )
     if kind == "path" and not str(source["path"]).startswith("/"):
         problems.append("%s.path: must be an absolute path on the host, got %r" % (where, source["path"]))
     if kind == "url":
@@ -122,7 +144,9 @@ def _check_source(name, engine, source, problems):
         if not re.match(r"^(https?|file)://", url):
             problems.append("%s.url: must be an http(s):// or file:// URL, got %r" % (where, url))
         if not source.get("sha256"):
-            problems.append("%s.sha256: required with source.url, so a changed or corrupted download is refused" % where)
+            problems.append(
+                "%s.sha256: required with source.url, so a changed or corrupted download is refused" % where
+            )
         elif not _SHA256.match(str(source["sha256"])):
             problems.append("%s.sha256: must be 64 hex digits, got %r" % (where, source["sha256"]))
         if engine == "vllm":
@@ -131,7 +155,9 @@ def _check_source(name, engine, source, problems):
         if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", str(source["hf_repo"])):
             problems.append("%s.hf_repo: must look like owner/name, got %r" % (where, source["hf_repo"]))
         if engine == "llamacpp" and not source.get("file"):
-            problems.append("%s.file: llama.cpp needs the GGUF file's name inside %s" % (where, source["hf_repo"]))
+            problems.append(
+                "%s.file: llama.cpp needs the GGUF file's name inside %s" % (where, source["hf_repo"])
+            )
     file_name = source_file_name(source)
     if engine == "llamacpp" and file_name and not file_name.lower().endswith(".gguf"):
         problems.append(
@@ -154,17 +180,20 @@ def _replica_gpus(name, gpus, replicas, problems):
             return [[] for _ in range(replicas)], None
         return [None] * replicas, gpus
     if not isinstance(gpus, list) or not all(_is_int(g) and g >= 0 for g in gpus):
-        problems.append("model %s: gpus: give a list of GPU indices (like [0, 1]) or a count, got %r" % (name, gpus))
+        problems.append(
+            "model %s: gpus: give a list of GPU indices (like [0, 1]) or a count, got %r" % (name, gpus)
+        )
         return [[] for _ in range(replicas)], None
     if len(set(gpus)) != len(gpus):
         problems.append("model %s: gpus: GPU indices repeat in %r" % (name, gpus))
     if len(gpus) % replicas:
         problems.append(
-            "model %s: gpus: %d GPU indices cannot be split evenly over %d replicas" % (name, len(gpus), replicas)
+            "model %s: gpus: %d GPU indices cannot be split evenly over %d replicas"
+            % (name, len(gpus), replicas)
         )
         return [[] for _ in range(replicas)], None
     per = len(gpus) // replicas
-    return [list(gpus[i * per:(i + 1) * per]) for i in range(replicas)], None
+    return [list(gpus[i * per : (i + 1) * per]) for i in range(replicas)], None
 
 
 def _auto_port(key, base, span, taken):
@@ -200,7 +229,9 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     if models is None:
         models = []
     if not isinstance(models, list):
-        raise ModelsError(["cortex_models on %s: must be a list of model entries, got %s" % (host, type(models).__name__)])
+        raise ModelsError(
+            ["cortex_models on %s: must be a list of model entries, got %s" % (host, type(models).__name__)]
+        )
 
     seen = {}
     checked = []
@@ -210,7 +241,9 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             continue
         name = model.get("name")
         if not name or not isinstance(name, str):
-            problems.append("cortex_models[%d] on %s: name: required (the served model name)" % (position, host))
+            problems.append(
+                "cortex_models[%d] on %s: name: required (the served model name)" % (position, host)
+            )
             continue
         if not _NAME.match(name):
             problems.append(
@@ -218,35 +251,50 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                 % name
             )
         if name in seen:
-            problems.append("model %s: name: declared twice on %s (entries %d and %d)" % (name, host, seen[name], position))
+            problems.append(
+                "model %s: name: declared twice on %s (entries %d and %d)"
+                % (name, host, seen[name], position)
+            )
             continue
         seen[name] = position
         engine = model.get("engine")
         if engine not in ENGINES:
-            problems.append("model %s: engine: must be one of %s, got %r" % (name, ", ".join(ENGINES), engine))
+            problems.append(
+                "model %s: engine: must be one of %s, got %r" % (name, ", ".join(ENGINES), engine)
+            )
             continue
         other = [e for e in ENGINES if e != engine and model.get(e)]
         if other:
-            problems.append("model %s: %s: settings for engine %s, but the model runs on %s" % (name, other[0], other[0], engine))
+            problems.append(
+                "model %s: %s: settings for engine %s, but the model runs on %s"
+                % (name, other[0], other[0], engine)
+            )
         state = model.get("state", "started")
         if state not in STATES:
             problems.append("model %s: state: must be one of %s, got %r" % (name, ", ".join(STATES), state))
         restart = model.get("restart_policy", cfg["restart_policy"])
         if restart not in RESTART_POLICIES:
             problems.append(
-                "model %s: restart_policy: must be one of %s, got %r" % (name, ", ".join(RESTART_POLICIES), restart)
+                "model %s: restart_policy: must be one of %s, got %r"
+                % (name, ", ".join(RESTART_POLICIES), restart)
             )
         replicas = model.get("replicas", 1)
         if not _is_int(replicas) or replicas < 1:
-            problems.append("model %s: replicas: must be a whole number of 1 or more, got %r" % (name, replicas))
+            problems.append(
+                "model %s: replicas: must be a whole number of 1 or more, got %r" % (name, replicas)
+            )
             replicas = 1
         port = model.get("port")
         if port is not None and (not _is_int(port) or not 1 <= port <= 65535 - replicas + 1):
             problems.append("model %s: port: must be a port number (1-65535), got %r" % (name, port))
             port = None
         fraction = model.get("gpu_memory_fraction")
-        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
-            problems.append("model %s: gpu_memory_fraction: must be a number in (0, 1], got %r" % (name, fraction))
+        if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1
+        ):
+            problems.append(
+                "model %s: gpu_memory_fraction: must be a number in (0, 1], got %r" % (name, fraction)
+            )
             fraction = None
         env = model.get("env") or {}
         if not isinstance(env, dict):
@@ -257,7 +305,9 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             checked.append((model, name, engine, state, restart, replicas, port, None, None, fraction, env))
             continue
         per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
-        checked.append((model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env))
+        checked.append(
+            (model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env)
+        )
 
     # GPUs: explicit indices first, then counts take the lowest free ones.
     claims = {}
@@ -273,7 +323,14 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                 if gpu_count is not None and gpu >= gpu_count:
                     problems.append(
                         "model %s: gpus: GPU %d does not exist on %s, which has %s"
-                        % (name, gpu, host, "no NVIDIA GPU" if gpu_count == 0 else "%d GPU(s): 0-%d" % (gpu_count, gpu_count - 1))
+                        % (
+                            name,
+                            gpu,
+                            host,
+                            "no NVIDIA GPU"
+                            if gpu_count == 0
+                            else "%d GPU(s): 0-%d" % (gpu_count, gpu_count - 1),
+                        )
                     )
                 claim(gpu, name, fraction)
     for index, item in enumerate(checked):
@@ -302,7 +359,13 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         if any(f is None for _, f in holders):
             problems.append(
                 "model %s: gpus: GPU %d on %s is claimed by %s; models share a GPU only when each sets "
-                "gpu_memory_fraction" % (names[0], gpu, host, " and ".join(names) if len(names) > 1 else "%d replicas of %s" % (len(holders), names[0]))
+                "gpu_memory_fraction"
+                % (
+                    names[0],
+                    gpu,
+                    host,
+                    " and ".join(names) if len(names) > 1 else "%d replicas of %s" % (len(holders), names[0]),
+                )
             )
         elif sum(f for _, f in holders) > 1.0 + 1e-9:
             problems.append(
@@ -336,11 +399,16 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             if port is not None:
                 host_port = port + replica
             else:
-                host_port = _auto_port("%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), taken)
+                host_port = _auto_port(
+                    "%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), taken
+                )
                 taken[host_port] = name
             engine_options = dict(options)
             if engine == "llamacpp" and gpus:
-                engine_options = _merge(_merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {}), model.get("llamacpp") or {})
+                engine_options = _merge(
+                    _merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {}),
+                    model.get("llamacpp") or {},
+                )
             entry = dict(model)
             entry.update({"model_file": source_file_name(model.get("source")), "gpus": gpus})
             entry[engine] = engine_options
@@ -380,6 +448,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     # Tensor parallelism talks through shared memory.
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
                     "shm_size": "8g" if engine == "vllm" else None,
+                    "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
+                    "healthcheck": _healthcheck(
+                        engine, _health_timeout(engine, model, shape.get("size_bytes"), cfg)
+                    ),
                     "source_kind": source_kind(model.get("source")),
                     "model_file": entry["model_file"],
                 }
@@ -387,6 +459,25 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     if problems:
         raise ModelsError(problems)
     return {"host": host, "instances": instances, "absent": absent}
+
+
+def _healthcheck(engine, start_period):
+    """Docker's own health check of an engine container, with its start period."""
+    if engine == "llamacpp":
+        test = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:%d/health" % LLAMACPP_PORT]
+    else:
+        probe = (
+            "import urllib.request; urllib.request.urlopen('http://127.0.0.1:%d/health', timeout=4)"
+            % VLLM_PORT
+        )
+        test = ["CMD", "python3", "-c", probe]
+    return {
+        "test": test,
+        "interval": "10s",
+        "timeout": "5s",
+        "retries": 3,
+        "start_period": "%ds" % start_period,
+    }
 
 
 def _concurrency(engine, options):

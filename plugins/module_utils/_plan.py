@@ -77,7 +77,9 @@ def llamacpp_estimate(instance, shape, overhead_mib=None):
     name = instance["model"]
     for key in ("tensor_bytes", "block_count", "head_count_kv", "key_length", "value_length"):
         if not shape.get(key):
-            raise PlanError("model %s: its GGUF metadata has no %s, so its memory cannot be planned" % (name, key))
+            raise PlanError(
+                "model %s: its GGUF metadata has no %s, so its memory cannot be planned" % (name, key)
+            )
     command = instance["command"]
     gpus = instance.get("gpus") or []
     n_layer = int(shape["block_count"])
@@ -100,7 +102,8 @@ def llamacpp_estimate(instance, shape, overhead_mib=None):
     layers_on_gpu = min(ngl, n_layer)
     weights = repeating * float(layers_on_gpu) / n_layer + (output if ngl > n_layer else 0)
     kv_per_token_layer = int(shape["head_count_kv"]) * (
-        int(shape["key_length"]) * KV_BYTES.get(type_k, 2.0) + int(shape["value_length"]) * KV_BYTES.get(type_v, 2.0)
+        int(shape["key_length"]) * KV_BYTES.get(type_k, 2.0)
+        + int(shape["value_length"]) * KV_BYTES.get(type_v, 2.0)
     )
     kv = ctx * layers_on_gpu * kv_per_token_layer
     # One micro-batch of activations and, with the output layer on the GPU,
@@ -178,9 +181,12 @@ def vllm_estimate(instance, shape, gpu_memory_bytes, overhead_mib=None):
         params = float(hf_parameter_count(config))
     else:
         raise PlanError(
-            "model %s: give plan.hf_config (its config.json) or plan.parameter_count so its memory can be planned" % name
+            "model %s: give plan.hf_config (its config.json) or plan.parameter_count so its memory can be planned"
+            % name
         )
-    method = _arg(command, "--quantization") or _arg(command, "--dtype") or config.get("torch_dtype") or "auto"
+    method = (
+        _arg(command, "--quantization") or _arg(command, "--dtype") or config.get("torch_dtype") or "auto"
+    )
     weights = params * WEIGHT_BYTES.get(str(method), 2.0) / (tp * pp)
     text = config.get("text_config") or config
     utilization = float(_arg(command, "--gpu-memory-utilization", 0.9))
@@ -273,7 +279,19 @@ def table(result, host="host"):
     """The plan as a fixed-width text table (MiB), for play output and failures."""
     lines = [
         "%-28s %3s %-8s %4s %9s %9s %9s %9s %9s %9s %s"
-        % ("model", "rep", "engine", "gpu", "weights", "kv_cache", "compute", "overhead", "need", "allowed", "fits")
+        % (
+            "model",
+            "rep",
+            "engine",
+            "gpu",
+            "weights",
+            "kv_cache",
+            "compute",
+            "overhead",
+            "need",
+            "allowed",
+            "fits",
+        )
     ]
     for r in result["rows"]:
         lines.append(
@@ -295,7 +313,14 @@ def table(result, host="host"):
     for g in result["gpus"]:
         lines.append(
             "%s GPU %d: %s MiB planned of %s MiB (%s MiB free)%s"
-            % (host, g["gpu"], _mib(g["planned"]), _mib(g["total"]), _mib(g["free"]), "" if g["fits"] else "  <- does not fit")
+            % (
+                host,
+                g["gpu"],
+                _mib(g["planned"]),
+                _mib(g["total"]),
+                _mib(g["free"]),
+                "" if g["fits"] else "  <- does not fit",
+            )
         )
     for name in result["unknown"]:
         lines.append("%s: %s has no known shape; not planned" % (host, name))

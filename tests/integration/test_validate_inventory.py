@@ -5,6 +5,7 @@ throwaway inventory of local hosts; no task in it changes a host."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,18 +49,35 @@ def test_good_inventory_passes(tmp_path):
 @pytest.mark.parametrize(
     ("host_vars", "message"),
     [
-        ({"cortex_models": [{**GOOD_MODEL, "engine": "tgi"}]}, "value of engine must be one of: llamacpp, got: tgi"),
-        ({"cortex_models": [{k: v for k, v in GOOD_MODEL.items() if k != "name"}]}, "missing required arguments: name"),
+        ({"cortex_models": [{**GOOD_MODEL, "engine": "tgi"}]}, "value of engine must be one of: llamacpp, vllm, got: tgi"),
+        ({"cortex_models": [{k: v for k, v in GOOD_MODEL.items() if k != "name"}]}, "model cortex_models[0]: missing required arguments: name"),
         ({"cortex_models": [{**GOOD_MODEL, "source": {"wheel": "x==1"}}]}, "missing parameter(s) required by 'wheel': member"),
         ({"cortex_models": [{**GOOD_MODEL, "source": {"wheel": "x==1", "member": "m", "path": "/m.gguf"}}]},
-         "parameters are mutually exclusive: wheel|path"),
-        ({"cortex_models": [{**GOOD_MODEL, "source": {}}]}, "one of the following is required: wheel, path"),
+         "parameters are mutually exclusive: wheel|path|url|hf_repo"),
+        ({"cortex_models": [{**GOOD_MODEL, "source": {}}]}, "one of the following is required: wheel, path, url, hf_repo"),
         ({"cortex_models": [{**GOOD_MODEL, "port": "eighty"}]},
-         "argument 'port' is of type str found in 'model_servers_models'. and we were unable to convert to int"),
+         "model chat: argument 'port' is of type str and we were unable to convert to int"),
         ({"cortex_models": [{**GOOD_MODEL, "llamacpp": {"ctx_size": "big"}}]},
-         "argument 'ctx_size' is of type str found in 'model_servers_models -> llamacpp'"),
-        ({"cortex_models": [{**GOOD_MODEL, "colour": "red"}]}, "model_servers_models.colour. Supported parameters include"),
-        ({"cortex_models": [GOOD_MODEL, GOOD_MODEL]}, "model name(s) chat appear more than once"),
+         "argument 'ctx_size' is of type str found in 'llamacpp'. and we were unable to convert to int"),
+        ({"cortex_models": [{**GOOD_MODEL, "colour": "red"}]}, "colour. Supported parameters include"),
+        ({"cortex_models": [GOOD_MODEL, GOOD_MODEL]}, "model chat: name: declared twice on gpu1 (entries 0 and 1)"),
+        ({"cortex_models": [{**GOOD_MODEL, "source": {"url": "https://example.invalid/m.gguf"}}]},
+         "missing parameter(s) required by 'url': sha256"),
+        ({"cortex_models": [{**GOOD_MODEL, "gpus": [0]}]}, "model chat: gpus: GPU 0 does not exist on gpu1, which has no NVIDIA GPU"),
+        ({"cortex_models": [{**GOOD_MODEL, "source": {"path": "/srv/model.safetensors"}}]},
+         "model chat: source: llama.cpp serves GGUF files only, and model.safetensors is not one"),
+        ({"cortex_models": [{"name": "v", "engine": "vllm", "source": {"hf_repo": "org/m-GGUF", "file": "m.Q4_K_M.gguf"}}]},
+         "model v: source: m.Q4_K_M.gguf is a GGUF file; serve GGUF with engine llamacpp"),
+        ({"cortex_models": [{**GOOD_MODEL, "port": 19000}, {**GOOD_MODEL, "name": "other", "port": 19000}]},
+         "model other: port: 19000 is also the port of chat on gpu1"),
+        ({"cortex_models": [{"name": "v", "engine": "vllm", "source": {"hf_repo": "org/m"}}]},
+         "model v: gpus: vLLM needs at least one GPU"),
+        ({"cortex_models": [{**GOOD_MODEL, "llamacpp": {"split_mode": "diagonal"}}]},
+         "value of split_mode must be one of: none, layer, row, tensor, got: diagonal"),
+        ({"cortex_models": [{**GOOD_MODEL, "replicas": 0}]}, "model chat: replicas: must be a whole number of 1 or more"),
+        ({"cortex_models": [{**GOOD_MODEL, "llamacpp": {"ctxsize": 4096}}]}, "llamacpp.ctxsize. Supported parameters include"),
+        ({"cortex_models": [GOOD_MODEL, {**GOOD_MODEL, "name": "two", "state": "sometimes"}]},
+         "value of state must be one of: started, stopped, absent, got: sometimes"),
         ({"cortex_models": [GOOD_MODEL], "gateway_api_keys": [{"name": "ops"}]}, "one of the following is required: key, sha256"),
         ({"cortex_models": [GOOD_MODEL], "gateway_listen_port": "x"},
          "argument 'gateway_listen_port' is of type str and we were unable to convert to int"),
@@ -67,7 +85,9 @@ def test_good_inventory_passes(tmp_path):
          "argument 'model_servers_port_base' is of type str and we were unable to convert to int"),
     ],
     ids=["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
-         "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "key-without-value",
+         "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
+         "gpu-not-on-host", "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-without-gpu",
+         "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
          "gateway-port-not-int", "port-base-not-int"],
 )  # fmt: skip
 def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
@@ -75,3 +95,6 @@ def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert message in output, output
+    if not any(key.startswith(("gateway_", "model_servers_")) for key in host_vars):
+        # A problem of a model entry names the model it is about.
+        assert re.search(r"model ((chat|v|other|two)\b|cortex_models\[0\])", output), output

@@ -118,3 +118,12 @@ def test_every_option_has_a_long_flag():
 def test_bad_entries_name_the_model_and_field(model, message):
     with pytest.raises(EngineCommandError, match=message):
         llamacpp_command(model, {})
+
+
+def test_a_unified_pool_holds_every_slot_and_one_whole_long_context():
+    model = {**SMOLLM, "llamacpp": {"parallel": 32, "kv_unified": True}}
+    assert flag(llamacpp_command(model, context_length=8192), "--ctx-size") == str(32 * 8192)
+    # A 128k model: 32 slots of 8k each, and room for one request of the full 128k.
+    assert flag(llamacpp_command(model, context_length=131072), "--ctx-size") == str(max(32 * 8192, 131072))
+    model = {**SMOLLM, "llamacpp": {"parallel": 2, "kv_unified": True}}
+    assert flag(llamacpp_command(model, context_length=131072), "--ctx-size") == "131072"

@@ -205,3 +205,11 @@ def test_every_problem_is_reported_at_once():
 
 def test_a_gpu_model_on_a_host_without_gpus_says_so():
     assert "which has no NVIDIA GPU" in problems([VLLM], gpu_count=0)[0]
+
+
+def test_a_split_gguf_source_is_every_part():
+    from ansible_collections.cortex.serving.plugins.module_utils._models import source_files
+
+    source = {"hf_repo": "ggml-org/gpt-oss-120b-GGUF", "file": "q/gpt-oss-120b-mxfp4-00001-of-00003.gguf"}
+    assert source_files(source) == [f"q/gpt-oss-120b-mxfp4-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    assert source_files({"wheel": "w==1", "member": "pkg/m.gguf"}) == ["m.gguf"]
