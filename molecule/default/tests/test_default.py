@@ -1,5 +1,6 @@
-"""The embedded default, converged: services, sockets, engine hardening, and
-real chat completions through nginx and the gateway with the openai client."""
+"""Two models on one host, converged: services, sockets, engine hardening, and
+real chat completions and embeddings through nginx and the gateway with the
+openai client."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from conftest import GATEWAY_URL, journal
 
 MODEL = "smollm2-135m-instruct"
-ENGINE_PORT = 18080
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+ENGINE_PORT = 18100
 
 
 @pytest.mark.parametrize("unit", ["docker", "cortex-gateway", "nginx"])
@@ -55,6 +57,7 @@ def listeners(host, port: int) -> set[str]:
 
 def test_engine_and_gateway_listen_on_loopback_only(host):
     assert listeners(host, ENGINE_PORT) == {"127.0.0.1"}
+    assert listeners(host, ENGINE_PORT + 1) == {"127.0.0.1"}
     assert listeners(host, 8000) == {"127.0.0.1"}
 
 
@@ -62,8 +65,11 @@ def test_nginx_listens_for_clients(host):
     assert listeners(host, 80) & {"0.0.0.0", "*", "[::]"}  # noqa: S104 - nginx is the public side
 
 
-def test_engine_container_is_hardened(host):
-    inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}"))[0]
+@pytest.mark.parametrize(
+    "container", [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1", f"cortex-{EMBEDDING_MODEL}-0"]
+)
+def test_engine_container_is_hardened(host, container):
+    inspect = json.loads(host.check_output(f"docker inspect {container}"))[0]
     assert inspect["State"]["Health"]["Status"] == "healthy"
     assert inspect["Config"]["User"] == "10001:10001"
     assert inspect["HostConfig"]["ReadonlyRootfs"] is True
@@ -89,8 +95,39 @@ def client(client_key):
     return openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=120, max_retries=0)
 
 
-def test_models_lists_the_model(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+def test_models_lists_both_models(client):
+    assert sorted(m.id for m in client.models.list().data) == sorted([MODEL, EMBEDDING_MODEL])
+
+
+def test_each_replica_is_its_own_container_and_port(host):
+    names = host.check_output(
+        f"docker ps --filter label=io.cortex.model={MODEL} --format '{{{{.Names}}}}'"
+    ).split()
+    assert sorted(names) == [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1"]
+    for replica in (0, 1):
+        ports = host.check_output(f"docker port cortex-{MODEL}-{replica} 8080/tcp")
+        assert ports.strip() == f"127.0.0.1:{ENGINE_PORT + replica}"
+
+
+def test_embeddings_are_real(client):
+    result = client.embeddings.create(
+        model=EMBEDDING_MODEL,
+        input=[
+            "The cat sits on the mat.",
+            "A cat is sitting on a rug.",
+            "Quarterly revenue rose by ten percent.",
+        ],
+    )
+    cat, kitten, revenue = (d.embedding for d in result.data)
+    assert len(cat) == 384  # all-MiniLM-L6-v2's embedding size
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+    # A real sentence model puts paraphrases close and unrelated text far.
+    assert cosine(cat, kitten) > 0.6
+    assert cosine(cat, revenue) < 0.3
 
 
 def test_chat_completion_through_nginx(client):

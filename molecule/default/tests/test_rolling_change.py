@@ -1,0 +1,97 @@
+"""A changed inventory converged under load: only the changed model's containers
+are recreated, one replica at a time, and a client looping requests through the
+gateway meanwhile sees no failure. Runs last: it leaves the changed inventory
+converged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import yaml
+from conftest import GATEWAY_URL
+
+MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+CONTAINERS = [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1", f"cortex-{EMBEDDING_MODEL}-0"]
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+# Bounds of the load loop: it stops when the converge ends, or at these.
+MAX_REQUESTS = 3000
+MAX_SECONDS = 900
+
+
+def container_ids(host) -> dict[str, str]:
+    return {name: json.loads(host.check_output(f"docker inspect {name}"))[0]["Id"] for name in CONTAINERS}
+
+
+def changed_inventory(tmp_path: Path) -> Path:
+    group_vars = yaml.safe_load((Path(__file__).resolve().parents[1] / "group_vars" / "all.yml").read_text())
+    models = group_vars["cortex_models"]
+    chat = next(m for m in models if m["name"] == MODEL)
+    chat["llamacpp"]["ctx_size"] = 6144  # a change the gateway's routes do not see
+    path = tmp_path / "changed.yml"
+    path.write_text(yaml.safe_dump({"cortex_models": models}))
+    return path
+
+
+def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host, client_key, tmp_path):
+    before = container_ids(host)
+    client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
+    done = threading.Event()
+    outcomes: list[str] = []
+
+    def load():
+        deadline = time.monotonic() + MAX_SECONDS
+        while not done.is_set() and len(outcomes) < MAX_REQUESTS and time.monotonic() < deadline:
+            try:
+                client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+                )
+                outcomes.append("ok")
+            except openai.APIError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(PROJECT / "ansible.cfg"),
+        "ANSIBLE_COLLECTIONS_PATH": str(PROJECT / ".cache" / "collections"),
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(inventory),
+             "-e", f"@{changed_inventory(tmp_path)}", str(PROJECT / "playbooks" / "site.yml")],
+            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=MAX_SECONDS, check=False,
+        )  # fmt: skip
+    finally:
+        done.set()
+        worker.join(timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+    after = container_ids(host)
+    assert after[f"cortex-{EMBEDDING_MODEL}-0"] == before[f"cortex-{EMBEDDING_MODEL}-0"], (
+        "the unchanged model restarted"
+    )
+    assert after[f"cortex-{MODEL}-0"] != before[f"cortex-{MODEL}-0"]
+    assert after[f"cortex-{MODEL}-1"] != before[f"cortex-{MODEL}-1"]
+    # One at a time: replica 1 was recreated only after replica 0 was healthy again.
+    log = result.stdout
+    first_run = log.index(f"Run cortex-{MODEL}-0")
+    healthy = log.index(f"Wait until /health answers 200: cortex-{MODEL}-0", first_run)
+    second_run = log.index(f"Run cortex-{MODEL}-1", healthy)
+    assert first_run < healthy < second_run
+
+    failures = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) >= 10, f"the load loop made only {len(outcomes)} requests"
+    assert failures == [], f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
+    inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}-0"))[0]
+    assert "6144" in inspect["Config"]["Cmd"]
