@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    gateway = Gateway(config)
+    # SIGHUP re-reads the config file without dropping requests in flight.
+    gateway = Gateway(config, config_path=args.config)
     web.run_app(
         gateway.build_app(),
         host=config.host,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -15,7 +16,7 @@ from aiohttp import web
 from . import __version__
 from .auth import KeyRing
 from .backends import Backend, Health, HealthMonitor
-from .config import GatewayConfig
+from .config import ConfigError, GatewayConfig, load_config
 from .errors import error_response
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .routing import Router
@@ -35,8 +36,9 @@ KEY_NAME = web.RequestKey("key_name", str)
 class Gateway:
     """Owns the configuration, the backends, the router and the HTTP client."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
         self.backends = [
             Backend.from_config(model, backend)
@@ -46,6 +48,64 @@ class Gateway:
         self.router = Router(self.backends)
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
+        self._monitor: HealthMonitor | None = None
+        self._reloading = asyncio.Lock()
+
+    # --- configuration reload ----------------------------------------------
+
+    def apply_config(self, config: GatewayConfig) -> list[Backend]:
+        """Switch to a new config between two requests; returns the new backends.
+
+        A backend that stays (same model and URL) keeps its object, so its
+        health and outstanding requests carry over; requests in flight finish
+        on the backend they started on, whatever the new config says.
+        """
+        kept = {(b.model, b.url): b for b in self.backends}
+        backends: list[Backend] = []
+        added: list[Backend] = []
+        for model in config.models.values():
+            for backend_config in model.backends:
+                backend = kept.get((model.name, backend_config.url))
+                if backend is None:
+                    backend = Backend.from_config(model, backend_config)
+                    added.append(backend)
+                else:
+                    backend.engine = model.engine
+                    backend.api_key = backend_config.api_key
+                    backend.max_concurrency = backend_config.max_concurrency
+                backends.append(backend)
+        for field_name in ("host", "port", "max_body_bytes"):
+            if getattr(config, field_name) != getattr(self.config, field_name):
+                log.warning("config reload: %s changed; it takes effect at the next restart", field_name)
+        self.config = config
+        self.keyring = KeyRing(config.api_keys)
+        self.backends = backends
+        self.router = Router(backends)
+        if self._monitor is not None:
+            self._monitor.replace_backends(backends)
+        return added
+
+    async def reload(self) -> bool:
+        """Read the config file again (SIGHUP); on any error keep the running config."""
+        if self.config_path is None:
+            log.warning("config reload asked for, but the gateway was started without a config file")
+            return False
+        async with self._reloading:
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                log.error("config reload failed, keeping the running config: %s", exc)
+                return False
+            added = self.apply_config(config)
+            if self._monitor is not None and added:
+                # New backends start "starting"; learn their state before routing to them.
+                await self._monitor.check_all(added)
+            log.info("config reloaded from %s: %d model(s), %d backend(s)", self.config_path,
+                     len(config.models), len(self.backends))  # fmt: skip
+            return True
+
+    def _on_hangup(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload(), name="config-reload")
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -63,7 +123,7 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30),
             auto_decompress=False,
         )
-        monitor = HealthMonitor(
+        monitor = self._monitor = HealthMonitor(
             self._session,
             self.backends,
             interval=self.config.health_interval,
@@ -72,14 +132,20 @@ class Gateway:
         # Know the backends' state before the first request, then keep polling.
         await monitor.check_all()
         task = asyncio.create_task(monitor.run(), name="health-monitor")
+        loop = asyncio.get_running_loop()
+        if self.config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             yield
         finally:
+            if self.config_path is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await self._session.close()
             self._session = None
+            self._monitor = None
 
     def build_app(self) -> web.Application:
         app = web.Application(

@@ -113,8 +113,12 @@ class HealthMonitor:
         else:
             backend.record_failure(self._unhealthy_after)
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(b) for b in self._backends))
+    def replace_backends(self, backends: Iterable[Backend]) -> None:
+        """Poll these from the next round on (after a config reload)."""
+        self._backends = list(backends)
+
+    async def check_all(self, backends: Iterable[Backend] | None = None) -> None:
+        await asyncio.gather(*(self.check(b) for b in (self._backends if backends is None else backends)))
 
     async def run(self) -> None:
         while True:
