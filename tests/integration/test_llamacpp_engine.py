@@ -55,7 +55,7 @@ def test_the_fixed_part_of_every_command_is_known(help_flags):
 def test_choices_are_llama_servers_choices(llamacpp_image):
     text = docker("run", "--rm", llamacpp_image, "--help").stdout
     for key in ("split_mode", "pooling", "flash_attn", "load_mode"):
-        flag, _, choices = LLAMACPP_OPTIONS[key]
+        flag, _kind, choices = LLAMACPP_OPTIONS[key]
         at = text.index(flag)
         described = text[at : at + 1200]  # the flag's line and its description below
         for choice in choices:
@@ -119,7 +119,7 @@ def test_a_rendered_command_starts_a_real_server(llamacpp_image, smollm2_gguf, t
         status = None
         while time.monotonic() < deadline:
             try:
-                status, _ = _request(base + "/health", timeout=2)
+                status, _body = _request(base + "/health", timeout=2)
             except OSError:
                 status = None
             if status == 200:
@@ -127,7 +127,7 @@ def test_a_rendered_command_starts_a_real_server(llamacpp_image, smollm2_gguf, t
             time.sleep(0.5)
         assert status == 200, docker("logs", name, check=False).stderr[-2000:]
         body = {"model": "smollm2-test", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8}
-        status, _ = _request(base + "/v1/chat/completions", body=body)
+        status, _body = _request(base + "/v1/chat/completions", body=body)
         assert status == 401
         status, payload = _request(base + "/v1/chat/completions", key=key, body=body)
         assert status == 200
@@ -135,7 +135,7 @@ def test_a_rendered_command_starts_a_real_server(llamacpp_image, smollm2_gguf, t
         status, props = _request(base + "/props", key=key)
         assert status == 200
         assert json.loads(props)["default_generation_settings"]["n_ctx"] == 2048
-        status, _ = _request(base + "/metrics", key=key)
+        status, _body = _request(base + "/metrics", key=key)
         assert status == 200
     finally:
         docker("rm", "-f", name, check=False)

@@ -16,9 +16,11 @@ from aiohttp import web
 from . import __version__
 from .auth import KeyRing
 from .backends import Backend, Health, HealthMonitor
+from .breaker import BreakerState
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import error_response
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
+from .queueing import Admission, QueueFull
 from .routing import Router
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class Gateway:
         self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
         self.backends = [
-            Backend.from_config(model, backend)
+            Backend.from_config(model, backend, config.breaker)
             for model in config.models.values()
             for backend in model.backends
         ]
@@ -49,6 +51,7 @@ class Gateway:
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._monitor: HealthMonitor | None = None
+        self._admissions: dict[str, Admission] = {}
         self._reloading = asyncio.Lock()
 
     # --- configuration reload ----------------------------------------------
@@ -67,7 +70,7 @@ class Gateway:
             for backend_config in model.backends:
                 backend = kept.get((model.name, backend_config.url))
                 if backend is None:
-                    backend = Backend.from_config(model, backend_config)
+                    backend = Backend.from_config(model, backend_config, config.breaker)
                     added.append(backend)
                 else:
                     backend.engine = model.engine
@@ -231,17 +234,32 @@ class Gateway:
         if not self.router.knows(model):
             return _unknown_model(model)
 
-        candidates = self.router.candidates(model)
-        if not candidates:
+        ready = self.router.candidates(model)
+        if not ready:
             return error_response(
                 503,
                 f"model '{model}' has no ready backend right now",
                 code="model_unavailable",
                 headers={"Retry-After": "5"},
             )
+        admission = self._admission(model)
+        tried: set[int] = set()
         failures: list[str] = []
-        for backend in candidates:
-            backend.outstanding += 1
+        while True:
+            try:
+                backend, _waited = await admission.acquire(
+                    lambda: self._pick(model, tried), self.router.backends(model)
+                )
+            except QueueFull as exc:
+                if failures:
+                    break  # every usable replica failed already
+                return error_response(
+                    429,
+                    f"model '{model}' is at capacity: all its slots are busy and its queue is full",
+                    code="queue_full",
+                    headers={"Retry-After": str(exc.retry_after)},
+                )
+            tried.add(id(backend))
             try:
                 try:
                     upstream = await open_upstream(
@@ -250,18 +268,52 @@ class Gateway:
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
                     backend.record_failure(self.config.unhealthy_after)
+                    backend.breaker.record_failure(
+                        exc.kind, retry_after=exc.retry_after, last_ready=self._last_usable(backend)
+                    )
                     failures.append(f"{backend.name}: {exc}")
                     log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
+                    if not self._has_untried(model, tried):
+                        break
                     continue
+                backend.breaker.record_success()
                 if stream and upstream.status == 200:
                     return await relay_stream(request, upstream, self.config.timeouts.idle)
                 return await relay_whole(upstream, self.config.timeouts.idle)
             finally:
-                backend.outstanding -= 1
+                backend.breaker.release_trial()
+                await admission.release(backend)
         return error_response(
             502,
             f"no backend of model '{model}' answered: " + "; ".join(failures),
             code="upstream_unavailable",
+        )
+
+    # --- choosing a backend ------------------------------------------------
+
+    def _admission(self, model: str) -> Admission:
+        admission = self._admissions.get(model)
+        if admission is None or admission.policy != self.config.queue:
+            admission = self._admissions[model] = Admission(self.config.queue)
+        return admission
+
+    def _pick(self, model: str, tried: set[int]) -> Backend | None:
+        """The least loaded ready replica with a free slot whose breaker lets it through."""
+        for backend in self.router.candidates(model):
+            if id(backend) in tried or backend.outstanding >= backend.max_concurrency:
+                continue
+            if backend.breaker.allows():
+                return backend
+        return None
+
+    def _has_untried(self, model: str, tried: set[int]) -> bool:
+        return any(id(b) not in tried for b in self.router.candidates(model))
+
+    def _last_usable(self, backend: Backend) -> bool:
+        """Is this the model's only ready backend with a closed breaker?"""
+        return not any(
+            other is not backend and other.breaker.state is BreakerState.CLOSED
+            for other in self.router.candidates(backend.model)
         )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .breaker import BreakerPolicy, CircuitBreaker
 from .config import BackendConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Backend:
     outstanding: int = 0
     consecutive_failures: int = 0
     last_change: float = field(default_factory=time.monotonic)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def name(self) -> str:
@@ -50,13 +52,16 @@ class Backend:
         return urlsplit(self.url).netloc
 
     @classmethod
-    def from_config(cls, model: ModelConfig, backend: BackendConfig) -> Backend:
+    def from_config(
+        cls, model: ModelConfig, backend: BackendConfig, policy: BreakerPolicy | None = None
+    ) -> Backend:
         return cls(
             model=model.name,
             engine=model.engine,
             url=backend.url,
             api_key=backend.api_key,
             max_concurrency=backend.max_concurrency,
+            breaker=CircuitBreaker(policy or BreakerPolicy()),
         )
 
     def set_health(self, health: Health) -> None:

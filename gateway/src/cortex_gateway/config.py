@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from .breaker import BreakerPolicy
+from .queueing import QueuePolicy
 
 ENGINES = ("llamacpp", "vllm")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -60,6 +63,8 @@ class GatewayConfig:
     max_body_bytes: int
     health_interval: float
     unhealthy_after: int
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -140,7 +145,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
 def parse_config(raw: Any) -> GatewayConfig:
     """Turn the YAML document into a GatewayConfig, or raise ConfigError."""
     _expect(raw, dict, "config")
-    _no_unknown(raw, {"listen", "auth", "models", "timeouts", "limits", "health"}, "")
+    _no_unknown(raw, {"listen", "auth", "models", "timeouts", "limits", "health", "breaker", "queue"}, "")
 
     listen = _expect(raw.get("listen", {}), dict, "listen")
     _no_unknown(listen, {"host", "port"}, "listen")
@@ -192,7 +197,41 @@ def parse_config(raw: Any) -> GatewayConfig:
     if unhealthy_after < 1:
         raise ConfigError(f"health.unhealthy_after: must be at least 1, got {unhealthy_after}")
 
+    breaker_raw = _expect(raw.get("breaker", {}), dict, "breaker")
+    _no_unknown(breaker_raw, {"window", "min_samples", "failure_rate", "cooldown"}, "breaker")
+    breaker_defaults = BreakerPolicy()
+    window = _expect(breaker_raw.get("window", breaker_defaults.window), int, "breaker.window")
+    min_samples = _expect(
+        breaker_raw.get("min_samples", breaker_defaults.min_samples), int, "breaker.min_samples"
+    )
+    if not 1 <= min_samples <= window:
+        raise ConfigError(
+            f"breaker.min_samples: must be between 1 and breaker.window ({window}), got {min_samples}"
+        )
+    rate = _positive(breaker_raw.get("failure_rate", breaker_defaults.failure_rate), "breaker.failure_rate")
+    if rate > 1:
+        raise ConfigError(f"breaker.failure_rate: must be at most 1, got {rate}")
+    breaker = BreakerPolicy(
+        window=window,
+        min_samples=min_samples,
+        failure_rate=rate,
+        cooldown=_positive(breaker_raw.get("cooldown", breaker_defaults.cooldown), "breaker.cooldown"),
+    )
+
+    queue_raw = _expect(raw.get("queue", {}), dict, "queue")
+    _no_unknown(queue_raw, {"per_slot", "max_wait"}, "queue")
+    queue_defaults = QueuePolicy()
+    per_slot = _expect(queue_raw.get("per_slot", queue_defaults.per_slot), int, "queue.per_slot")
+    if per_slot < 0:
+        raise ConfigError(f"queue.per_slot: must be 0 or more, got {per_slot}")
+    queue = QueuePolicy(
+        per_slot=per_slot,
+        max_wait=_positive(queue_raw.get("max_wait", queue_defaults.max_wait), "queue.max_wait"),
+    )
+
     return GatewayConfig(
+        breaker=breaker,
+        queue=queue,
         host=host,
         port=port,
         require_api_key=require,

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .backends import Backend
+from .breaker import Failure
 from .config import Timeouts
 from .errors import error_body
 
@@ -23,6 +24,18 @@ RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 class UpstreamUnavailable(Exception):
     """The backend could not be reached or would not answer; nothing was sent."""
+
+    def __init__(self, message: str, kind: Failure, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: the breaker's own cooldown applies
 
 
 async def open_upstream(
@@ -42,12 +55,13 @@ async def open_upstream(
         async with asyncio.timeout(timeouts.first_byte):
             upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
     except TimeoutError as exc:
-        raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s") from exc
+        raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s", Failure.TIMEOUT) from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc
+        raise UpstreamUnavailable(str(exc) or type(exc).__name__, Failure.REFUSED) from exc
     if upstream.status in RETRYABLE_STATUSES:
+        retry_after = _retry_after(upstream.headers.get("Retry-After"))
         upstream.release()
-        raise UpstreamUnavailable(f"answered {upstream.status}")
+        raise UpstreamUnavailable(f"answered {upstream.status}", Failure.STATUS, retry_after)
     return upstream
 
 

@@ -75,12 +75,14 @@ def _post_stream(prompt: str, n_predict: int, timeout: float) -> dict:
 
 def _prompt(rng: random.Random, words: int) -> str:
     letters = "abcdefghijklmnopqrstuvwxyz"
-    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(words))
+    return " ".join(
+        "".join(rng.choice(letters) for _letter in range(rng.randint(3, 8))) for _word in range(words)
+    )
 
 
 def run_level(concurrency: int, requests: int, n_predict: int, prompt_words: int, seed: int) -> dict:
     rng = random.Random(seed)
-    prompts = [_prompt(rng, prompt_words) for _ in range(requests)]
+    prompts = [_prompt(rng, prompt_words) for _request in range(requests)]
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -101,7 +103,7 @@ def run_level(concurrency: int, requests: int, n_predict: int, prompt_words: int
             with lock:
                 results.append(result)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker) for _thread in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -218,7 +220,7 @@ def stop(proc):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--server", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", action="append", required=True, help="NAME=llama-server flags")
@@ -237,7 +239,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"model": args.model, "configs": {}}
     for spec in args.config:
-        name, _, flags = spec.partition("=")
+        name, _equals, flags = spec.partition("=")
         if name in results["configs"]:
             continue
         if args.deadline and time.time() > args.deadline:

@@ -68,7 +68,7 @@ def _tensor(rng, rows: int, cols: int, qtype: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("qtype", choices=sorted(FILE_TYPE))
     parser.add_argument("path")
@@ -142,7 +142,7 @@ def main() -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for index, (_name, rows, cols, quantized) in enumerate(plan):
-        data, _ = make(rows, cols, quantized)
+        data, _raw_type = make(rows, cols, quantized)
         writer.write_tensor_data(data)
         if index % 50 == 0:
             print(f"[gguf] {args.path}: {index + 1}/{len(plan)} tensors", file=sys.stderr)

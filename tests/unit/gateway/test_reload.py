@@ -74,7 +74,7 @@ async def test_sighup_reloads_a_running_gateway_without_cutting_a_stream(engine_
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):  # up to 10 s for the gateway to listen and see its backend
+            for _attempt in range(100):  # up to 10 s for the gateway to listen and see its backend
                 try:
                     async with session.get(base + "/healthz") as response:
                         if (await response.json())["ready_backends"].get("chat"):
@@ -94,7 +94,7 @@ async def test_sighup_reloads_a_running_gateway_without_cutting_a_stream(engine_
             path.write_text(yaml.safe_dump(config))
             process.send_signal(signal.SIGHUP)
             names: list[str] = []
-            for _ in range(50):
+            for _attempt in range(50):
                 async with session.get(base + "/v1/models", headers=AUTH) as response:
                     names = sorted(m["id"] for m in (await response.json())["data"])
                 if names == ["chat", "embed"]:

@@ -185,7 +185,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("models", "message"), BAD, ids=[m for _, m in BAD])
+@pytest.mark.parametrize(("models", "message"), BAD, ids=[message for _models, message in BAD])
 def test_bad_entries_fail_naming_model_and_field(models, message):
     found = problems(models, gpu_count=2)
     assert any(message in p for p in found), found
