@@ -234,8 +234,7 @@ class Gateway:
         if not self.router.knows(model):
             return _unknown_model(model)
 
-        ready = self.router.candidates(model)
-        if not ready:
+        if not self.router.ready(model):
             return error_response(
                 503,
                 f"model '{model}' has no ready backend right now",
@@ -307,13 +306,13 @@ class Gateway:
         return None
 
     def _has_untried(self, model: str, tried: set[int]) -> bool:
-        return any(id(b) not in tried for b in self.router.candidates(model))
+        return any(id(b) not in tried for b in self.router.ready(model))
 
     def _last_usable(self, backend: Backend) -> bool:
         """Is this the model's only ready backend with a closed breaker?"""
         return not any(
             other is not backend and other.breaker.state is BreakerState.CLOSED
-            for other in self.router.candidates(backend.model)
+            for other in self.router.ready(backend.model)
         )
 
 

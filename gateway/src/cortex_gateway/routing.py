@@ -21,13 +21,17 @@ class Router:
     def backends(self, model: str) -> list[Backend]:
         return list(self._by_model.get(model, ()))
 
+    def ready(self, model: str) -> list[Backend]:
+        """Ready backends, in config order; unlike candidates(), takes no turn."""
+        return [b for b in self._by_model.get(model, ()) if b.health is Health.READY]
+
     def candidates(self, model: str) -> list[Backend]:
         """Ready backends in the order to try them.
 
         The list is rotated by a per-model turn counter before a stable sort
         by outstanding requests, so equally loaded replicas take turns.
         """
-        ready = [b for b in self._by_model.get(model, ()) if b.health is Health.READY]
+        ready = self.ready(model)
         if not ready:
             return []
         turn = next(self._turns[model]) % len(ready)

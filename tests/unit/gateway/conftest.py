@@ -27,6 +27,9 @@ class FakeEngine:
     chunks: int = 3
     chunk_delay: float = 0.0
     break_stream_after: int | None = None
+    delay: float = 0.0
+    status: int = 200
+    retry_after: str | None = None
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -43,6 +46,10 @@ class FakeEngine:
         body = await request.read()
         self.received.append((request.path, body, request.headers.get("Authorization")))
         payload = json.loads(body)
+        await asyncio.sleep(self.delay)
+        if self.status != 200:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.json_response({"error": "busy"}, status=self.status, headers=headers)
         if not payload.get("stream"):
             return web.json_response(
                 {
