@@ -19,6 +19,8 @@ from .backends import Backend, Health, HealthMonitor
 from .breaker import BreakerState
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import error_response
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
@@ -29,8 +31,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The OpenAI endpoints routed by `model`.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-# Open without a key: liveness for nginx and the health timers.
-PUBLIC_PATHS = frozenset({"/healthz"})
+# Open without a key: liveness for nginx and the health timers, and metrics
+# for Prometheus (the gateway listens on loopback or the internal address;
+# the nginx site does not pass /metrics on).
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+# Response header with the gateway's own time for the request, in ms.
+OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
 # The name (never the value) of the client key a request came with.
 KEY_NAME = web.RequestKey("key_name", str)
 
@@ -52,6 +58,9 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._monitor: HealthMonitor | None = None
         self._admissions: dict[str, Admission] = {}
+        self.metrics = Metrics(
+            lambda: self.backends, lambda: {m: a.waiting for m, a in self._admissions.items()}
+        )
         self._reloading = asyncio.Lock()
 
     # --- configuration reload ----------------------------------------------
@@ -157,6 +166,7 @@ class Gateway:
         )
         app.cleanup_ctx.append(self._client_context)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         for path in MODEL_ROUTES:
@@ -204,6 +214,9 @@ class Gateway:
         }
         return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
 
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     def _model_card(self, name: str) -> dict[str, object]:
         model = self.config.models[name]
         return {
@@ -226,11 +239,28 @@ class Gateway:
         return web.json_response(self._model_card(name))
 
     async def route_by_model(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timing = _Timing(started)
+        response = await self._route(request, timing)
+        model = timing.model if timing.model in self.config.models else "_unknown"
+        engine = self.config.models[model].engine if model in self.config.models else "none"
+        ended = loop.time()
+        self.metrics.requests.labels(model, engine, timing.backend, str(response.status)).inc()
+        if model != "_unknown":
+            self.metrics.latency.labels(model, engine).observe(ended - started)
+            if timing.upstream_ended:
+                own = (timing.upstream_started - started - timing.waited) + (ended - timing.upstream_ended)
+                self.metrics.overhead.labels(model, engine).observe(max(own, 0.0))
+        return response
+
+    async def _route(self, request: web.Request, timing: _Timing) -> web.StreamResponse:
         body = await request.read()
         parsed = _model_and_stream(body)
         if isinstance(parsed, web.Response):
             return parsed
         model, stream = parsed
+        timing.model = model
         if not self.router.knows(model):
             return _unknown_model(model)
 
@@ -246,7 +276,7 @@ class Gateway:
         failures: list[str] = []
         while True:
             try:
-                backend, _waited = await admission.acquire(
+                backend, waited = await admission.acquire(
                     lambda: self._pick(model, tried), self.router.backends(model)
                 )
             except QueueFull as exc:
@@ -259,6 +289,12 @@ class Gateway:
                     headers={"Retry-After": str(exc.retry_after)},
                 )
             tried.add(id(backend))
+            timing.waited += waited
+            if waited:
+                self.metrics.queue_wait.labels(model).observe(waited)
+            timing.backend = backend.name
+            loop = asyncio.get_running_loop()
+            timing.upstream_started = loop.time()
             try:
                 try:
                     upstream = await open_upstream(
@@ -276,9 +312,30 @@ class Gateway:
                         break
                     continue
                 backend.breaker.record_success()
+                engine = backend.engine
                 if stream and upstream.status == 200:
-                    return await relay_stream(request, upstream, self.config.timeouts.idle)
-                return await relay_whole(upstream, self.config.timeouts.idle)
+                    # The stream's headers go out now: the overhead so far.
+                    before = timing.upstream_started - timing.started - timing.waited
+                    tap = StreamTap(self.metrics, model, engine, timing.started, loop.time)
+                    response = await relay_stream(
+                        request,
+                        upstream,
+                        self.config.timeouts.idle,
+                        headers={OVERHEAD_HEADER: f"{max(before, 0.0) * 1000:.3f}"},
+                        tap=tap,
+                    )
+                    timing.upstream_ended = loop.time()
+                    self.metrics.count_usage(model, engine, tap.usage.usage())
+                    return response
+                whole = await relay_whole(upstream, self.config.timeouts.idle)
+                timing.upstream_ended = loop.time()
+                if whole.status == 200 and isinstance(whole.body, bytes):
+                    self.metrics.count_usage(model, engine, usage_of(whole.body))
+                own = (timing.upstream_started - timing.started - timing.waited) + (
+                    loop.time() - timing.upstream_ended
+                )
+                whole.headers[OVERHEAD_HEADER] = f"{max(own, 0.0) * 1000:.3f}"
+                return whole
             finally:
                 backend.breaker.release_trial()
                 await admission.release(backend)
@@ -314,6 +371,20 @@ class Gateway:
             other is not backend and other.breaker.state is BreakerState.CLOSED
             for other in self.router.ready(backend.model)
         )
+
+
+class _Timing:
+    """What one request's metrics need, filled in as it goes."""
+
+    __slots__ = ("backend", "model", "started", "upstream_ended", "upstream_started", "waited")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.model = "_unknown"
+        self.backend = "none"
+        self.waited = 0.0
+        self.upstream_started = started
+        self.upstream_ended: float | None = None
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -86,12 +87,18 @@ def sse_error_event(message: str) -> bytes:
 
 
 async def relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, idle: float
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    idle: float,
+    *,
+    headers: dict[str, str] | None = None,
+    tap: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """Relay server-sent events as they arrive.
 
     A stream that breaks midway ends with an SSE error event and a closed
     connection, so the client sees an error rather than a hang or a silent cut.
+    ``tap`` sees every chunk after it was written (timing, usage).
     """
     response = web.StreamResponse(
         status=upstream.status,
@@ -100,6 +107,7 @@ async def relay_stream(
             "Cache-Control": "no-cache",
             # nginx must not buffer a stream, whatever its site config says.
             "X-Accel-Buffering": "no",
+            **(headers or {}),
         },
     )
     await response.prepare(request)
@@ -119,6 +127,8 @@ async def relay_stream(
                 completed = True
                 break
             await response.write(chunk)
+            if tap is not None:
+                tap(chunk)
     finally:
         # Closing (not releasing) an unfinished upstream aborts the
         # generation on the engine instead of letting it run for nobody.

@@ -80,6 +80,8 @@ class FakeEngine:
             }
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await asyncio.sleep(self.chunk_delay)
+        usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
+        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

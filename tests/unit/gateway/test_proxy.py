@@ -54,7 +54,8 @@ async def test_stream_is_relayed_as_server_sent_events(engine_server, gateway_cl
     text = (await resp.read()).decode()
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["t0", "t1", "t2", "t3"]
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-2]] == ["t0", "t1", "t2", "t3"]
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 4  # the final usage event, passed through
 
 
 async def test_stream_broken_midway_ends_with_an_error_event(engine_server, gateway_client):
