@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 from aiohttp import web
 
-from .app import Gateway
+from .app import Gateway, day_start
 from .auth import hash_key
 from .config import ConfigError, load_config
+from .usage import report, to_csv
 
 DEFAULT_CONFIG = "/etc/cortex-gateway/config.yml"
 
@@ -23,7 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", default=DEFAULT_CONFIG)
     commands.add_parser("hash-key", help="read an API key on stdin, print its sha256")
+    usage = commands.add_parser("usage", help="report usage by key, model and day")
+    usage.add_argument("--config", default=DEFAULT_CONFIG, help="take the database from this config")
+    usage.add_argument("--db", help="the usage database (instead of the config's usage.sqlite)")
+    usage.add_argument("--group-by", default="key,model,day", help="any of key, model, day, comma-separated")
+    usage.add_argument("--since", help="first day, YYYY-MM-DD (UTC)")
+    usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
     args = parser.parse_args(argv)
+
+    if args.command == "usage":
+        return _usage(args)
 
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
@@ -54,6 +65,35 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_timeout=30,
         print=lambda *_: None,
     )
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    path = args.db
+    if path is None:
+        try:
+            path = load_config(args.config).usage_path
+        except ConfigError as exc:
+            print(f"cortex-gateway: invalid config: {exc}", file=sys.stderr)
+            return 2
+        if path is None:
+            print(f"cortex-gateway: {args.config} keeps no usage records (usage.sqlite)", file=sys.stderr)
+            return 2
+    try:
+        since = day_start(args.since)
+        rows = report(path, [g for g in args.group_by.split(",") if g], since)
+    except (ValueError, sqlite3.Error) as exc:
+        print(f"cortex-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.csv:
+        sys.stdout.write(to_csv(rows))
+        return 0
+    if rows:
+        columns = list(rows[0])
+        widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for row in rows:
+            print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import signal
@@ -24,6 +25,7 @@ from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
+from .usage import SQLiteStore, UsageRecord, UsageRecorder, report, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class Gateway:
         self.config = config
         self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
+        self.admin_keyring = KeyRing(config.admin_keys)
+        self.usage: UsageRecorder | None = None
         self.backends = [
             Backend.from_config(model, backend, config.breaker)
             for model in config.models.values()
@@ -89,8 +93,11 @@ class Gateway:
         for field_name in ("host", "port", "max_body_bytes"):
             if getattr(config, field_name) != getattr(self.config, field_name):
                 log.warning("config reload: %s changed; it takes effect at the next restart", field_name)
+        if config.usage_path != self.config.usage_path:
+            log.warning("config reload: usage.sqlite changed; it takes effect at the next restart")
         self.config = config
         self.keyring = KeyRing(config.api_keys)
+        self.admin_keyring = KeyRing(config.admin_keys)
         self.backends = backends
         self.router = Router(backends)
         if self._monitor is not None:
@@ -126,6 +133,18 @@ class Gateway:
         return self._session
 
     # --- lifecycle -------------------------------------------------------
+
+    async def _usage_context(self, _app: web.Application) -> AsyncIterator[None]:
+        if self.config.usage_path is None:
+            yield
+            return
+        self.usage = UsageRecorder(SQLiteStore(self.config.usage_path))
+        await self.usage.start()
+        try:
+            yield
+        finally:
+            await self.usage.close()
+            self.usage = None
 
     async def _client_context(self, _app: web.Application) -> AsyncIterator[None]:
         # One pooled session for every upstream call; its pool is bounded by
@@ -164,9 +183,13 @@ class Gateway:
             client_max_size=self.config.max_body_bytes,
             middlewares=[self._errors_middleware, self._auth_middleware],
         )
+        # Cleanup runs in reverse: the usage records are flushed last, after
+        # the requests in flight have finished and been recorded.
+        app.cleanup_ctx.append(self._usage_context)
         app.cleanup_ctx.append(self._client_context)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/admin/usage", self.usage_page)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         for path in MODEL_ROUTES:
@@ -193,6 +216,15 @@ class Gateway:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/admin/"):
+            authorization = request.headers.get("Authorization")
+            if self.admin_keyring.identify(authorization) is not None:
+                return await handler(request)
+            if self.keyring.identify(authorization) is not None:
+                return error_response(
+                    403, "this key may not use the admin endpoints", code="admin_key_required"
+                )
+            return error_response(401, "missing or invalid admin key", code="invalid_api_key")
         if request.path in PUBLIC_PATHS or not self.config.require_api_key:
             return await handler(request)
         key_name = self.keyring.identify(request.headers.get("Authorization"))
@@ -213,6 +245,20 @@ class Gateway:
             for name in self.config.models
         }
         return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
+
+    async def usage_page(self, request: web.Request) -> web.Response:
+        """Usage by key, model and day: ?group_by=key,model,day&since=2026-11-01&format=csv"""
+        if self.config.usage_path is None:
+            return error_response(404, "this gateway keeps no usage records (usage.sqlite is not set)")
+        group_by = [g for g in request.query.get("group_by", "key,model,day").split(",") if g]
+        try:
+            since = day_start(request.query.get("since"))
+            rows = await asyncio.to_thread(report, self.config.usage_path, group_by, since)
+        except ValueError as exc:
+            return error_response(400, str(exc), param="group_by" if "group" in str(exc) else "since")
+        if request.query.get("format") == "csv":
+            return web.Response(text=to_csv(rows), content_type="text/csv")
+        return web.json_response({"object": "list", "data": rows})
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -247,6 +293,23 @@ class Gateway:
         engine = self.config.models[model].engine if model in self.config.models else "none"
         ended = loop.time()
         self.metrics.requests.labels(model, engine, timing.backend, str(response.status)).inc()
+        if self.usage is not None and model != "_unknown":
+            usage = timing.usage or {}
+            self.usage.record(
+                UsageRecord(
+                    ts=time.time(),
+                    key_name=request.get(KEY_NAME, "anonymous"),
+                    model=model,
+                    engine=engine,
+                    backend=timing.backend,
+                    stream=timing.stream,
+                    status=response.status,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                    ttft_ms=None if timing.first_chunk is None else (timing.first_chunk - started) * 1000,
+                    latency_ms=(ended - started) * 1000,
+                )
+            )
         if model != "_unknown":
             self.metrics.latency.labels(model, engine).observe(ended - started)
             if timing.upstream_ended:
@@ -261,6 +324,7 @@ class Gateway:
             return parsed
         model, stream = parsed
         timing.model = model
+        timing.stream = stream
         if not self.router.knows(model):
             return _unknown_model(model)
 
@@ -325,12 +389,15 @@ class Gateway:
                         tap=tap,
                     )
                     timing.upstream_ended = loop.time()
-                    self.metrics.count_usage(model, engine, tap.usage.usage())
+                    timing.first_chunk = tap.first_chunk
+                    timing.usage = tap.usage.usage()
+                    self.metrics.count_usage(model, engine, timing.usage)
                     return response
                 whole = await relay_whole(upstream, self.config.timeouts.idle)
                 timing.upstream_ended = loop.time()
                 if whole.status == 200 and isinstance(whole.body, bytes):
-                    self.metrics.count_usage(model, engine, usage_of(whole.body))
+                    timing.usage = usage_of(whole.body)
+                    self.metrics.count_usage(model, engine, timing.usage)
                 own = (timing.upstream_started - timing.started - timing.waited) + (
                     loop.time() - timing.upstream_ended
                 )
@@ -376,15 +443,31 @@ class Gateway:
 class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
-    __slots__ = ("backend", "model", "started", "upstream_ended", "upstream_started", "waited")
+    __slots__ = (
+        "backend", "first_chunk", "model", "started", "stream", "upstream_ended", "upstream_started", "usage",
+        "waited",
+    )  # fmt: skip
 
     def __init__(self, started: float) -> None:
         self.started = started
+        self.stream = False
+        self.first_chunk: float | None = None
+        self.usage: dict | None = None
         self.model = "_unknown"
         self.backend = "none"
         self.waited = 0.0
         self.upstream_started = started
         self.upstream_ended: float | None = None
+
+
+def day_start(day: str | None) -> float | None:
+    """Unix time of 00:00 UTC of a YYYY-MM-DD day."""
+    if not day:
+        return None
+    try:
+        return datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        raise ValueError(f"since: expected a day as YYYY-MM-DD, got {day!r}") from None
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -63,6 +63,10 @@ class GatewayConfig:
     max_body_bytes: int
     health_interval: float
     unhealthy_after: int
+    # sha256 hex of each admin key -> its name; admin keys guard /admin/*.
+    admin_keys: Mapping[str, str] = field(default_factory=dict)
+    # SQLite file of the usage records; None keeps no records.
+    usage_path: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
 
@@ -142,10 +146,26 @@ def _model(raw: Any, where: str) -> ModelConfig:
     return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends)
 
 
+def _keys(auth: Mapping[str, Any], section: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for i, entry in enumerate(_expect(auth.get(section, []), list, f"auth.{section}")):
+        where = f"auth.{section}[{i}]"
+        _expect(entry, dict, where)
+        _no_unknown(entry, {"name", "sha256"}, where)
+        key_name = _expect(entry.get("name"), str, f"{where}.name")
+        digest = _expect(entry.get("sha256"), str, f"{where}.sha256").lower()
+        if not _SHA256_HEX.match(digest):
+            raise ConfigError(f"{where}.sha256: must be 64 hex digits (cortex-gateway hash-key makes one)")
+        keys[digest] = key_name
+    return keys
+
+
 def parse_config(raw: Any) -> GatewayConfig:
     """Turn the YAML document into a GatewayConfig, or raise ConfigError."""
     _expect(raw, dict, "config")
-    _no_unknown(raw, {"listen", "auth", "models", "timeouts", "limits", "health", "breaker", "queue"}, "")
+    _no_unknown(
+        raw, {"listen", "auth", "models", "timeouts", "limits", "health", "breaker", "queue", "usage"}, ""
+    )
 
     listen = _expect(raw.get("listen", {}), dict, "listen")
     _no_unknown(listen, {"host", "port"}, "listen")
@@ -155,18 +175,13 @@ def parse_config(raw: Any) -> GatewayConfig:
         raise ConfigError(f"listen.port: must be between 1 and 65535, got {port}")
 
     auth = _expect(raw.get("auth", {}), dict, "auth")
-    _no_unknown(auth, {"require_api_key", "api_keys"}, "auth")
+    _no_unknown(auth, {"require_api_key", "api_keys", "admin_keys"}, "auth")
     require = _expect(auth.get("require_api_key", True), bool, "auth.require_api_key")
-    keys: dict[str, str] = {}
-    for i, entry in enumerate(_expect(auth.get("api_keys", []), list, "auth.api_keys")):
-        where = f"auth.api_keys[{i}]"
-        _expect(entry, dict, where)
-        _no_unknown(entry, {"name", "sha256"}, where)
-        key_name = _expect(entry.get("name"), str, f"{where}.name")
-        digest = _expect(entry.get("sha256"), str, f"{where}.sha256").lower()
-        if not _SHA256_HEX.match(digest):
-            raise ConfigError(f"{where}.sha256: must be 64 hex digits (cortex-gateway hash-key makes one)")
-        keys[digest] = key_name
+    keys = _keys(auth, "api_keys")
+    admin_keys = _keys(auth, "admin_keys")
+    shared = sorted(set(keys) & set(admin_keys))
+    if shared:
+        raise ConfigError(f"auth.admin_keys: the key named {admin_keys[shared[0]]!r} is also a client key")
     if require and not keys:
         raise ConfigError("auth.api_keys: require_api_key is true but no key is configured")
 
@@ -229,7 +244,15 @@ def parse_config(raw: Any) -> GatewayConfig:
         max_wait=_positive(queue_raw.get("max_wait", queue_defaults.max_wait), "queue.max_wait"),
     )
 
+    usage = _expect(raw.get("usage", {}), dict, "usage")
+    _no_unknown(usage, {"sqlite"}, "usage")
+    usage_path = usage.get("sqlite")
+    if usage_path is not None and not _expect(usage_path, str, "usage.sqlite").startswith("/"):
+        raise ConfigError(f"usage.sqlite: must be an absolute path, got {usage_path!r}")
+
     return GatewayConfig(
+        admin_keys=admin_keys,
+        usage_path=usage_path,
         breaker=breaker,
         queue=queue,
         host=host,

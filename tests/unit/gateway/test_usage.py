@@ -1,0 +1,91 @@
+"""Usage records: written in batches off the request path, flushed at shutdown,
+reported by key, model and day through the admin endpoint and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+from cortex_gateway.__main__ import main
+from cortex_gateway.app import Gateway
+from cortex_gateway.auth import hash_key
+from cortex_gateway.config import parse_config
+from cortex_gateway.usage import report
+
+from .conftest import AUTH, FakeEngine, make_config
+from .test_resilience import wait_ready
+
+ADMIN_KEY = "sk-admin-0123456789abcdef0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def usage_config(url: str, path) -> dict:
+    config = make_config({"chat": [url]}, usage={"sqlite": str(path)})
+    config["auth"]["admin_keys"] = [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]
+    return config
+
+
+async def test_records_are_flushed_at_shutdown_and_reported(engine_server, aiohttp_client, tmp_path):
+    url = await engine_server(FakeEngine(chunks=3))
+    path = tmp_path / "usage.db"
+    gateway = Gateway(parse_config(usage_config(url, path)))
+    client = await aiohttp_client(gateway.build_app())
+    await wait_ready(client, "chat", 1)
+    for _attempt in range(3):
+        assert (await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)).status == 200
+    stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
+    await stream.read()
+    await client.close()  # SIGTERM's path: requests done, then the records are written
+
+    rows = report(path, ["key", "model"])
+    assert rows == [
+        {
+            "key": "tests",
+            "model": "chat",
+            "requests": 4,
+            "errors": 0,
+            "prompt_tokens": 3 * 3 + 5,
+            "completion_tokens": 3 * 1 + 3,
+            "mean_latency_ms": rows[0]["mean_latency_ms"],
+        }
+    ]
+    day = report(path, ["day"])[0]["day"]
+    assert day == datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+
+
+async def test_the_admin_endpoint_needs_an_admin_key(engine_server, gateway_client, tmp_path):
+    url = await engine_server(FakeEngine())
+    client = await gateway_client(usage_config(url, tmp_path / "usage.db"))
+    await wait_ready(client, "chat", 1)
+    await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
+    client.gateway.usage.every = 0.0
+    assert (await client.get("/admin/usage")).status == 401
+    forbidden = await client.get("/admin/usage", headers=AUTH)
+    assert forbidden.status == 403
+    assert (await forbidden.json())["error"]["type"] == "permission_error"
+    for _attempt in range(50):  # the writer runs in the background
+        data = (await (await client.get("/admin/usage?group_by=model", headers=ADMIN)).json())["data"]
+        if data:
+            break
+        await asyncio.sleep(0.1)
+    assert data[0]["model"] == "chat"
+    assert data[0]["requests"] >= 1
+    csv_text = await (await client.get("/admin/usage?group_by=model&format=csv", headers=ADMIN)).text()
+    assert csv_text.splitlines()[0].startswith("model,requests,errors")
+    bad = await client.get("/admin/usage?group_by=colour", headers=ADMIN)
+    assert bad.status == 400
+
+
+async def test_the_cli_reports_the_same(engine_server, aiohttp_client, tmp_path, capsys):
+    url = await engine_server(FakeEngine())
+    path = tmp_path / "usage.db"
+    gateway = Gateway(parse_config(usage_config(url, path)))
+    client = await aiohttp_client(gateway.build_app())
+    await wait_ready(client, "chat", 1)
+    await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
+    await client.close()
+    assert main(["usage", "--db", str(path), "--group-by", "key,model", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "key,model,requests,errors,prompt_tokens,completion_tokens,mean_latency_ms"
+    assert lines[1].startswith("tests,chat,1,0,3,1,")
+    assert main(["usage", "--db", str(path), "--since", "not-a-day"]) == 2
