@@ -5,9 +5,13 @@ openai client."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import openai
 import pytest
+import requests
 from conftest import GATEWAY_URL, journal
 
 MODEL = "smollm2-135m-instruct"
@@ -171,3 +175,34 @@ def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError) as excinfo:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert excinfo.value.body["code"] == "model_not_found"
+
+
+def test_reload_keeps_the_gateway_process(host):
+    before = host.check_output("systemctl show -p MainPID --value cortex-gateway")
+    host.run_expect([0], "systemctl reload cortex-gateway")
+    after = host.check_output("systemctl show -p MainPID --value cortex-gateway")
+    assert before == after
+    assert "config reloaded from /etc/cortex-gateway/config.yml" in journal(host, "cortex-gateway")
+
+
+def test_usage_is_recorded_and_reported_to_admins_only(host, client, client_key):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
+    admin_key = (inventory / ".credentials" / "gateway-admin-key" / "admin").read_text().strip()
+    url = "http://127.0.0.1:18088/admin/usage?group_by=model"
+    assert requests.get(url, headers={"Authorization": f"Bearer {client_key}"}, timeout=10).status_code == 403
+    for _attempt in range(20):  # records are written in batches, about every second
+        rows = requests.get(url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=10).json()["data"]
+        if any(r["model"] == MODEL for r in rows):
+            break
+        time.sleep(0.5)
+    chat = next(r for r in rows if r["model"] == MODEL)
+    assert chat["requests"] >= 1
+    assert chat["completion_tokens"] >= 1
+    assert host.file("/var/lib/cortex-gateway/usage.db").user == "cortex-gateway"
+
+
+def test_metrics_are_served_to_the_host_but_not_through_nginx(host):
+    local = host.check_output("curl -s http://127.0.0.1:8000/metrics")
+    assert "cortex_gateway_requests_total" in local
+    assert requests.get("http://127.0.0.1:18088/metrics", timeout=10).status_code == 404
