@@ -1,0 +1,289 @@
+"""cortex-gateway against LiteLLM's proxy, side by side, on this machine.
+
+Starts a fixed-latency OpenAI-compatible backend, the gateway and LiteLLM's
+proxy in front of it (each one process), and drives all three and the
+backend alone with the same load generator, in one run:
+
+- added latency p50/p99 at concurrency 1 (non-streaming), against the backend alone;
+- maximum requests/s at concurrency 64;
+- proxy CPU time per request (from /proc), and resident memory;
+- streaming: time to first chunk and mean gap between chunks, at concurrency 1.
+
+    python tests/bench/gateway/compare.py --litellm PATH/TO/litellm [--out results.json]
+
+Every loop is bounded by a request count and a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+KEY = "sk-bench-0123456789abcdef0123456789abcdef"
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children that were waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants (a proxy with worker processes)."""
+    total = rss_mb(pid)
+    for child in Path("/proc").iterdir():
+        if child.name.isdigit():
+            try:
+                stat = (child / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                total += tree_rss_mb(int(child.name))
+    return total
+
+
+async def wait_up(url: str, headers: dict, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.post(url, json=BODY, headers=headers) as response:
+                    if response.status == 200:
+                        await response.read()
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {limit:g}s")
+
+
+async def run_load(url: str, headers: dict, concurrency: int, count: int, limit: float, stream: bool = False):
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    errors = 0
+    body = {**BODY, "stream": stream}
+    remaining = count
+    deadline = time.monotonic() + limit
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker():
+            nonlocal remaining, errors
+            while remaining > 0 and time.monotonic() < deadline:
+                remaining -= 1
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, json=body, headers=headers) as response:
+                        if not stream:
+                            await response.read()
+                        else:
+                            last = None
+                            async for _chunk in response.content.iter_any():
+                                now = time.perf_counter()
+                                if last is None:
+                                    ttfts.append(now - started)
+                                else:
+                                    gaps.append(now - last)
+                                last = now
+                        if response.status != 200:
+                            errors += 1
+                            continue
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _worker in range(concurrency)))
+        wall = time.perf_counter() - began
+    latencies.sort()
+
+    def pct(values, p):
+        return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else float("nan")
+
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / wall if wall else 0.0,
+        "p50_ms": pct(latencies, 0.50),
+        "p99_ms": pct(latencies, 0.99),
+        "ttft_p50_ms": pct(sorted(ttfts), 0.50),
+        "gap_mean_ms": statistics.mean(gaps) * 1000 if gaps else float("nan"),
+    }
+
+
+def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def measure(name: str, url: str, headers: dict, pid: int | None, args) -> dict:
+    print(f"[bench] {name}: warming up", file=sys.stderr)
+    await run_load(url, headers, 4, 200, 30)
+    result = {"name": name}
+    result["c1"] = await run_load(url, headers, 1, args.latency_requests, 60)
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    result["c64"] = await run_load(url, headers, 64, args.throughput_requests, 90)
+    if pid:
+        result["cpu_ms_per_request"] = (
+            (cpu_seconds(pid) - cpu_before) * 1000 / max(1, result["c64"]["requests"])
+        )
+        result["rss_mb"] = tree_rss_mb(pid)
+    result["stream"] = await run_load(url, headers, 1, args.stream_requests, 60, stream=True)
+    print(
+        f"[bench] {name}: c1 p50 {result['c1']['p50_ms']:.2f} ms, c64 {result['c64']['rps']:.0f} req/s, "
+        f"stream TTFT {result['stream']['ttft_p50_ms']:.2f} ms",
+        file=sys.stderr,
+    )
+    return result
+
+
+async def main_async(args) -> dict:
+    backend_port, gateway_port, litellm_port = free_port(), free_port(), free_port()
+    work = Path(tempfile.mkdtemp(prefix="cortex-bench-"))
+    gateway_config = {
+        "listen": {"host": "127.0.0.1", "port": gateway_port},
+        "auth": {"require_api_key": True, "api_keys": [{"name": "bench", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]},
+        "models": [{"name": "bench", "engine": "vllm", "backends": [{"url": f"http://127.0.0.1:{backend_port}", "max_concurrency": 256}]}],
+        "queue": {"per_slot": 4, "max_wait": 30},
+    }  # fmt: skip
+    (work / "gateway.yml").write_text(yaml.safe_dump(gateway_config))
+    litellm_config = {
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/bench", "api_base": f"http://127.0.0.1:{backend_port}/v1", "api_key": "unused"}}],
+        "general_settings": {"master_key": KEY},
+        "litellm_settings": {"telemetry": False, "drop_params": True, "turn_off_message_logging": True},
+    }  # fmt: skip
+    (work / "litellm.yml").write_text(yaml.safe_dump(litellm_config))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    procs = []
+    try:
+        backend = start(
+            [
+                sys.executable,
+                str(HERE / "fixed_backend.py"),
+                str(backend_port),
+                "--delay-ms",
+                str(args.delay_ms),
+            ]
+        )
+        procs.append(backend)
+        gateway = start([sys.executable, "-m", "cortex_gateway", "serve", "--config", str(work / "gateway.yml")],
+                        {"PYTHONPATH": str(ROOT / "gateway" / "src")})  # fmt: skip
+        procs.append(gateway)
+        litellm = None
+        if args.litellm:
+            litellm = start([args.litellm, "--config", str(work / "litellm.yml"), "--port", str(litellm_port),
+                             "--host", "127.0.0.1", "--num_workers", "1"],
+                            {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"})  # fmt: skip
+            procs.append(litellm)
+        targets = [("backend alone", f"http://127.0.0.1:{backend_port}/v1/chat/completions", backend.pid),
+                   ("cortex-gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", gateway.pid)]  # fmt: skip
+        if litellm:
+            targets.append(
+                ("litellm proxy", f"http://127.0.0.1:{litellm_port}/v1/chat/completions", litellm.pid)
+            )
+        for _name, url, _pid in targets:
+            await wait_up(url, headers)
+        results = [await measure(name, url, headers, pid, args) for name, url, pid in targets]
+    finally:
+        for proc in procs:
+            stop(proc)
+    return {"delay_ms": args.delay_ms, "cores": os.cpu_count(), "results": results}
+
+
+def table(data: dict) -> str:
+    rows = {r["name"]: r for r in data["results"]}
+    base = rows["backend alone"]
+    lines = [
+        "| target | p50 @1 (ms) | added p50 | p99 @1 (ms) | added p99 | req/s @64 | CPU ms/req | RSS MB | TTFT p50 (ms) | added TTFT | chunk gap (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in rows.items():
+        added = name != "backend alone"
+        lines.append(
+            f"| {name} | {r['c1']['p50_ms']:.2f} | {r['c1']['p50_ms'] - base['c1']['p50_ms']:+.2f} " if added else
+            f"| {name} | {r['c1']['p50_ms']:.2f} | - "
+        )  # fmt: skip
+        lines[-1] += (
+            f"| {r['c1']['p99_ms']:.2f} | {(r['c1']['p99_ms'] - base['c1']['p99_ms']):+.2f} " if added else
+            f"| {r['c1']['p99_ms']:.2f} | - "
+        )  # fmt: skip
+        lines[-1] += (
+            f"| {r['c64']['rps']:.0f} | {r.get('cpu_ms_per_request', float('nan')):.3f} | {r.get('rss_mb', 0):.0f} "
+        )
+        lines[-1] += (
+            f"| {r['stream']['ttft_p50_ms']:.2f} | {r['stream']['ttft_p50_ms'] - base['stream']['ttft_p50_ms']:+.2f} "
+            if added else f"| {r['stream']['ttft_p50_ms']:.2f} | - "
+        )  # fmt: skip
+        lines[-1] += f"| {r['stream']['gap_mean_ms']:.3f} |"
+    if "litellm proxy" in rows:
+        ours, theirs = rows["cortex-gateway"], rows["litellm proxy"]
+        lines.append("")
+        lines.append(
+            f"cortex-gateway vs LiteLLM: {ours['c64']['rps'] / theirs['c64']['rps']:.1f}x the requests/s at concurrency 64, "
+            f"{theirs['cpu_ms_per_request'] / ours['cpu_ms_per_request']:.1f}x less CPU per request, "
+            f"{theirs['rss_mb'] / ours['rss_mb']:.1f}x less memory."
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--litellm", help="the litellm executable (its proxy is left out without it)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="the backend's fixed latency")
+    parser.add_argument("--latency-requests", type=int, default=500)
+    parser.add_argument("--throughput-requests", type=int, default=4000)
+    parser.add_argument("--stream-requests", type=int, default=200)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    data = asyncio.run(main_async(args))
+    print(table(data))
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
