@@ -20,6 +20,7 @@ from .backends import Backend, Health, HealthMonitor
 from .breaker import BreakerState
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import error_response
+from .limits import Limiter, Refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
@@ -51,6 +52,7 @@ class Gateway:
         self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)
+        self.limiter = Limiter(dict(config.key_policies))
         self.usage: UsageRecorder | None = None
         self.backends = [
             Backend.from_config(model, backend, config.breaker)
@@ -98,6 +100,7 @@ class Gateway:
         self.config = config
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)
+        self.limiter.policies = dict(config.key_policies)  # counts carry over
         self.backends = backends
         self.router = Router(backends)
         if self._monitor is not None:
@@ -288,7 +291,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         started = loop.time()
         timing = _Timing(started)
-        response = await self._route(request, timing)
+        key_name = request.get(KEY_NAME)
+        try:
+            response = await self._route(request, timing)
+        finally:
+            if key_name is not None and timing.admitted:
+                tokens = sum(
+                    int((timing.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens")
+                )
+                self.limiter.done(key_name, timing.stream, tokens)
         model = timing.model if timing.model in self.config.models else "_unknown"
         engine = self.config.models[model].engine if model in self.config.models else "none"
         ended = loop.time()
@@ -327,6 +338,14 @@ class Gateway:
         timing.stream = stream
         if not self.router.knows(model):
             return _unknown_model(model)
+        key_name = request.get(KEY_NAME)
+        if key_name is not None:
+            try:
+                self.limiter.admit(key_name, model, stream)
+            except Refusal as exc:
+                headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+                return error_response(exc.status, str(exc), code=exc.code, param="model", headers=headers)
+            timing.admitted = True
 
         if not self.router.ready(model):
             return error_response(
@@ -444,12 +463,13 @@ class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "backend", "first_chunk", "model", "started", "stream", "upstream_ended", "upstream_started", "usage",
-        "waited",
+        "admitted", "backend", "first_chunk", "model", "started", "stream",
+        "upstream_ended", "upstream_started", "usage", "waited",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
         self.started = started
+        self.admitted = False
         self.stream = False
         self.first_chunk: float | None = None
         self.usage: dict | None = None

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .breaker import BreakerPolicy
+from .limits import KeyPolicy
 from .queueing import QueuePolicy
 
 ENGINES = ("llamacpp", "vllm")
@@ -65,6 +66,8 @@ class GatewayConfig:
     unhealthy_after: int
     # sha256 hex of each admin key -> its name; admin keys guard /admin/*.
     admin_keys: Mapping[str, str] = field(default_factory=dict)
+    # Per client key name: allowed models and limits (keys without one are unlimited).
+    key_policies: Mapping[str, KeyPolicy] = field(default_factory=dict)
     # SQLite file of the usage records; None keeps no records.
     usage_path: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
@@ -146,18 +149,46 @@ def _model(raw: Any, where: str) -> ModelConfig:
     return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends)
 
 
-def _keys(auth: Mapping[str, Any], section: str) -> dict[str, str]:
+def _keys(
+    auth: Mapping[str, Any], section: str, with_policies: bool = False
+) -> tuple[dict[str, str], dict[str, KeyPolicy]]:
     keys: dict[str, str] = {}
+    policies: dict[str, KeyPolicy] = {}
+    allowed = {"name", "sha256", "models", "limits"} if with_policies else {"name", "sha256"}
     for i, entry in enumerate(_expect(auth.get(section, []), list, f"auth.{section}")):
         where = f"auth.{section}[{i}]"
         _expect(entry, dict, where)
-        _no_unknown(entry, {"name", "sha256"}, where)
+        _no_unknown(entry, allowed, where)
         key_name = _expect(entry.get("name"), str, f"{where}.name")
         digest = _expect(entry.get("sha256"), str, f"{where}.sha256").lower()
         if not _SHA256_HEX.match(digest):
             raise ConfigError(f"{where}.sha256: must be 64 hex digits (cortex-gateway hash-key makes one)")
+        if key_name in keys.values():
+            raise ConfigError(f"{where}.name: another key is named {key_name!r} already")
         keys[digest] = key_name
-    return keys
+        if "models" in entry or "limits" in entry:
+            policies[key_name] = _policy(entry, where)
+    return keys, policies
+
+
+def _policy(entry: Mapping[str, Any], where: str) -> KeyPolicy:
+    models = None
+    if entry.get("models") is not None:
+        models = frozenset(
+            _expect(m, str, f"{where}.models[{j}]")
+            for j, m in enumerate(_expect(entry["models"], list, f"{where}.models"))
+        )
+    limits = _expect(entry.get("limits", {}), dict, f"{where}.limits")
+    names = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
+    _no_unknown(limits, set(names), f"{where}.limits")
+    values = {}
+    for name in names:
+        if limits.get(name) is not None:
+            value = _expect(limits[name], int, f"{where}.limits.{name}")
+            if value < 1:
+                raise ConfigError(f"{where}.limits.{name}: must be at least 1, got {value}")
+            values[name] = value
+    return KeyPolicy(models=models, **values)
 
 
 def parse_config(raw: Any) -> GatewayConfig:
@@ -177,8 +208,8 @@ def parse_config(raw: Any) -> GatewayConfig:
     auth = _expect(raw.get("auth", {}), dict, "auth")
     _no_unknown(auth, {"require_api_key", "api_keys", "admin_keys"}, "auth")
     require = _expect(auth.get("require_api_key", True), bool, "auth.require_api_key")
-    keys = _keys(auth, "api_keys")
-    admin_keys = _keys(auth, "admin_keys")
+    keys, key_policies = _keys(auth, "api_keys", with_policies=True)
+    admin_keys, _none = _keys(auth, "admin_keys")
     shared = sorted(set(keys) & set(admin_keys))
     if shared:
         raise ConfigError(f"auth.admin_keys: the key named {admin_keys[shared[0]]!r} is also a client key")
@@ -250,7 +281,15 @@ def parse_config(raw: Any) -> GatewayConfig:
     if usage_path is not None and not _expect(usage_path, str, "usage.sqlite").startswith("/"):
         raise ConfigError(f"usage.sqlite: must be an absolute path, got {usage_path!r}")
 
+    for key_name, policy in key_policies.items():
+        unknown = sorted((policy.models or frozenset()) - set(models))
+        if unknown:
+            raise ConfigError(
+                f"auth.api_keys: the key {key_name!r} is allowed {unknown[0]!r}, a model that is not served"
+            )
+
     return GatewayConfig(
+        key_policies=key_policies,
         admin_keys=admin_keys,
         usage_path=usage_path,
         breaker=breaker,

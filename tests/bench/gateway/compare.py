@@ -228,10 +228,31 @@ async def main_async(args) -> dict:
         for _name, url, _pid in targets:
             await wait_up(url, headers)
         results = [await measure(name, url, headers, pid, args) for name, url, pid in targets]
+        soak = (
+            await run_soak(targets[1][1], headers, gateway.pid, args.soak_seconds)
+            if args.soak_seconds
+            else None
+        )
     finally:
         for proc in procs:
             stop(proc)
-    return {"delay_ms": args.delay_ms, "cores": os.cpu_count(), "results": results}
+    return {"delay_ms": args.delay_ms, "cores": os.cpu_count(), "results": results, "soak": soak}
+
+
+async def run_soak(url: str, headers: dict, pid: int, seconds: float) -> dict:
+    """Steady load on the gateway, its memory sampled every 30 s: it must stay flat."""
+    samples = [(0.0, rss_mb(pid))]
+    started = time.monotonic()
+    served = 0
+    while time.monotonic() - started < seconds:
+        chunk = await run_load(url, headers, 16, 1_000_000, min(30.0, seconds - (time.monotonic() - started)))
+        served += chunk["requests"]
+        samples.append((round(time.monotonic() - started), rss_mb(pid)))
+        print(
+            f"[bench] soak {samples[-1][0]:.0f} s: {samples[-1][1]:.1f} MB, {served} requests",
+            file=sys.stderr,
+        )
+    return {"seconds": seconds, "requests": served, "rss_mb": samples}
 
 
 def table(data: dict) -> str:
@@ -277,10 +298,17 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=500)
     parser.add_argument("--throughput-requests", type=int, default=4000)
     parser.add_argument("--stream-requests", type=int, default=200)
+    parser.add_argument(
+        "--soak-seconds", type=float, default=0.0, help="then load the gateway this long, sampling memory"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     data = asyncio.run(main_async(args))
     print(table(data))
+    if data["soak"]:
+        first, last = data["soak"]["rss_mb"][1][1], data["soak"]["rss_mb"][-1][1]
+        print(f"\nsoak: {data['soak']['requests']} requests in {data['soak']['seconds']:.0f} s; "
+              f"RSS {first:.1f} MB after 30 s, {last:.1f} MB at the end")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=1))
 
