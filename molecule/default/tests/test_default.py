@@ -206,3 +206,19 @@ def test_metrics_are_served_to_the_host_but_not_through_nginx(host):
     local = host.check_output("curl -s http://127.0.0.1:8000/metrics")
     assert "cortex_gateway_requests_total" in local
     assert requests.get("http://127.0.0.1:18088/metrics", timeout=10).status_code == 404
+
+
+def test_nginx_serves_https_with_the_hosts_certificate(host):
+    assert host.file("/etc/cortex-gateway/tls/key.pem").mode == 0o600
+    status = host.check_output("curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1/healthz")
+    assert status == "200"
+    subject = host.check_output("openssl x509 -noout -subject -in /etc/cortex-gateway/tls/cert.pem")
+    assert "cortex-molecule" in subject
+    assert listeners(host, 443) & {"0.0.0.0", "*", "[::]"}  # noqa: S104 - nginx is the public side
+
+
+def test_gateway_unit_exposure_is_low(host):
+    verdict = host.check_output("systemd-analyze security cortex-gateway --no-pager").splitlines()[-1]
+    # "→ Overall exposure level for cortex-gateway.service: 1.2 OK :-)"
+    exposure = float(verdict.split(":")[1].split()[0])
+    assert exposure <= 2.5, verdict
