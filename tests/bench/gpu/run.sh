@@ -68,7 +68,8 @@ for step in "${steps[@]}"; do
       seconds=$(( $(date +%s) - start ))
       done_cu=$(find "$dir" -name '*.cu.o' | wc -l)
       left_cu=$(ninja -C "$dir" -n llama-server llama-bench 2>/dev/null | grep -c '\.cu\.o' || true)
-      archs=$(grep -m1 '^CMAKE_CUDA_ARCHITECTURES' "$dir/CMakeCache.txt" | cut -d= -f2 || true)
+      # llama.cpp picks its list inside its CMakeLists; read it from nvcc's flags.
+      archs=$(grep -o 'arch=compute_[0-9a-z]*' "$dir/build.ninja" | sort -u | sed 's/arch=compute_//' | paste -sd';' || true)
       printf '{"architectures": "%s", "seconds": %d, "cuda_objects_done": %d, "cuda_objects_left": %d, "finished": %s}\n' \
         "$archs" "$seconds" "$done_cu" "$left_cu" "$([[ -x $work/default/bin/llama-server ]] && echo true || echo false)" \
         >"$out/build-default.json"
