@@ -154,7 +154,9 @@ class Gateway:
         # the sum of the backends' concurrency, with headroom for health polls.
         limit = sum(b.max_concurrency for b in self.backends) * 2 + 16
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30),
+            # Idle connections are dropped before the engines drop them (llama.cpp's
+            # and uvicorn's keep-alive is 5 s), so few stale ones are ever reused.
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=4),
             auto_decompress=False,
         )
         monitor = self._monitor = HealthMonitor(

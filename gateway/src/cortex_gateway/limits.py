@@ -74,20 +74,17 @@ class Limiter:
         if policy.models is not None and model not in policy.models:
             raise Refusal(403, f"the key '{key_name}' may not use the model '{model}'", "model_not_allowed")
         state = self._state.setdefault(key_name, _KeyState())
-        if policy.requests_per_minute is not None and state.requests.total(now) >= policy.requests_per_minute:
-            raise Refusal(
-                429,
-                f"the key '{key_name}' is over its {policy.requests_per_minute} requests per minute",
-                "requests_per_minute_exceeded",
-                state.requests.retry_after(now),
-            )
-        if policy.tokens_per_minute is not None and state.tokens.total(now) >= policy.tokens_per_minute:
-            raise Refusal(
-                429,
-                f"the key '{key_name}' is over its {policy.tokens_per_minute} tokens per minute",
-                "tokens_per_minute_exceeded",
-                state.tokens.retry_after(now),
-            )
+        for limit, minute, unit in (
+            (policy.requests_per_minute, state.requests, "requests"),
+            (policy.tokens_per_minute, state.tokens, "tokens"),
+        ):
+            if limit is not None and minute.total(now) >= limit:
+                raise Refusal(
+                    429,
+                    f"the key '{key_name}' is over its {limit} {unit} per minute",
+                    f"{unit}_per_minute_exceeded",
+                    minute.retry_after(now),
+                )
         if stream and policy.concurrent_streams is not None and state.streams >= policy.concurrent_streams:
             raise Refusal(
                 429,

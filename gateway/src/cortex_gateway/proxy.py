@@ -54,7 +54,12 @@ async def open_upstream(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None)
     try:
         async with asyncio.timeout(timeouts.first_byte):
-            upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
+            try:
+                upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
+            except aiohttp.ServerDisconnectedError:
+                # A pooled connection the engine had closed while it sat idle:
+                # the request never got there, so send it once more.
+                upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
     except TimeoutError as exc:
         raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s", Failure.TIMEOUT) from exc
     except aiohttp.ClientError as exc:

@@ -8,7 +8,7 @@ import threading
 import time
 
 import openai
-from conftest import GATEWAY_URL
+from conftest import GATEWAY_URL, RequestLoop
 
 MODEL = "smollm2-135m-instruct"
 KILLED = f"cortex-{MODEL}-1"
@@ -34,20 +34,7 @@ def requests_to(host, backend: str) -> float:
 
 def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
-    stop = threading.Event()
-    outcomes: list[str] = []
     stream_ends: list[str] = []
-
-    def load():
-        deadline = time.monotonic() + MAX_SECONDS
-        while not stop.is_set() and len(outcomes) < MAX_REQUESTS and time.monotonic() < deadline:
-            try:
-                client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
-                )
-                outcomes.append("ok")
-            except openai.APIError as exc:
-                outcomes.append(f"{type(exc).__name__}: {exc}")
 
     def stream():
         try:
@@ -63,31 +50,36 @@ def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
         except openai.APIError as exc:
             stream_ends.append(f"ended with {type(exc).__name__}")
 
-    workers = [threading.Thread(target=load) for _worker in range(2)]
-    streams = [threading.Thread(target=stream) for _stream in range(4)]
-    for thread in workers + streams:
-        thread.start()
-    time.sleep(2)
-    host.run_expect([0], f"docker kill {KILLED}")
-    time.sleep(5)
-    stop.set()
-    for thread in workers + streams:
-        thread.join(timeout=90)
-    assert not any(t.is_alive() for t in workers + streams), "a request hung"
-    failures = [o for o in outcomes if o != "ok"]
-    assert len(outcomes) >= 10
-    assert failures == [], f"{len(failures)} of {len(outcomes)} requests failed: {failures[:3]}"
-    assert len(stream_ends) == 4  # every stream finished one way or the other
-    # Refused connections open the breaker at once (or the health check took it out first).
-    assert metric(host, "cortex_gateway_breaker_state", KILLED_BACKEND) == 2 or (
-        metric(host, "cortex_gateway_backend_up", KILLED_BACKEND) == 0
-    )
+    streams = [threading.Thread(target=stream) for _stream in range(2)]
+    try:
+        with RequestLoop(
+            client, MODEL, threads=2, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS
+        ) as loop:
+            for thread in streams:
+                thread.start()
+            time.sleep(2)
+            host.run_expect([0], f"docker kill {KILLED}")
+            time.sleep(10)
+        for thread in streams:
+            thread.join(timeout=90)
+        assert not any(t.is_alive() for t in streams), "a stream hung"
+        assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
+        assert loop.failures == [], (
+            f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:3]}"
+        )
+        assert len(stream_ends) == 2  # every stream finished one way or the other
+        # Refused connections open the breaker at once (or the health check took it out first).
+        assert metric(host, "cortex_gateway_breaker_state", KILLED_BACKEND) == 2 or (
+            metric(host, "cortex_gateway_backend_up", KILLED_BACKEND) == 0
+        )
+    finally:
+        # Whatever happened, the replica runs again for the tests after this one.
+        host.run(f"docker start {KILLED}")
+        for _attempt in range(120):
+            if host.run(f"curl -sf -o /dev/null http://{KILLED_BACKEND}/health").rc == 0:
+                break
+            time.sleep(1)
 
-    host.run_expect([0], f"docker start {KILLED}")
-    for _attempt in range(120):
-        if host.run(f"curl -sf -o /dev/null http://{KILLED_BACKEND}/health").rc == 0:
-            break
-        time.sleep(1)
     before = requests_to(host, KILLED_BACKEND)
     deadline = time.monotonic() + 60
     while requests_to(host, KILLED_BACKEND) <= before and time.monotonic() < deadline:

@@ -9,13 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import openai
 import yaml
-from conftest import GATEWAY_URL
+from conftest import GATEWAY_URL, RequestLoop
 
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -43,22 +41,6 @@ def changed_inventory(tmp_path: Path) -> Path:
 def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host, client_key, tmp_path):
     before = container_ids(host)
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
-    done = threading.Event()
-    outcomes: list[str] = []
-
-    def load():
-        deadline = time.monotonic() + MAX_SECONDS
-        while not done.is_set() and len(outcomes) < MAX_REQUESTS and time.monotonic() < deadline:
-            try:
-                client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
-                )
-                outcomes.append("ok")
-            except openai.APIError as exc:
-                outcomes.append(f"{type(exc).__name__}: {exc}")
-
-    worker = threading.Thread(target=load)
-    worker.start()
     inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
     env = {
         **os.environ,
@@ -66,15 +48,12 @@ def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host
         "ANSIBLE_COLLECTIONS_PATH": str(PROJECT / ".cache" / "collections"),
         "ANSIBLE_FORCE_COLOR": "0",
     }
-    try:
+    with RequestLoop(client, MODEL, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS) as loop:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(inventory),
              "-e", f"@{changed_inventory(tmp_path)}", str(PROJECT / "playbooks" / "site.yml")],
             cwd=PROJECT, env=env, capture_output=True, text=True, timeout=MAX_SECONDS, check=False,
         )  # fmt: skip
-    finally:
-        done.set()
-        worker.join(timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
     after = container_ids(host)
@@ -90,8 +69,9 @@ def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host
     second_run = log.index(f"Run cortex-{MODEL}-1", healthy)
     assert first_run < healthy < second_run
 
-    failures = [o for o in outcomes if o != "ok"]
-    assert len(outcomes) >= 10, f"the load loop made only {len(outcomes)} requests"
-    assert failures == [], f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
+    assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
+    assert loop.failures == [], (
+        f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:5]}"
+    )
     inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}-0"))[0]
     assert "6144" in inspect["Config"]["Cmd"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from cortex_gateway.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Failure
@@ -161,3 +162,28 @@ def test_bad_policies_name_the_field(section, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_config(make_config({"chat": ["http://127.0.0.1:9"]}, **section))
+
+
+async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_server, gateway_client):
+    engine = FakeEngine()
+    url = await engine_server(engine)
+    client = await gateway_client(make_config({"chat": [url]}))
+    await wait_ready(client, "chat", 1)
+    session = client.gateway.session
+    original = session.post
+    calls = []
+
+    async def flaky_post(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return await original(*args, **kwargs)
+
+    session.post = flaky_post
+    try:
+        response = await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
+    finally:
+        session.post = original
+    assert response.status == 200
+    assert len(calls) == 2
+    assert len(engine.received) == 1
