@@ -151,3 +151,39 @@ def test_a_shape_without_attention_metadata_is_an_error():
 def test_cpu_models_are_not_planned_on_gpus():
     cpu = {**llama(), "gpus": []}
     assert plan(instances([cpu]), {"llama": LLAMA3_8B_Q8}, H100)["rows"] == []
+
+
+# Llama-3-70B's shape (Q8_0), as the two-GPU run of issue 9 would serve it.
+LLAMA3_70B_Q8 = {
+    **LLAMA3_8B_Q8,
+    "tensor_bytes": 74_970_000_000,
+    "token_embd_bytes": 1_116_000_000,
+    "output_bytes": 1_116_000_000,
+    "block_count": 80,
+    "head_count": 64,
+    "embedding_length": 8192,
+}
+H200X2 = [{"index": 0, "memory_total_mib": 143771}, {"index": 1, "memory_total_mib": 143771}]
+
+
+def test_a_70b_model_split_over_two_gpus_by_layer_and_by_row():
+    shapes = {"llama": LLAMA3_70B_Q8}
+    layer = plan(
+        instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="layer", ctx_size=65536)]),
+        shapes,
+        H200X2,
+    )
+    row = plan(
+        instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="row", ctx_size=65536)]), shapes, H200X2
+    )
+    kv = 65536 * 80 * 8 * 256 * 2  # 20 GiB with 8 KV heads
+    assert [r["kv_cache"] for r in layer["rows"]] == [kv // 2, kv // 2]
+    assert [r["kv_cache"] for r in row["rows"]] == [kv, 0]
+    repeating = 74_970_000_000 - 2 * 1_116_000_000
+    assert layer["rows"][0]["weights"] == repeating // 2
+    assert layer["rows"][1]["weights"] == repeating // 2 + 1_116_000_000
+    assert layer["fits"]
+    assert row["fits"]
+    # On one 80 GB GPU it does not fit.
+    h100 = [{"index": 0, "memory_total_mib": 81559}]
+    assert not plan(instances([llama(gpus=[0], ctx_size=65536)], 1), shapes, h100)["fits"]
