@@ -26,7 +26,15 @@ def routing_table(host_endpoints):
     for host, endpoints in host_endpoints:
         for endpoint in endpoints or []:
             name = endpoint["name"]
-            entry = models.setdefault(name, {"name": name, "engine": endpoint["engine"], "backends": []})
+            entry = models.setdefault(
+                name,
+                {
+                    "name": name,
+                    "engine": endpoint["engine"],
+                    "timeouts": endpoint.get("timeouts") or {},
+                    "backends": [],
+                },
+            )
             if entry["engine"] != endpoint["engine"]:
                 raise FleetError(
                     "model %s: host %s serves it with engine %s, another host with %s"

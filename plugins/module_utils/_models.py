@@ -445,6 +445,8 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "health_path": "/health",
                     "health_timeout": _health_timeout(engine, model, shape.get("size_bytes"), cfg),
                     "max_concurrency": concurrency,
+                    # The gateway's timeouts for this model, over its own defaults.
+                    "timeouts": dict(model.get("timeouts") or {}),
                     # Tensor parallelism talks through shared memory.
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
                     "shm_size": "8g" if engine == "vllm" else None,
@@ -498,6 +500,7 @@ def instance_endpoints(instances):
             "port": i["port"],
             "url": i["url"],
             "max_concurrency": i["max_concurrency"],
+            "timeouts": i.get("timeouts") or {},
         }
         for i in instances
         if i["state"] == "started"

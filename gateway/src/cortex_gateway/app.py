@@ -357,6 +357,7 @@ class Gateway:
                 headers={"Retry-After": "5"},
             )
         admission = self._admission(model)
+        timeouts = self.config.timeouts_for(model)
         tried: set[int] = set()
         failures: list[str] = []
         while True:
@@ -382,9 +383,7 @@ class Gateway:
             timing.upstream_started = loop.time()
             try:
                 try:
-                    upstream = await open_upstream(
-                        self.session, backend, request.path, body, self.config.timeouts
-                    )
+                    upstream = await open_upstream(self.session, backend, request.path, body, timeouts)
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
                     backend.record_failure(self.config.unhealthy_after)
@@ -405,7 +404,7 @@ class Gateway:
                     response = await relay_stream(
                         request,
                         upstream,
-                        self.config.timeouts.idle,
+                        timeouts.idle,
                         headers={OVERHEAD_HEADER: f"{max(before, 0.0) * 1000:.3f}"},
                         tap=tap,
                     )
@@ -414,7 +413,7 @@ class Gateway:
                     timing.usage = tap.usage.usage()
                     self.metrics.count_usage(model, engine, timing.usage)
                     return response
-                whole = await relay_whole(upstream, self.config.timeouts.idle)
+                whole = await relay_whole(upstream, timeouts.idle)
                 timing.upstream_ended = loop.time()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +50,9 @@ class ModelConfig:
     engine: str
     owned_by: str
     backends: tuple[BackendConfig, ...]
+    # This model's own timeouts, over the gateway's (a big model's first byte
+    # can take minutes; an embedding model's should not).
+    timeouts: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,11 @@ class GatewayConfig:
     usage_path: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
+
+    def timeouts_for(self, model: str) -> Timeouts:
+        """The gateway's timeouts with the model's own over them."""
+        own = self.models[model].timeouts if model in self.models else None
+        return replace(self.timeouts, **own) if own else self.timeouts
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -134,7 +142,7 @@ def _backend(raw: Any, where: str) -> BackendConfig:
 
 def _model(raw: Any, where: str) -> ModelConfig:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"name", "engine", "owned_by", "backends"}, where)
+    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts"}, where)
     name = _expect(raw.get("name"), str, f"{where}.name")
     if not name:
         raise ConfigError(f"{where}.name: must not be empty")
@@ -146,7 +154,10 @@ def _model(raw: Any, where: str) -> ModelConfig:
     if not backends_raw:
         raise ConfigError(f"{where}.backends: needs at least one backend")
     backends = tuple(_backend(b, f"{where}.backends[{i}]") for i, b in enumerate(backends_raw))
-    return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends)
+    timeouts_raw = _expect(raw.get("timeouts", {}), dict, f"{where}.timeouts")
+    _no_unknown(timeouts_raw, {"connect", "first_byte", "idle"}, f"{where}.timeouts")
+    timeouts = {k: _positive(v, f"{where}.timeouts.{k}") for k, v in timeouts_raw.items()}
+    return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends, timeouts=timeouts)
 
 
 def _keys(

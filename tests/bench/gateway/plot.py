@@ -30,10 +30,10 @@ def main() -> None:
         bars = axis.bar(range(len(NAMES)), values, color=COLOURS)
         axis.set_xticks(range(len(NAMES)), ["backend", "cortex", "LiteLLM"])
         axis.set_title(title, fontsize=10)
-        for bar, value in zip(bars, values, strict=True):
+        for rect, value in zip(bars, values, strict=True):
             axis.annotate(
                 fmt.format(value),
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                (rect.get_x() + rect.get_width() / 2, rect.get_height()),
                 ha="center",
                 va="bottom",
             )

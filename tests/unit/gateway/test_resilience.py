@@ -187,3 +187,17 @@ async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_serve
     assert response.status == 200
     assert len(calls) == 2
     assert len(engine.received) == 1
+
+
+async def test_a_models_own_first_byte_timeout_wins(engine_server, gateway_client):
+    slow, quick = FakeEngine(delay=0.5), FakeEngine(delay=0.5)
+    config = make_config({"slow": [await engine_server(slow)], "quick": [await engine_server(quick)]})
+    config["timeouts"] = {"first_byte": 5}
+    config["models"][1]["timeouts"] = {"first_byte": 0.2}
+    client = await gateway_client(config)
+    await wait_ready(client, "slow", 1)
+    await wait_ready(client, "quick", 1)
+    assert (await client.post("/v1/completions", json={"model": "slow"}, headers=AUTH)).status == 200
+    timed_out = await client.post("/v1/completions", json={"model": "quick"}, headers=AUTH)
+    assert timed_out.status == 502
+    assert "no answer within 0.2s" in (await timed_out.json())["error"]["message"]

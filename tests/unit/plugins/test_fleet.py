@@ -45,3 +45,10 @@ def test_one_model_name_with_two_engines_is_refused():
     b = [{"name": "chat", "engine": "vllm", "url": "http://b:1", "max_concurrency": 1}]
     with pytest.raises(FleetError, match="model chat: host gpu-b serves it with engine vllm"):
         routing_table([("gpu-a", a), ("gpu-b", b)])
+
+
+def test_a_models_gateway_timeouts_reach_the_routing_table():
+    slow = {**CHAT, "timeouts": {"first_byte": 1800}}
+    table = routing_table([("gpu-a", endpoints([slow, EMBED], "10.0.0.1"))])
+    assert table[0]["timeouts"] == {"first_byte": 1800}
+    assert table[1]["timeouts"] == {}
