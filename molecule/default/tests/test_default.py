@@ -222,3 +222,18 @@ def test_gateway_unit_exposure_is_low(host):
     # "→ Overall exposure level for cortex-gateway.service: 1.2 OK :-)"
     exposure = float(verdict.split(":")[1].split()[0])
     assert exposure <= 2.5, verdict
+
+
+def test_a_model_is_retrieved_with_its_engine(client):
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL
+    assert model.model_extra["engine"] == "llamacpp"
+    assert model.owned_by
+
+
+def test_streamed_completion_through_nginx(client):
+    stream = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, stream=True
+    )
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    assert "".join(pieces).strip()
