@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from aiohttp import web
 from .app import Gateway, day_start
 from .auth import hash_key
 from .config import ConfigError, load_config
-from .usage import report, to_csv
+from .usage import store_for, to_csv
 
 DEFAULT_CONFIG = "/etc/cortex-gateway/config.yml"
 
@@ -27,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("hash-key", help="read an API key on stdin, print its sha256")
     usage = commands.add_parser("usage", help="report usage by key, model and day")
     usage.add_argument("--config", default=DEFAULT_CONFIG, help="take the database from this config")
-    usage.add_argument("--db", help="the usage database (instead of the config's usage.sqlite)")
+    usage.add_argument("--db", help="a SQLite usage database (instead of the config's)")
+    usage.add_argument("--dsn", help="a PostgreSQL usage database (instead of the config's)")
     usage.add_argument("--group-by", default="key,model,day", help="any of key, model, day, comma-separated")
     usage.add_argument("--since", help="first day, YYYY-MM-DD (UTC)")
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
@@ -69,20 +69,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    path = args.db
-    if path is None:
+    store = store_for(args.db, args.dsn)
+    if store is None:
         try:
-            path = load_config(args.config).usage_path
+            config = load_config(args.config)
         except ConfigError as exc:
             print(f"cortex-gateway: invalid config: {exc}", file=sys.stderr)
             return 2
-        if path is None:
-            print(f"cortex-gateway: {args.config} keeps no usage records (usage.sqlite)", file=sys.stderr)
+        store = store_for(config.usage_path, config.usage_postgres_dsn)
+        if store is None:
+            print(f"cortex-gateway: {args.config} keeps no usage records (usage)", file=sys.stderr)
             return 2
     try:
         since = day_start(args.since)
-        rows = report(path, [g for g in args.group_by.split(",") if g], since)
-    except (ValueError, sqlite3.Error) as exc:
+        rows = store.report([g for g in args.group_by.split(",") if g], since)
+    except Exception as exc:  # noqa: BLE001 - any database error becomes one line, not a traceback
         print(f"cortex-gateway: {exc}", file=sys.stderr)
         return 2
     if args.csv:

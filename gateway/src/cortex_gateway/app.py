@@ -26,7 +26,7 @@ from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
-from .usage import SQLiteStore, UsageRecord, UsageRecorder, report, to_csv
+from .usage import UsageRecord, UsageRecorder, store_for, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,11 @@ class Gateway:
         for field_name in ("host", "port", "max_body_bytes"):
             if getattr(config, field_name) != getattr(self.config, field_name):
                 log.warning("config reload: %s changed; it takes effect at the next restart", field_name)
-        if config.usage_path != self.config.usage_path:
-            log.warning("config reload: usage.sqlite changed; it takes effect at the next restart")
+        if (config.usage_path, config.usage_postgres_dsn) != (
+            self.config.usage_path,
+            self.config.usage_postgres_dsn,
+        ):
+            log.warning("config reload: the usage database changed; it takes effect at the next restart")
         self.config = config
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)
@@ -138,10 +141,11 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------
 
     async def _usage_context(self, _app: web.Application) -> AsyncIterator[None]:
-        if self.config.usage_path is None:
+        store = store_for(self.config.usage_path, self.config.usage_postgres_dsn)
+        if store is None:
             yield
             return
-        self.usage = UsageRecorder(SQLiteStore(self.config.usage_path))
+        self.usage = UsageRecorder(store)
         await self.usage.start()
         try:
             yield
@@ -253,12 +257,12 @@ class Gateway:
 
     async def usage_page(self, request: web.Request) -> web.Response:
         """Usage by key, model and day: ?group_by=key,model,day&since=2026-11-01&format=csv"""
-        if self.config.usage_path is None:
-            return error_response(404, "this gateway keeps no usage records (usage.sqlite is not set)")
+        if self.usage is None:
+            return error_response(404, "this gateway keeps no usage records (usage is not configured)")
         group_by = [g for g in request.query.get("group_by", "key,model,day").split(",") if g]
         try:
             since = day_start(request.query.get("since"))
-            rows = await asyncio.to_thread(report, self.config.usage_path, group_by, since)
+            rows = await asyncio.to_thread(self.usage.store.report, group_by, since)
         except ValueError as exc:
             return error_response(400, str(exc), param="group_by" if "group" in str(exc) else "since")
         if request.query.get("format") == "csv":

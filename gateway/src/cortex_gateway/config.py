@@ -71,8 +71,10 @@ class GatewayConfig:
     admin_keys: Mapping[str, str] = field(default_factory=dict)
     # Per client key name: allowed models and limits (keys without one are unlimited).
     key_policies: Mapping[str, KeyPolicy] = field(default_factory=dict)
-    # SQLite file of the usage records; None keeps no records.
+    # Where usage records go: a SQLite file, or a PostgreSQL DSN that several
+    # gateways share; neither keeps no records.
     usage_path: str | None = None
+    usage_postgres_dsn: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
 
@@ -287,10 +289,18 @@ def parse_config(raw: Any) -> GatewayConfig:
     )
 
     usage = _expect(raw.get("usage", {}), dict, "usage")
-    _no_unknown(usage, {"sqlite"}, "usage")
+    _no_unknown(usage, {"sqlite", "postgres_dsn"}, "usage")
     usage_path = usage.get("sqlite")
     if usage_path is not None and not _expect(usage_path, str, "usage.sqlite").startswith("/"):
         raise ConfigError(f"usage.sqlite: must be an absolute path, got {usage_path!r}")
+    postgres_dsn = usage.get("postgres_dsn")
+    if postgres_dsn is not None:
+        _expect(postgres_dsn, str, "usage.postgres_dsn")
+        if not postgres_dsn.startswith(("postgresql://", "postgres://")):
+            # Never echo the DSN: it may hold a password.
+            raise ConfigError("usage.postgres_dsn: must be a postgresql:// URL")
+        if usage_path is not None:
+            raise ConfigError("usage: give sqlite or postgres_dsn, not both")
 
     for key_name, policy in key_policies.items():
         unknown = sorted((policy.models or frozenset()) - set(models))
@@ -303,6 +313,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         key_policies=key_policies,
         admin_keys=admin_keys,
         usage_path=usage_path,
+        usage_postgres_dsn=postgres_dsn,
         breaker=breaker,
         queue=queue,
         host=host,

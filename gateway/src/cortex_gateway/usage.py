@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
 GROUPS = ("key", "model", "day")
-_GROUP_SQL = {"key": "key_name", "model": "model", "day": "date(ts, 'unixepoch')"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,25 +96,118 @@ class SQLiteStore:
                 self._db.close()
                 self._db = None
 
+    def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
+        return report(self.path, group_by, since)
 
-def report(path: str | Path, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
-    """Requests, tokens and latency per group (key, model, day), from a usage database."""
-    groups = [g for g in GROUPS if g in set(group_by)]
-    unknown = set(group_by) - set(GROUPS)
+
+POSTGRES_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS usage (
+        ts DOUBLE PRECISION NOT NULL, key_name TEXT NOT NULL, model TEXT NOT NULL, engine TEXT NOT NULL,
+        backend TEXT NOT NULL, stream BOOLEAN NOT NULL, status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+        ttft_ms DOUBLE PRECISION, latency_ms DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)",
+)
+
+
+class PostgresStore:
+    """The records in a PostgreSQL table that several gateways share. Methods run in a worker thread."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._db = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _driver():
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - psycopg is in the gateway's lock
+            raise RuntimeError("usage.postgres_dsn needs the psycopg package") from exc
+        return psycopg
+
+    def open(self) -> None:
+        psycopg = self._driver()
+        self._db = psycopg.connect(self.dsn, autocommit=True)
+        with self._db.transaction():
+            for statement in POSTGRES_SCHEMA:
+                self._db.execute(statement)
+
+    def write(self, records: list[UsageRecord]) -> None:
+        columns = ", ".join(f.name for f in fields(UsageRecord))
+        marks = ", ".join("%s" for _field in fields(UsageRecord))
+        with self._lock:
+            if self._db is None:
+                raise RuntimeError("the usage database is closed")
+            with self._db.transaction(), self._db.cursor() as cursor:
+                cursor.executemany(
+                    f"INSERT INTO usage ({columns}) VALUES ({marks})",  # noqa: S608 - our own column names
+                    [astuple(r) for r in records],
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
+        _groups, sql = report_sql(
+            group_by, "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "%s"
+        )
+        psycopg = self._driver()
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.dsn, row_factory=dict_row) as db:
+            return [_tidy(row) for row in db.execute(sql, (since or 0.0,))]
+
+
+def store_for(sqlite_path: str | None, postgres_dsn: str | None):
+    """The configured store, or None when no records are kept."""
+    if postgres_dsn:
+        return PostgresStore(postgres_dsn)
+    if sqlite_path:
+        return SQLiteStore(sqlite_path)
+    return None
+
+
+def report_sql(group_by: Iterable[str], day_sql: str, placeholder: str) -> tuple[list[str], str]:
+    """The report query for a SQL dialect: its day expression and parameter mark."""
+    wanted = list(group_by)
+    unknown = set(wanted) - set(GROUPS)
     if unknown:
         raise ValueError(f"cannot group by {', '.join(sorted(unknown))}: use {', '.join(GROUPS)}")
-    selected = [f"{_GROUP_SQL[g]} AS {g}" for g in groups]
+    groups = [g for g in GROUPS if g in set(wanted)]
+    expressions = {"key": "key_name", "model": "model", "day": day_sql}
+    selected = [f"{expressions[g]} AS {g}" for g in groups]
     sql = (
         f"SELECT {', '.join([*selected, 'COUNT(*) AS requests'])}, "  # noqa: S608 - names come from GROUPS
-        "SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
-        "SUM(completion_tokens) AS completion_tokens, ROUND(AVG(latency_ms), 1) AS mean_latency_ms "
-        "FROM usage WHERE ts >= ?"
+        "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
+        "SUM(completion_tokens) AS completion_tokens, AVG(latency_ms) AS mean_latency_ms "
+        f"FROM usage WHERE ts >= {placeholder}"
         + (f" GROUP BY {', '.join(groups)} ORDER BY {', '.join(groups)}" if groups else "")
     )
+    return groups, sql
+
+
+COUNTS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+
+
+def _tidy(row: dict) -> dict:
+    """The same types from every database: whole counts, latency to 0.1 ms."""
+    row = {k: (int(v) if k in COUNTS and v is not None else v) for k, v in row.items()}
+    if row.get("mean_latency_ms") is not None:
+        row["mean_latency_ms"] = round(float(row["mean_latency_ms"]), 1)
+    return row
+
+
+def report(path: str | Path, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
+    """Requests, tokens and latency per group (key, model, day), from a SQLite usage database."""
+    _groups, sql = report_sql(group_by, "date(ts, 'unixepoch')", "?")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute(sql, (since or 0.0,))]
+        return [_tidy(dict(row)) for row in db.execute(sql, (since or 0.0,))]
     finally:
         db.close()
 
@@ -132,7 +224,14 @@ def to_csv(rows: list[dict]) -> str:
 class UsageRecorder:
     """Takes records from handlers and writes them in batches in the background."""
 
-    def __init__(self, store: SQLiteStore, *, batch: int = 500, every: float = 1.0, capacity: int = 100_000):
+    def __init__(
+        self,
+        store: SQLiteStore | PostgresStore,
+        *,
+        batch: int = 500,
+        every: float = 1.0,
+        capacity: int = 100_000,
+    ):
         self.store = store
         self.batch = batch
         self.every = every
@@ -169,7 +268,7 @@ class UsageRecorder:
     async def _write(self, records: list[UsageRecord]) -> None:
         try:
             await asyncio.to_thread(self.store.write, records)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - any database error: count the loss, keep serving
             self.dropped += len(records)
             log.error("could not write %d usage record(s): %s", len(records), exc)
 

@@ -1,0 +1,97 @@
+"""Usage records in PostgreSQL, shared by two gateways: a throwaway real
+PostgreSQL cluster (Debian's postgresql, installed by scripts/bootstrap) on
+loopback, two gateways writing to it, and reports that add both up."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from cortex_gateway.app import Gateway
+from cortex_gateway.config import ConfigError, parse_config
+from cortex_gateway.usage import PostgresStore
+
+from ..unit.gateway.conftest import AUTH, FakeEngine, make_config
+from ..unit.gateway.test_resilience import wait_ready
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn():
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert binaries, "PostgreSQL is not installed: scripts/bootstrap installs Debian's postgresql"
+    bin_dir = binaries[-1]
+    # Outside pytest's private temp folder, which the postgres user cannot enter.
+    data = Path(tempfile.mkdtemp(prefix="cortex-pg-"))
+    port = free_port()
+    # initdb refuses to run as root: the cluster belongs to the postgres user.
+    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if user:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run([*user, f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    start = [f"{bin_dir}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(data / "log"), "start"]
+    subprocess.run([*user, *start], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*user, f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"],
+                       check=False, capture_output=True, timeout=120)  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
+
+
+async def test_two_gateways_share_one_postgres_usage_table(engine_server, postgres_dsn):
+    url = await engine_server(FakeEngine(chunks=2))
+    clients = []
+    for _gateway in range(2):
+        gateway = Gateway(parse_config(make_config({"chat": [url]}, usage={"postgres_dsn": postgres_dsn})))
+        client = TestClient(TestServer(gateway.build_app(), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+    for client in clients:
+        await wait_ready(client, "chat", 1)
+    for count, client in zip((2, 3), clients, strict=True):
+        for _attempt in range(count):
+            assert (await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)).status == 200
+    stream = await clients[0].post(
+        "/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH
+    )
+    await stream.read()
+    for client in clients:
+        await client.close()  # each gateway flushes its records as it stops
+
+    rows = PostgresStore(postgres_dsn).report(["key", "model"])
+    assert [(r["key"], r["model"], r["requests"], r["errors"]) for r in rows] == [("tests", "chat", 6, 0)]
+    assert rows[0]["prompt_tokens"] == 5 * 3 + 5
+    assert rows[0]["completion_tokens"] == 5 * 1 + 2
+    by_day = PostgresStore(postgres_dsn).report(["day"])
+    assert len(by_day) == 1
+    assert len(by_day[0]["day"]) == 10
+
+
+def test_a_dsn_is_checked_and_never_echoed():
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            make_config({"chat": ["http://127.0.0.1:9"]}, usage={"postgres_dsn": "mysql://u:secret@h/db"})
+        )
+    assert "secret" not in str(info.value)
+    with pytest.raises(ConfigError, match="give sqlite or postgres_dsn, not both"):
+        parse_config(
+            make_config(
+                {"chat": ["http://127.0.0.1:9"]},
+                usage={"postgres_dsn": "postgresql://h/db", "sqlite": "/x.db"},
+            )
+        )
