@@ -89,3 +89,58 @@ async def test_the_cli_reports_the_same(engine_server, aiohttp_client, tmp_path,
     assert lines[0] == "key,model,requests,errors,prompt_tokens,completion_tokens,mean_latency_ms"
     assert lines[1].startswith("tests,chat,1,0,3,1,")
     assert main(["usage", "--db", str(path), "--since", "not-a-day"]) == 2
+
+
+async def test_sigterm_drains_requests_in_flight_then_writes_every_record(engine_server, tmp_path):
+    """A real `cortex-gateway serve` process stopped while answering: the slow
+    request still gets its answer, and every request has its record."""
+    import os
+    import signal
+    import sys
+
+    import aiohttp
+    import yaml
+
+    from .test_reload import free_port
+
+    url = await engine_server(FakeEngine(delay=1.5))
+    port = free_port()
+    path = tmp_path / "usage.db"
+    config = usage_config(url, path)
+    config["listen"]["port"] = port
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(tmp_path / "config.yml"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _attempt in range(100):
+                try:
+                    async with session.get(base + "/healthz") as response:
+                        if (await response.json())["ready_backends"].get("chat"):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+
+            async def ask() -> int:
+                async with session.post(
+                    base + "/v1/completions", json={"model": "chat"}, headers=AUTH
+                ) as response:
+                    await response.read()
+                    return response.status
+
+            in_flight = [asyncio.create_task(ask()) for _request in range(3)]
+            await asyncio.sleep(0.5)  # all three are waiting on the engine
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(asyncio.gather(*in_flight), 20) == [200, 200, 200]
+        assert await asyncio.wait_for(process.wait(), 40) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    rows = report(path, ["model"])
+    assert rows[0]["requests"] == 3
