@@ -387,7 +387,8 @@ class Gateway:
             timing.upstream_started = loop.time()
             try:
                 try:
-                    upstream = await open_upstream(self.session, backend, request.path, body, timeouts)
+                    sent = _with_stream_usage(body) if stream and backend.engine == "vllm" else body
+                    upstream = await open_upstream(self.session, backend, request.path, sent, timeouts)
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
                     backend.record_failure(self.config.unhealthy_after)
@@ -502,6 +503,19 @@ def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
 
 def _unknown_model(name: str) -> web.Response:
     return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
+
+
+def _with_stream_usage(body: bytes) -> bytes:
+    """A streamed request for vLLM, asking for the usage event at the end.
+
+    vLLM sends a stream's token counts only when asked; the gateway needs
+    them for usage records and limits. Every other body goes on byte for byte.
+    """
+    payload = json.loads(body)
+    if "stream_options" in payload:
+        return body  # the client asked for what it wants
+    payload["stream_options"] = {"include_usage": True}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -113,3 +114,24 @@ async def test_healthz_needs_no_key_and_counts_ready_backends(engine_server, gat
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert (await resp.json())["ready_backends"] == {"m": 1}
+
+
+async def test_vllm_streams_are_asked_for_their_usage(engine_server, gateway_client):
+    engine = FakeEngine(chunks=2)
+    config = make_config({"m": [await engine_server(engine)]})
+    config["models"][0]["engine"] = "vllm"
+    client = await gateway_client(config)
+    for _attempt in range(50):
+        if (await (await client.get("/healthz")).json())["ready_backends"]["m"]:
+            break
+        await asyncio.sleep(0.05)
+    streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    await streamed.read()
+    chosen = {**CHAT, "stream": True, "stream_options": {"include_usage": False}}
+    await (await client.post("/v1/chat/completions", json=chosen, headers=AUTH)).read()
+    plain = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    await plain.read()
+    sent = [json.loads(body) for _path, body, _key in engine.received]
+    assert sent[0]["stream_options"] == {"include_usage": True}
+    assert sent[1]["stream_options"] == {"include_usage": False}  # the client's own choice stands
+    assert "stream_options" not in sent[2]
