@@ -393,6 +393,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             absent.append(name)
             continue
         shape = shapes.get(name) or {}
+        health_timeout = _health_timeout(engine, model, shape.get("size_bytes"), cfg)
         options = _merge(cfg.get(engine) or {}, model.get(engine) or {})
         for replica in range(replicas):
             gpus = per_replica[replica] or []
@@ -443,7 +444,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "env": dict((str(k), str(v)) for k, v in env.items()),
                     "restart_policy": restart,
                     "health_path": "/health",
-                    "health_timeout": _health_timeout(engine, model, shape.get("size_bytes"), cfg),
+                    "health_timeout": health_timeout,
                     "max_concurrency": concurrency,
                     # The gateway's timeouts for this model, over its own defaults.
                     "timeouts": dict(model.get("timeouts") or {}),
@@ -451,9 +452,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
                     "shm_size": "8g" if engine == "vllm" else None,
                     "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
-                    "healthcheck": _healthcheck(
-                        engine, _health_timeout(engine, model, shape.get("size_bytes"), cfg)
-                    ),
+                    "healthcheck": _healthcheck(engine, health_timeout),
                     "source_kind": source_kind(model.get("source")),
                     "model_file": entry["model_file"],
                 }

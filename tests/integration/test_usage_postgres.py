@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,14 +17,8 @@ from cortex_gateway.app import Gateway
 from cortex_gateway.config import ConfigError, parse_config
 from cortex_gateway.usage import PostgresStore
 
-from ..unit.gateway.conftest import AUTH, FakeEngine, make_config
+from ..unit.gateway.conftest import AUTH, FakeEngine, free_port, make_config
 from ..unit.gateway.test_resilience import wait_ready
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -330,8 +330,7 @@ class Gateway:
         if model != "_unknown":
             self.metrics.latency.labels(model, engine).observe(ended - started)
             if timing.upstream_ended:
-                own = (timing.upstream_started - started - timing.waited) + (ended - timing.upstream_ended)
-                self.metrics.overhead.labels(model, engine).observe(max(own, 0.0))
+                self.metrics.overhead.labels(model, engine).observe(timing.overhead(ended))
         return response
 
     async def _route(self, request: web.Request, timing: _Timing) -> web.StreamResponse:
@@ -404,13 +403,13 @@ class Gateway:
                 engine = backend.engine
                 if stream and upstream.status == 200:
                     # The stream's headers go out now: the overhead so far.
-                    before = timing.upstream_started - timing.started - timing.waited
+                    before = timing.overhead()
                     tap = StreamTap(self.metrics, model, engine, timing.started, loop.time)
                     response = await relay_stream(
                         request,
                         upstream,
                         timeouts.idle,
-                        headers={OVERHEAD_HEADER: f"{max(before, 0.0) * 1000:.3f}"},
+                        headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
                         tap=tap,
                     )
                     timing.upstream_ended = loop.time()
@@ -423,10 +422,7 @@ class Gateway:
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)
                     self.metrics.count_usage(model, engine, timing.usage)
-                own = (timing.upstream_started - timing.started - timing.waited) + (
-                    loop.time() - timing.upstream_ended
-                )
-                whole.headers[OVERHEAD_HEADER] = f"{max(own, 0.0) * 1000:.3f}"
+                whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(loop.time()) * 1000:.3f}"
                 return whole
             finally:
                 backend.breaker.release_trial()
@@ -484,6 +480,14 @@ class _Timing:
         self.waited = 0.0
         self.upstream_started = started
         self.upstream_ended: float | None = None
+
+    def overhead(self, until: float | None = None) -> float:
+        """The gateway's own seconds: before the upstream call (queue wait
+        excluded) and, given ``until``, from the upstream's end to then."""
+        own = self.upstream_started - self.started - self.waited
+        if until is not None and self.upstream_ended is not None:
+            own += until - self.upstream_ended
+        return max(own, 0.0)
 
 
 def day_start(day: str | None) -> float | None:

@@ -57,14 +57,34 @@ class UsageRecord:
     latency_ms: float
 
 
-class SQLiteStore:
+def _insert_sql(mark: str) -> str:
+    """The INSERT of one record, with the database driver's parameter mark."""
+    columns = ", ".join(f.name for f in fields(UsageRecord))
+    marks = ", ".join(mark for _field in fields(UsageRecord))
+    return f"INSERT INTO usage ({columns}) VALUES ({marks})"  # noqa: S608 - our own column names
+
+
+class _Store:
+    """A connection written from worker threads, one batch at a time."""
+
+    def __init__(self) -> None:
+        self._db = None
+        # A cancelled writer's thread may still be writing when close() comes.
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+class SQLiteStore(_Store):
     """The records in one SQLite file. Every method runs in a worker thread."""
 
     def __init__(self, path: str | Path) -> None:
+        super().__init__()
         self.path = str(path)
-        self._db: sqlite3.Connection | None = None
-        # A cancelled writer's thread may still be writing when close() comes.
-        self._lock = threading.Lock()
 
     def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -74,27 +94,16 @@ class SQLiteStore:
         self._db.executescript(SCHEMA)
 
     def write(self, records: list[UsageRecord]) -> None:
-        columns = ", ".join(f.name for f in fields(UsageRecord))
-        marks = ", ".join("?" for _field in fields(UsageRecord))
         with self._lock:
             if self._db is None:
                 raise sqlite3.ProgrammingError("the usage database is closed")
             self._db.execute("BEGIN")  # one transaction per batch
             try:
-                self._db.executemany(
-                    f"INSERT INTO usage ({columns}) VALUES ({marks})",  # noqa: S608 - our own column names
-                    [astuple(r) for r in records],
-                )
+                self._db.executemany(_insert_sql("?"), [astuple(r) for r in records])
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
     def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
         return report(self.path, group_by, since)
@@ -110,13 +119,12 @@ POSTGRES_SCHEMA = (
 )
 
 
-class PostgresStore:
+class PostgresStore(_Store):
     """The records in a PostgreSQL table that several gateways share. Methods run in a worker thread."""
 
     def __init__(self, dsn: str) -> None:
+        super().__init__()
         self.dsn = dsn
-        self._db = None
-        self._lock = threading.Lock()
 
     @staticmethod
     def _driver():
@@ -134,22 +142,11 @@ class PostgresStore:
                 self._db.execute(statement)
 
     def write(self, records: list[UsageRecord]) -> None:
-        columns = ", ".join(f.name for f in fields(UsageRecord))
-        marks = ", ".join("%s" for _field in fields(UsageRecord))
         with self._lock:
             if self._db is None:
                 raise RuntimeError("the usage database is closed")
             with self._db.transaction(), self._db.cursor() as cursor:
-                cursor.executemany(
-                    f"INSERT INTO usage ({columns}) VALUES ({marks})",  # noqa: S608 - our own column names
-                    [astuple(r) for r in records],
-                )
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+                cursor.executemany(_insert_sql("%s"), [astuple(r) for r in records])
 
     def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
         _groups, sql = report_sql(

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cortex_gateway.app import Gateway
@@ -131,3 +138,51 @@ def gateway_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
 
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class GatewayProcess:
+    process: asyncio.subprocess.Process
+    base: str
+    config_path: Path
+    config: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(config: dict[str, Any], folder: Path, ready_model: str = "chat"):
+    """A real `cortex-gateway serve` process on a free loopback port, once it
+    serves `ready_model`; stopped (SIGTERM, then SIGKILL) when the block ends."""
+    config["listen"]["port"] = free_port()
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{config['listen']['port']}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _attempt in range(100):  # up to 10 s to listen and see its backend
+                try:
+                    async with session.get(base + "/healthz") as response:
+                        if (await response.json())["ready_backends"].get(ready_model):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield GatewayProcess(process, base, path, config)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -4,17 +4,14 @@ their state, requests in flight finish, and a bad file leaves the running config
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 
 import aiohttp
 import yaml
 from cortex_gateway.app import Gateway
 from cortex_gateway.config import load_config
 
-from .conftest import AUTH, FakeEngine, make_config
+from .conftest import AUTH, FakeEngine, gateway_process, make_config
 
 
 async def model_ids(client) -> list[str]:
@@ -52,59 +49,36 @@ async def test_a_bad_file_keeps_the_running_config(engine_server, aiohttp_client
     assert "config reload failed, keeping the running config" in caplog.text
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_sighup_reloads_a_running_gateway_without_cutting_a_stream(engine_server, tmp_path):
     slow = FakeEngine(chunks=6, chunk_delay=0.25)
     first, second = await engine_server(slow), await engine_server(FakeEngine())
-    port = free_port()
-    path = tmp_path / "config.yml"
-    config = make_config({"chat": [first]})
-    config["listen"]["port"] = port
-    path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _attempt in range(100):  # up to 10 s for the gateway to listen and see its backend
-                try:
-                    async with session.get(base + "/healthz") as response:
-                        if (await response.json())["ready_backends"].get("chat"):
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+    async with (
+        gateway_process(make_config({"chat": [first]}), tmp_path) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
 
-            async def stream() -> bytes:
-                body = {"model": "chat", "stream": True, "messages": []}
-                async with session.post(base + "/v1/chat/completions", json=body, headers=AUTH) as response:
-                    return await response.read()
+        async def stream() -> bytes:
+            body = {"model": "chat", "stream": True, "messages": []}
+            async with session.post(
+                gateway.base + "/v1/chat/completions", json=body, headers=AUTH
+            ) as response:
+                return await response.read()
 
-            in_flight = asyncio.create_task(stream())
-            await asyncio.sleep(0.3)  # the stream is under way
-            config["models"] = make_config({"chat": [first], "embed": [second]})["models"]
-            path.write_text(yaml.safe_dump(config))
-            process.send_signal(signal.SIGHUP)
-            names: list[str] = []
-            for _attempt in range(50):
-                async with session.get(base + "/v1/models", headers=AUTH) as response:
-                    names = sorted(m["id"] for m in (await response.json())["data"])
-                if names == ["chat", "embed"]:
-                    break
-                await asyncio.sleep(0.1)
-            assert names == ["chat", "embed"]
-            body = await asyncio.wait_for(in_flight, 10)
-            assert body.endswith(b"data: [DONE]\n\n")
-            assert body.count(b"data: ") == 8  # 6 chunks, the usage event, [DONE]
-            assert process.returncode is None
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 30)
+        in_flight = asyncio.create_task(stream())
+        await asyncio.sleep(0.3)  # the stream is under way
+        config = gateway.config
+        config["models"] = make_config({"chat": [first], "embed": [second]})["models"]
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        gateway.process.send_signal(signal.SIGHUP)
+        names: list[str] = []
+        for _attempt in range(50):
+            async with session.get(gateway.base + "/v1/models", headers=AUTH) as response:
+                names = sorted(m["id"] for m in (await response.json())["data"])
+            if names == ["chat", "embed"]:
+                break
+            await asyncio.sleep(0.1)
+        assert names == ["chat", "embed"]
+        body = await asyncio.wait_for(in_flight, 10)
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert body.count(b"data: ") == 8  # 6 chunks, the usage event, [DONE]
+        assert gateway.process.returncode is None

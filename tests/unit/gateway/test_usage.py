@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import signal
 
+import aiohttp
 from cortex_gateway.__main__ import main
 from cortex_gateway.app import Gateway
 from cortex_gateway.auth import hash_key
 from cortex_gateway.config import parse_config
 from cortex_gateway.usage import report
 
-from .conftest import AUTH, FakeEngine, make_config
+from .conftest import AUTH, FakeEngine, gateway_process, make_config
 from .test_resilience import wait_ready
 
 ADMIN_KEY = "sk-admin-0123456789abcdef0123456789"
@@ -94,53 +96,23 @@ async def test_the_cli_reports_the_same(engine_server, aiohttp_client, tmp_path,
 async def test_sigterm_drains_requests_in_flight_then_writes_every_record(engine_server, tmp_path):
     """A real `cortex-gateway serve` process stopped while answering: the slow
     request still gets its answer, and every request has its record."""
-    import os
-    import signal
-    import sys
-
-    import aiohttp
-    import yaml
-
-    from .test_reload import free_port
-
     url = await engine_server(FakeEngine(delay=1.5))
-    port = free_port()
     path = tmp_path / "usage.db"
-    config = usage_config(url, path)
-    config["listen"]["port"] = port
-    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(tmp_path / "config.yml"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with gateway_process(usage_config(url, path), tmp_path) as gateway:
         async with aiohttp.ClientSession() as session:
-            for _attempt in range(100):
-                try:
-                    async with session.get(base + "/healthz") as response:
-                        if (await response.json())["ready_backends"].get("chat"):
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
 
             async def ask() -> int:
+                body = {"model": "chat"}
                 async with session.post(
-                    base + "/v1/completions", json={"model": "chat"}, headers=AUTH
+                    gateway.base + "/v1/completions", json=body, headers=AUTH
                 ) as response:
                     await response.read()
                     return response.status
 
             in_flight = [asyncio.create_task(ask()) for _request in range(3)]
             await asyncio.sleep(0.5)  # all three are waiting on the engine
-            process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(asyncio.gather(*in_flight), 20) == [200, 200, 200]
-        assert await asyncio.wait_for(process.wait(), 40) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        assert await asyncio.wait_for(gateway.process.wait(), 40) == 0
     rows = report(path, ["model"])
     assert rows[0]["requests"] == 3
