@@ -6,12 +6,10 @@ import argparse
 import logging
 import sys
 
-from aiohttp import web
-
-from .app import Gateway, day_start
+from . import workers
 from .auth import hash_key
 from .config import ConfigError, load_config
-from .usage import store_for, to_csv
+from .usage import day_start, store_for, to_csv
 
 DEFAULT_CONFIG = "/etc/cortex-gateway/config.yml"
 
@@ -54,18 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # SIGHUP re-reads the config file without dropping requests in flight.
-    gateway = Gateway(config, config_path=args.config)
-    web.run_app(
-        gateway.build_app(),
-        host=config.host,
-        port=config.port,
-        access_log=None,
-        # On SIGTERM, in-flight requests get this long to finish.
-        shutdown_timeout=30,
-        print=lambda *_: None,
-    )
-    return 0
+    # SIGHUP re-reads the config file without dropping requests in flight;
+    # SIGTERM drains them, then writes the usage records.
+    return workers.serve(config, args.config)
 
 
 def _usage(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import signal
@@ -20,13 +19,13 @@ from .backends import Backend, Health, HealthMonitor
 from .breaker import BreakerState
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import error_response
-from .limits import Limiter, Refusal
+from .limits import CounterTable, Limiter, Refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
-from .usage import UsageRecord, UsageRecorder, store_for, to_csv
+from .usage import UsageRecord, UsageRecorder, day_start, store_for, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,18 @@ KEY_NAME = web.RequestKey("key_name", str)
 class Gateway:
     """Owns the configuration, the backends, the router and the HTTP client."""
 
-    def __init__(self, config: GatewayConfig, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        config_path: str | None = None,
+        limits_table: CounterTable | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)
-        self.limiter = Limiter(dict(config.key_policies))
+        # Worker processes pass the table they share; alone, the gateway makes its own.
+        self.limiter = Limiter(dict(config.key_policies), limits_table)
         self.usage: UsageRecorder | None = None
         self.backends = [
             Backend.from_config(model, backend, config.breaker)
@@ -92,7 +97,7 @@ class Gateway:
                     backend.api_key = backend_config.api_key
                     backend.max_concurrency = backend_config.max_concurrency
                 backends.append(backend)
-        for field_name in ("host", "port", "max_body_bytes"):
+        for field_name in ("host", "port", "max_body_bytes", "workers"):
             if getattr(config, field_name) != getattr(self.config, field_name):
                 log.warning("config reload: %s changed; it takes effect at the next restart", field_name)
         if (config.usage_path, config.usage_postgres_dsn) != (
@@ -172,6 +177,11 @@ class Gateway:
         # Know the backends' state before the first request, then keep polling.
         await monitor.check_all()
         task = asyncio.create_task(monitor.run(), name="health-monitor")
+        gauges = (
+            asyncio.create_task(self._refresh_gauges(), name="metrics-gauges")
+            if self.metrics.multiprocess_dir
+            else None
+        )
         loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
@@ -180,12 +190,20 @@ class Gateway:
         finally:
             if self.config_path is not None:
                 loop.remove_signal_handler(signal.SIGHUP)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for running in (task, gauges):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
             await self._session.close()
             self._session = None
             self._monitor = None
+
+    async def _refresh_gauges(self) -> None:
+        """With several workers, another worker's /metrics reads this one's gauges from its file."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(1.0)
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -488,16 +506,6 @@ class _Timing:
         if until is not None and self.upstream_ended is not None:
             own += until - self.upstream_ended
         return max(own, 0.0)
-
-
-def day_start(day: str | None) -> float | None:
-    """Unix time of 00:00 UTC of a YYYY-MM-DD day."""
-    if not day:
-        return None
-    try:
-        return datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC).timestamp()
-    except ValueError:
-        raise ValueError(f"since: expected a day as YYYY-MM-DD, got {day!r}") from None
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -7,6 +7,7 @@ Parsing is strict, and every error names the field that is wrong
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,9 @@ class GatewayConfig:
     usage_postgres_dsn: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
+    # Worker processes sharing the port (SO_REUSEPORT); "auto" in the file means
+    # one per CPU this process may run on.
+    workers: int = 1
 
     def timeouts_for(self, model: str) -> Timeouts:
         """The gateway's timeouts with the model's own over them."""
@@ -208,7 +212,9 @@ def parse_config(raw: Any) -> GatewayConfig:
     """Turn the YAML document into a GatewayConfig, or raise ConfigError."""
     _expect(raw, dict, "config")
     _no_unknown(
-        raw, {"listen", "auth", "models", "timeouts", "limits", "health", "breaker", "queue", "usage"}, ""
+        raw,
+        {"listen", "workers", "auth", "models", "timeouts", "limits", "health", "breaker", "queue", "usage"},
+        "",
     )
 
     listen = _expect(raw.get("listen", {}), dict, "listen")
@@ -217,6 +223,12 @@ def parse_config(raw: Any) -> GatewayConfig:
     port = _expect(listen.get("port", 8000), int, "listen.port")
     if not 0 < port < 65536:
         raise ConfigError(f"listen.port: must be between 1 and 65535, got {port}")
+
+    workers = raw.get("workers", "auto")
+    if workers == "auto":
+        workers = len(os.sched_getaffinity(0))
+    elif isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise ConfigError(f"workers: must be 'auto' or a number from 1 to 256, got {workers!r}")
 
     auth = _expect(raw.get("auth", {}), dict, "auth")
     _no_unknown(auth, {"require_api_key", "api_keys", "admin_keys"}, "auth")
@@ -316,6 +328,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         usage_postgres_dsn=postgres_dsn,
         breaker=breaker,
         queue=queue,
+        workers=workers,
         host=host,
         port=port,
         require_api_key=require,

@@ -2,17 +2,24 @@
 
 Labels stay bounded: models and backends come from the config (an unknown
 model is counted as "_unknown"), statuses are HTTP codes the gateway answers
-with, and gauges are read from the live objects when scraped.
+with, and gauges are set from the live objects when scraped and every second.
+
+With several worker processes (PROMETHEUS_MULTIPROC_DIR set before
+prometheus_client is imported; the supervisor does it) every worker writes its
+samples to memory-mapped files and any worker's /metrics reads them all:
+counters and histograms add up over the workers, in-flight requests and queue
+depths add up over the live workers, a backend is up only if every live
+worker sees it ready, and the breaker shows the most open of the workers' breakers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .backends import Backend, Health
 from .breaker import BreakerState
@@ -21,40 +28,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
-class _LiveState(Collector):
-    """Gauges read from the backends and queues at scrape time."""
-
-    def __init__(self, backends: Callable[[], Iterable[Backend]], waiting: Callable[[], dict[str, int]]):
-        self._backends = backends
-        self._waiting = waiting
-
-    def collect(self):
-        health = GaugeMetricFamily(
-            "cortex_gateway_backend_up", "1 when the backend is ready", labels=["model", "engine", "backend"]
-        )
-        state = GaugeMetricFamily(
-            "cortex_gateway_breaker_state",
-            "Circuit breaker per backend: 0 closed, 1 half-open, 2 open",
-            labels=["model", "engine", "backend"],
-        )
-        in_flight = GaugeMetricFamily(
-            "cortex_gateway_in_flight",
-            "Requests running on the backend",
-            labels=["model", "engine", "backend"],
-        )
-        for b in self._backends():
-            labels = [b.model, b.engine, b.name]
-            health.add_metric(labels, 1.0 if b.health is Health.READY else 0.0)
-            state.add_metric(labels, BREAKER_VALUES[b.breaker.state])
-            in_flight.add_metric(labels, b.outstanding)
-        queued = GaugeMetricFamily(
-            "cortex_gateway_queue_depth", "Requests waiting for a slot", labels=["model"]
-        )
-        for model, count in sorted(self._waiting().items()):
-            queued.add_metric([model], count)
-        yield from (health, state, in_flight, queued)
 
 
 class Metrics:
@@ -103,7 +76,61 @@ class Metrics:
             [*labels, "kind"],
             registry=self.registry,
         )
-        self.registry.register(_LiveState(backends, waiting))
+        backend_labels = ["model", "engine", "backend"]
+        self.backend_up = Gauge(
+            "cortex_gateway_backend_up", "1 when the backend is ready", backend_labels,
+            registry=self.registry, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.breaker_state = Gauge(
+            "cortex_gateway_breaker_state", "Circuit breaker per backend: 0 closed, 1 half-open, 2 open",
+            backend_labels, registry=self.registry, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "cortex_gateway_in_flight", "Requests running on the backend", backend_labels,
+            registry=self.registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "cortex_gateway_queue_depth", "Requests waiting for a slot", ["model"],
+            registry=self.registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._backends = backends
+        self._waiting = waiting
+        self._live_labels: set[tuple[str, ...]] = set()
+        self._live_models: set[str] = set()
+        # Set by the supervisor for every worker; read once, here, not per scrape.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+    def refresh(self) -> None:
+        """Set the gauges from the live backends and queues."""
+        seen: set[tuple[str, ...]] = set()
+        for b in self._backends():
+            labels = (b.model, b.engine, b.name)
+            seen.add(labels)
+            self.backend_up.labels(*labels).set(1.0 if b.health is Health.READY else 0.0)
+            self.breaker_state.labels(*labels).set(BREAKER_VALUES[b.breaker.state])
+            self.in_flight.labels(*labels).set(b.outstanding)
+        waiting = self._waiting()
+        for model, count in waiting.items():
+            self.queue_depth.labels(model).set(count)
+        # Backends and models gone after a reload: zero them, then drop them.
+        # (A worker's multiprocess file keeps the zero until the worker restarts.)
+        for gone in self._live_labels - seen:
+            for gauge in (self.backend_up, self.breaker_state, self.in_flight):
+                gauge.labels(*gone).set(0)
+                gauge.remove(*gone)
+        for gone in self._live_models - set(waiting):
+            self.queue_depth.labels(gone).set(0)
+            self.queue_depth.remove(gone)
+        self._live_labels, self._live_models = seen, set(waiting)
+
+    def collect_registry(self) -> CollectorRegistry:
+        """The registry to read: this process's, or every worker's files."""
+        self.refresh()
+        if self.multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return merged
 
     def count_usage(self, model: str, engine: str, usage: dict | None) -> None:
         if not usage:
@@ -114,7 +141,7 @@ class Metrics:
                 self.tokens.labels(model, engine, kind.removesuffix("_tokens")).inc(value)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.collect_registry())
 
 
 def usage_of(body: bytes) -> dict | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import datetime
 import io
 import logging
 import sqlite3
@@ -287,3 +288,13 @@ class UsageRecorder:
 
 def now() -> float:
     return time.time()
+
+
+def day_start(day: str | None) -> float | None:
+    """Unix time of 00:00 UTC of a YYYY-MM-DD day."""
+    if not day:
+        return None
+    try:
+        return datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        raise ValueError(f"since: expected a day as YYYY-MM-DD, got {day!r}") from None

@@ -154,17 +154,26 @@ class GatewayProcess:
     config: dict[str, Any]
 
 
+def listeners(port: int) -> int:
+    """Sockets listening on this loopback TCP port (one per worker)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == f"0100007F:{port:04X}" and row.split()[3] == "0A")
+
+
 @contextlib.asynccontextmanager
-async def gateway_process(config: dict[str, Any], folder: Path, ready_model: str = "chat"):
+async def gateway_process(
+    config: dict[str, Any], folder: Path, ready_model: str = "chat", env: dict[str, str] | None = None
+):
     """A real `cortex-gateway serve` process on a free loopback port, once it
     serves `ready_model`; stopped (SIGTERM, then SIGKILL) when the block ends."""
     config["listen"]["port"] = free_port()
     path = folder / "config.yml"
     path.write_text(yaml.safe_dump(config))
+    log = (folder / "gateway.log").open("wb")  # read it when a test fails
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=log, stderr=log,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
     )  # fmt: skip
     base = f"http://127.0.0.1:{config['listen']['port']}"
     try:
@@ -177,6 +186,11 @@ async def gateway_process(config: dict[str, Any], folder: Path, ready_model: str
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
+            # With several workers, wait until every one of them listens.
+            for _attempt in range(100):
+                if listeners(config["listen"]["port"]) >= config.get("workers", 1):
+                    break
+                await asyncio.sleep(0.1)
         yield GatewayProcess(process, base, path, config)
     finally:
         if process.returncode is None:
@@ -186,3 +200,4 @@ async def gateway_process(config: dict[str, Any], folder: Path, ready_model: str
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        log.close()

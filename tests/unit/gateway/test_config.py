@@ -51,7 +51,9 @@ def test_good_config_loads():
         ("auth.api_keys.0.sha256", "abc", "auth.api_keys[0].sha256: must be 64 hex digits"),
         ("timeouts.connect", -1, "timeouts.connect: must be greater than 0"),
         ("health.unhealthy_after", 0, "health.unhealthy_after: must be at least 1"),
-        ("workers", 3, "workers: unknown option"),
+        ("threads", 3, "threads: unknown option"),
+        ("workers", 0, "workers: must be 'auto' or a number from 1 to 256, got 0"),
+        ("workers", "all", "workers: must be 'auto' or a number from 1 to 256, got 'all'"),
     ],
 )
 def test_bad_config_names_the_field(path, value, message):

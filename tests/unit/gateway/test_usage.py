@@ -98,7 +98,9 @@ async def test_sigterm_drains_requests_in_flight_then_writes_every_record(engine
     request still gets its answer, and every request has its record."""
     url = await engine_server(FakeEngine(delay=1.5))
     path = tmp_path / "usage.db"
-    async with gateway_process(usage_config(url, path), tmp_path) as gateway:
+    config = usage_config(url, path)
+    config["workers"] = 2  # the supervisor passes SIGTERM on; each worker drains and flushes
+    async with gateway_process(config, tmp_path) as gateway:
         async with aiohttp.ClientSession() as session:
 
             async def ask() -> int:

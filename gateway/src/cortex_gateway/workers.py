@@ -1,0 +1,165 @@
+"""Serving: one process, or a supervisor and one worker per core.
+
+Workers bind the same address with SO_REUSEPORT, so the kernel spreads new
+connections over them and no process sits in the request path. The supervisor
+only forks them, passes SIGHUP and SIGTERM on, and starts a worker again if
+one dies. What the workers share:
+
+- per-key limits: one counter table in a memory-mapped file (limits.CounterTable),
+  so a key's requests per minute are the gateway's, not each worker's;
+- metrics: prometheus_client's multiprocess files, so /metrics on any worker
+  reports the whole gateway (metrics.py says how each series adds up);
+- usage records: the same database (SQLite in WAL mode takes one writer at a
+  time; each worker writes its own batches).
+
+What they do not share: each worker checks backend health and keeps its own
+circuit breakers and queues (a queue's bound applies per worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+# On SIGTERM, in-flight requests get this long to finish.
+DRAIN_SECONDS = 30
+# A worker that dies this often within a minute is not restarted again.
+MAX_RESTARTS_PER_MINUTE = 5
+
+
+def serve(config: GatewayConfig, config_path: str | None) -> int:
+    if config.workers == 1:
+        _run_worker(config, config_path, table_path=None, reuse_port=False)
+        return 0
+    return Supervisor(config, config_path).run()
+
+
+def _run_worker(
+    config: GatewayConfig, config_path: str | None, table_path: str | None, reuse_port: bool
+) -> None:
+    # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
+    # prometheus_client decides where values live when it is first imported.
+    from aiohttp import web
+
+    from .app import Gateway
+    from .limits import CounterTable
+
+    table = CounterTable(table_path) if table_path else None
+    gateway = Gateway(config, config_path=config_path, limits_table=table)
+    web.run_app(
+        gateway.build_app(),
+        host=config.host,
+        port=config.port,
+        reuse_port=reuse_port,
+        access_log=None,
+        shutdown_timeout=DRAIN_SECONDS,
+        print=lambda *_: None,
+    )
+
+
+class Supervisor:
+    def __init__(self, config: GatewayConfig, config_path: str | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self.stopping = False
+        self.deaths: list[float] = []
+
+    def run(self) -> int:
+        # systemd's RuntimeDirectory= when run as the service, else a private one.
+        runtime = Path(os.environ.get("RUNTIME_DIRECTORY") or tempfile.mkdtemp(prefix="cortex-gateway-"))
+        metrics_dir = runtime / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # a previous run's samples are not ours
+        metrics_dir.mkdir(mode=0o700, parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        table_path = runtime / "limits"
+        table_path.unlink(missing_ok=True)
+        self.table_path = str(table_path)
+
+        from prometheus_client import multiprocess  # after the variable is set
+
+        # Import the app once here, so that each forked worker starts in
+        # milliseconds and shares these pages until it writes to them.
+        importlib.import_module(".app", __package__)
+
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+        log.info("starting %d workers on %s:%d", self.config.workers, self.config.host, self.config.port)
+        for number in range(self.config.workers):
+            self._spawn(number)
+        status = 0
+        while self.children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            number = self.children.pop(pid, None)
+            if number is None:
+                continue
+            multiprocess.mark_process_dead(pid, str(metrics_dir))
+            code = os.waitstatus_to_exitcode(wait_status)
+            if self.stopping:
+                continue
+            log.error("worker %d (pid %d) ended with %s; starting it again", number, pid, _describe(code))
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+            if len(self.deaths) > MAX_RESTARTS_PER_MINUTE:
+                log.error("workers died %d times within a minute; stopping", len(self.deaths))
+                status = 1
+                self._on_stop(signal.SIGTERM, None)
+                continue
+            self._spawn(number)
+        if runtime.name.startswith("cortex-gateway-"):
+            shutil.rmtree(runtime, ignore_errors=True)
+        return status
+
+    def _spawn(self, number: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = number
+            return
+        # The worker: default stop signals until aiohttp installs its own, and
+        # a SIGHUP before the app listens for it must not end the worker.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        code = 0
+        try:
+            _run_worker(self.config, self.config_path, self.table_path, reuse_port=True)
+        except BaseException:  # a worker reports and exits; never returns into the supervisor
+            log.exception("worker %d failed", number)
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _on_stop(self, sig: int, _frame: object) -> None:
+        self.stopping = True
+        self._forward(signal.SIGTERM)
+
+    def _on_hangup(self, _sig: int, _frame: object) -> None:
+        # Each worker re-reads the file itself and keeps its config on an error.
+        self._forward(signal.SIGHUP)
+
+
+def _describe(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit status {code}"

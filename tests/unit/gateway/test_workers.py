@@ -1,0 +1,129 @@
+"""Several worker processes on one port: what they share, and the supervisor's care of them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from cortex_gateway.auth import hash_key
+from cortex_gateway.limits import CounterTable, KeyPolicy, Limiter, Refusal
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import AUTH, CLIENT_KEY, FakeEngine, gateway_process, listeners, make_config
+
+WORKERS = 3
+
+
+def children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+async def ask(base: str, path: str = "/v1/completions", method: str = "POST") -> tuple[int, dict]:
+    """One request on a connection of its own, so the kernel picks a worker for each."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        body = {"model": "chat"} if method == "POST" else None
+        async with session.request(method, base + path, json=body, headers=AUTH) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def metric(base: str, name: str, **labels: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def two_workers_share(tmp_path: Path) -> tuple[Limiter, Limiter]:
+    path = str(tmp_path / "limits")
+    policies = {"k": KeyPolicy(requests_per_minute=3, concurrent_streams=1)}
+    return Limiter(policies, CounterTable(path)), Limiter(dict(policies), CounterTable(path))
+
+
+def test_limiters_on_one_table_count_together(tmp_path):
+    first, second = two_workers_share(tmp_path)
+    first.admit("k", "m", False, now=100.0)
+    second.admit("k", "m", False, now=101.0)
+    first.admit("k", "m", True, now=102.0)
+    with pytest.raises(Refusal, match="over its 3 requests per minute"):
+        second.admit("k", "m", False, now=103.0)
+    assert second.streams_open("k") == 1
+    first.done("k", True, 0)
+    assert second.streams_open("k") == 0
+    # A minute later the buckets are reused in place, not summed with the old ones.
+    second.admit("k", "m", False, now=160.5)
+    assert first.streams_open("k") == 0
+
+
+def test_the_table_tells_keys_apart_and_fills_up(tmp_path):
+    table = CounterTable(str(tmp_path / "small"), slots=2)
+    policies = {name: KeyPolicy(requests_per_minute=1) for name in ("a", "b", "c")}
+    limiter = Limiter(policies, table)
+    limiter.admit("a", "m", False, now=0.0)
+    limiter.admit("b", "m", False, now=0.0)  # a's count is not b's
+    with pytest.raises(RuntimeError, match="room for 2 keys"):
+        limiter.admit("c", "m", False, now=0.0)
+
+
+async def test_workers_share_the_port_limits_and_metrics(engine_server, tmp_path):
+    """A real gateway with three workers: every worker answers, /metrics on any
+    of them counts every request, and a key's limit holds for the whole gateway."""
+    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=WORKERS)
+    config["auth"]["api_keys"] = [
+        {"name": "tests", "sha256": hash_key(CLIENT_KEY), "limits": {"requests_per_minute": 12}}
+    ]
+    runtime = tmp_path / "run"
+    async with gateway_process(config, tmp_path, env={"RUNTIME_DIRECTORY": str(runtime)}) as gateway:
+        workers = children(gateway.process.pid)
+        assert len(workers) == WORKERS
+        statuses = [(await ask(gateway.base))[0] for _request in range(30)]
+        # The limit is the gateway's: 12 in the minute, wherever each connection landed.
+        assert statuses.count(200) == 12
+        assert statuses.count(429) == 18
+        # Each worker that answered has its own file of samples; 30 connections
+        # over 3 workers all landing on one would be a 1 in 3^29 chance.
+        answered = {int(p.stem.rsplit("_", 1)[1]) for p in (runtime / "metrics").glob("counter_*.db")}
+        assert answered == workers
+        for _scrape in range(5):  # whichever worker answers /metrics reports the whole gateway
+            assert await metric(gateway.base, "cortex_gateway_requests_total", status="200") == 12
+            assert await metric(gateway.base, "cortex_gateway_requests_total", status="429") == 18
+            assert await metric(gateway.base, "cortex_gateway_backend_up", model="chat") == 1
+
+
+async def test_the_supervisor_restarts_a_dead_worker_and_passes_on_sighup(engine_server, tmp_path):
+    chat, embed = await engine_server(FakeEngine()), await engine_server(FakeEngine())
+    config = make_config({"chat": [chat]}, workers=2)
+    async with gateway_process(config, tmp_path) as gateway:
+        before = children(gateway.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        # The supervisor starts a new worker, which listens beside the other.
+        for _attempt in range(100):
+            now = children(gateway.process.pid)
+            if len(now) == 2 and victim not in now and listeners(config["listen"]["port"]) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(now) == 2
+        assert victim not in now
+        assert [(await ask(gateway.base))[0] for _request in range(10)] == [200] * 10
+
+        config["models"] += make_config({"embed": [embed]})["models"]
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        gateway.process.send_signal(signal.SIGHUP)
+        seen: list[set[str]] = []
+        for _attempt in range(50):
+            seen = [{m["id"] for m in (await ask(gateway.base, "/v1/models", "GET"))[1]["data"]}
+                    for _request in range(10)]  # fmt: skip
+            if all(models == {"chat", "embed"} for models in seen):
+                break
+            await asyncio.sleep(0.1)
+        assert all(models == {"chat", "embed"} for models in seen)
+        assert children(gateway.process.pid) == now  # reloaded in place, not restarted
