@@ -445,6 +445,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "restart_policy": restart,
                     "health_path": "/health",
                     "health_timeout": health_timeout,
+                    "kind": _kind(engine, engine_options),
                     "max_concurrency": concurrency,
                     # The gateway's timeouts for this model, over its own defaults.
                     "timeouts": dict(model.get("timeouts") or {}),
@@ -481,6 +482,14 @@ def _healthcheck(engine, start_period):
     }
 
 
+def _kind(engine, options):
+    """What a 1-token health probe should ask: an embedding or a completion."""
+    if engine == "llamacpp":
+        return "embedding" if options.get("embeddings") else "completion"
+    pooling = options.get("runner") == "pooling" or options.get("task") in ("embed", "embedding")
+    return "embedding" if pooling else "completion"
+
+
 def _concurrency(engine, options):
     if engine == "llamacpp":
         return int(options.get("parallel") or 1)
@@ -500,6 +509,10 @@ def instance_endpoints(instances):
             "url": i["url"],
             "max_concurrency": i["max_concurrency"],
             "timeouts": i.get("timeouts") or {},
+            # For the health-check timer of the host.
+            "container": i["container"],
+            "start_period": i["health_timeout"],
+            "kind": i["kind"],
         }
         for i in instances
         if i["state"] == "started"
