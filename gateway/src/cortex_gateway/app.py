@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, status
 from .auth import KeyRing
 from .backends import Backend, Health, HealthMonitor
 from .breaker import BreakerState
@@ -36,7 +36,14 @@ MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Open without a key: liveness for nginx and the health timers, and metrics
 # for Prometheus (the gateway listens on loopback or the internal address;
 # the nginx site does not pass /metrics on).
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+# The status page's HTML holds no data: it asks for an admin key and sends it
+# with each request for /admin/status.json, which the admin check guards.
+STATUS_PAGE = "/admin/status"
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics", STATUS_PAGE})
+# The page runs only its own script and talks only to this gateway.
+STATUS_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+)
 # Response header with the gateway's own time for the request, in ms.
 OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
 # The name (never the value) of the client key a request came with.
@@ -217,6 +224,8 @@ class Gateway:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/admin/usage", self.usage_page)
+        app.router.add_get(STATUS_PAGE, self.status_page)
+        app.router.add_get(STATUS_PAGE + ".json", self.status_json)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         for path in MODEL_ROUTES:
@@ -243,7 +252,7 @@ class Gateway:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
+        if request.path.startswith("/admin/") and request.path not in PUBLIC_PATHS:
             authorization = request.headers.get("Authorization")
             if self.admin_keyring.identify(authorization) is not None:
                 return await handler(request)
@@ -286,6 +295,31 @@ class Gateway:
         if request.query.get("format") == "csv":
             return web.Response(text=to_csv(rows), content_type="text/csv")
         return web.json_response({"object": "list", "data": rows})
+
+    async def status_page(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=status.page(),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": STATUS_CSP},
+        )
+
+    async def status_json(self, _request: web.Request) -> web.Response:
+        last_minute = errors = None
+        if self.usage is not None:
+            now = time.time()
+            try:
+                last_minute = await asyncio.to_thread(
+                    self.usage.store.report, ["model"], now - status.WINDOW_SECONDS
+                )
+                errors = await asyncio.to_thread(
+                    self.usage.store.recent_errors, now - 3600, status.RECENT_ERRORS
+                )
+            except Exception as exc:  # noqa: BLE001 - the page still shows live state
+                log.warning("status page: cannot read the usage records: %s", exc)
+        data = status.snapshot(
+            self.config, self.backends, self.metrics.collect_registry(), last_minute, errors, self.started
+        )
+        return web.json_response(data, headers={"Cache-Control": "no-store"})
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})

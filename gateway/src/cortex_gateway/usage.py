@@ -109,6 +109,9 @@ class SQLiteStore(_Store):
     def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
         return report(self.path, group_by, since)
 
+    def recent_errors(self, since: float, limit: int) -> list[dict]:
+        return _sqlite_rows(self.path, recent_errors_sql("?"), (since, limit))
+
 
 POSTGRES_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS usage (
@@ -153,11 +156,17 @@ class PostgresStore(_Store):
         _groups, sql = report_sql(
             group_by, "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "%s"
         )
+        return [_tidy(row) for row in self._rows(sql, (since or 0.0,))]
+
+    def recent_errors(self, since: float, limit: int) -> list[dict]:
+        return self._rows(recent_errors_sql("%s"), (since, limit))
+
+    def _rows(self, sql: str, params: tuple) -> list[dict]:
         psycopg = self._driver()
         from psycopg.rows import dict_row
 
         with psycopg.connect(self.dsn, row_factory=dict_row) as db:
-            return [_tidy(row) for row in db.execute(sql, (since or 0.0,))]
+            return list(db.execute(sql, params))
 
 
 def store_for(sqlite_path: str | None, postgres_dsn: str | None):
@@ -202,10 +211,21 @@ def _tidy(row: dict) -> dict:
 def report(path: str | Path, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
     """Requests, tokens and latency per group (key, model, day), from a SQLite usage database."""
     _groups, sql = report_sql(group_by, "date(ts, 'unixepoch')", "?")
+    return [_tidy(row) for row in _sqlite_rows(path, sql, (since or 0.0,))]
+
+
+def recent_errors_sql(mark: str) -> str:
+    """The newest answers with an error status since a time, newest first."""
+    columns = "ts, key_name AS key, model, backend, status, latency_ms"
+    where = f"ts >= {mark} AND status >= 400"
+    return f"SELECT {columns} FROM usage WHERE {where} ORDER BY ts DESC LIMIT {mark}"  # noqa: S608
+
+
+def _sqlite_rows(path: str | Path, sql: str, params: tuple) -> list[dict]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         db.row_factory = sqlite3.Row
-        return [_tidy(dict(row)) for row in db.execute(sql, (since or 0.0,))]
+        return [dict(row) for row in db.execute(sql, params)]
     finally:
         db.close()
 

@@ -1,0 +1,97 @@
+"""The status page: what an operator wants at a glance, for every worker at once.
+
+Live state (health, breakers, requests in flight, queues) is read from the
+metrics, which add up over the workers; the last minute's traffic, tokens/s
+and recent errors come from the usage records, which every worker (and every
+gateway sharing PostgreSQL) writes to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from .config import GatewayConfig
+
+BREAKER_NAMES = {0: "closed", 1: "half-open", 2: "open"}
+WINDOW_SECONDS = 60
+RECENT_ERRORS = 20
+
+
+def page() -> bytes:
+    """The page itself: plain HTML and JS, no data in it (that needs an admin key)."""
+    return resources.files(__package__).joinpath("status.html").read_bytes()
+
+
+def _gauges(registry: CollectorRegistry) -> dict[str, dict[tuple[str, ...], float]]:
+    """Gauge values by metric name and (model, backend) or (model,)."""
+    values: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.startswith("cortex_gateway_") and family.type == "gauge":
+                key = (sample.labels.get("model", ""), sample.labels.get("backend", ""))
+                values[sample.name][key] = sample.value
+    return values
+
+
+def snapshot(
+    config: GatewayConfig,
+    backends: Iterable[Any],
+    registry: CollectorRegistry,
+    last_minute: list[dict] | None,
+    errors: list[dict] | None,
+    started: float,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The JSON the page shows. last_minute/errors are None when no usage records are kept."""
+    now = time.time() if now is None else now
+    gauges = _gauges(registry)
+    traffic = {row["model"]: row for row in last_minute or []}
+    by_model: dict[str, list[Any]] = defaultdict(list)
+    for backend in backends:
+        by_model[backend.model].append(backend)
+    models = []
+    for name, model in config.models.items():
+        replicas = []
+        for backend in by_model.get(name, []):
+            key = (name, backend.name)
+            replicas.append(
+                {
+                    "backend": backend.name,
+                    "url": backend.url,
+                    "ready": gauges["cortex_gateway_backend_up"].get(key, 0) == 1,
+                    "breaker": BREAKER_NAMES.get(
+                        int(gauges["cortex_gateway_breaker_state"].get(key, 0)), "?"
+                    ),
+                    "in_flight": int(gauges["cortex_gateway_in_flight"].get(key, 0)),
+                    "slots": backend.max_concurrency,
+                }
+            )
+        row = traffic.get(name, {})
+        kept = last_minute is not None  # else: no usage records, so no traffic figures
+        completion = row.get("completion_tokens") or 0
+        models.append(
+            {
+                "name": name,
+                "engine": model.engine,
+                "replicas": replicas,
+                "ready": sum(1 for r in replicas if r["ready"]),
+                "queued": int(gauges["cortex_gateway_queue_depth"].get((name, ""), 0)),
+                "requests_last_minute": row.get("requests", 0) if kept else None,
+                "errors_last_minute": row.get("errors", 0) if kept else None,
+                "tokens_per_second": round(completion / WINDOW_SECONDS, 2) if kept else None,
+            }
+        )
+    return {
+        "time": now,
+        "uptime_seconds": round(now - started, 1),
+        "workers": config.workers,
+        "usage_records": last_minute is not None,
+        "models": models,
+        "recent_errors": errors,
+    }

@@ -1,0 +1,116 @@
+"""The status page: admin-only data, right for every worker, and readable in a real browser."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import aiohttp
+from cortex_gateway.auth import hash_key
+
+from .conftest import AUTH, FakeEngine, gateway_process, make_config
+
+ADMIN_KEY = "sk-admin-status-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ROOT = Path(__file__).resolve().parents[3]
+# Set CORTEX_UPDATE_DOCS=1 to refresh the screenshot kept in the docs.
+SCREENSHOT = ROOT / "docs" / "images" / "status-page.png"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is needed (scripts/bootstrap installs it)"
+    return found
+
+
+async def status_config(tmp_path: Path, engine_server) -> dict:
+    healthy = await engine_server(FakeEngine())
+    down = await engine_server(FakeEngine(health_status=503))
+    failing = await engine_server(FakeEngine(status=500))
+    config = make_config({"chat": [healthy, down], "embed": [failing]}, workers=2)
+    config["usage"] = {"sqlite": str(tmp_path / "usage.db")}
+    config["auth"]["admin_keys"] = [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]
+    return config
+
+
+async def traffic(base: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for model, count in (("chat", 5), ("embed", 2)):
+            for _request in range(count):
+                async with session.post(
+                    base + "/v1/completions", json={"model": model}, headers=AUTH
+                ) as answer:
+                    await answer.read()
+
+
+async def status_json(base: str, headers: dict) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base + "/admin/status.json", headers=headers) as answer,
+    ):
+        return answer.status, await answer.json()
+
+
+async def test_status_json_is_for_admins_and_adds_up_over_workers(engine_server, tmp_path):
+    config = await status_config(tmp_path, engine_server)
+    async with gateway_process(config, tmp_path) as gateway:
+        await traffic(gateway.base)
+        assert (await status_json(gateway.base, {}))[0] == 401
+        assert (await status_json(gateway.base, AUTH))[0] == 403
+        for _attempt in range(30):  # the records are written within a second or so
+            status, data = await status_json(gateway.base, ADMIN)
+            if data["models"][0]["requests_last_minute"] == 5 and len(data["recent_errors"]) == 2:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200
+        assert data["workers"] == 2
+        chat, embed = data["models"]
+        assert (chat["name"], chat["engine"], chat["ready"]) == ("chat", "llamacpp", 1)
+        assert [r["ready"] for r in chat["replicas"]] == [True, False]
+        assert {r["breaker"] for r in chat["replicas"]} == {"closed"}
+        assert chat["requests_last_minute"] == 5
+        assert chat["errors_last_minute"] == 0
+        assert chat["tokens_per_second"] == round(5 / 60, 2)  # FakeEngine: 1 completion token each
+        assert embed["errors_last_minute"] == 2
+        assert [(e["model"], e["key"]) for e in data["recent_errors"]] == [("embed", "tests")] * 2
+        assert all(e["status"] >= 500 for e in data["recent_errors"])
+
+
+async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
+    browser = chromium()
+    config = await status_config(tmp_path, engine_server)
+    async with gateway_process(config, tmp_path) as gateway:
+        await traffic(gateway.base)
+        await asyncio.sleep(1.5)  # records written
+        url = f"{gateway.base}/admin/status#key={ADMIN_KEY}"
+        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=4000"]  # fmt: skip
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*common, *args], capture_output=True, text=True, timeout=90, check=False)
+
+        dom = (await asyncio.to_thread(run, "--dump-dom", url)).stdout
+        assert 'data-model="chat"' in dom
+        assert 'data-model="embed"' in dom
+        assert ">ready</span>" in dom
+        assert ">down</span>" in dom
+        assert ">closed</span>" in dom
+        assert "<b>2 / 3</b><span>Replicas ready</span>" in dom
+        assert dom.count("<td>embed</td>") >= 2  # its model row and its two errors
+        # Without a key the page asks for one, and shows no data.
+        bare = (await asyncio.to_thread(run, "--dump-dom", f"{gateway.base}/admin/status")).stdout
+        assert "an admin key is needed" in bare
+        assert 'data-model="chat"' not in bare
+
+        shot = tmp_path / "status.png"
+        await asyncio.to_thread(
+            run, f"--screenshot={shot}", "--window-size=1280,720", "--hide-scrollbars", url
+        )
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+        if os.environ.get("CORTEX_UPDATE_DOCS") == "1":
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOT)
