@@ -18,7 +18,8 @@ description:
   - The collection also has the filters C(routing_table), which merges the
     C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas,
     C(instance_endpoints), the gateway's view of a host's started instances, and
-    C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of.
+    C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
+    and C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters.
 positional: host, gpu_count, defaults, shapes
 options:
   _input:
@@ -55,7 +56,11 @@ _value:
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.cortex.serving.plugins.module_utils._fleet import FleetError, routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
+    FleetError,
+    prometheus_targets,
+    routing_table,
+)
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
     host_instances,
@@ -89,6 +94,32 @@ def _routing_table(hosts, hostvars, fact="model_servers_endpoints"):
         raise AnsibleFilterError(str(exc)) from exc
 
 
+def _prometheus_targets(hostvars, gateways, gpu_hosts, node_exporter_port=9100):
+    """file_sd groups from the inventory: gateways' listen settings, GPU hosts' published endpoints."""
+    gateway_rows = []
+    for host in gateways:
+        values = hostvars[host]
+        gateway_rows.append(
+            (
+                host,
+                values.get("ansible_host") or host,
+                values.get("gateway_listen_host", "127.0.0.1"),
+                values.get("gateway_listen_port", 8000),
+            )
+        )
+    gpu_rows = []
+    for host in gpu_hosts:
+        values = hostvars[host]
+        endpoints = values.get("model_servers_endpoints")
+        if endpoints is None:
+            raise AnsibleFilterError(
+                "host %s has no model_servers_endpoints fact: run playbooks/models.yml (or site.yml) on it first"
+                % host
+            )
+        gpu_rows.append((host, values.get("ansible_host") or host, endpoints))
+    return prometheus_targets(gateway_rows, gpu_rows, node_exporter_port)
+
+
 class FilterModule(object):
     def filters(self):
         return {
@@ -96,4 +127,5 @@ class FilterModule(object):
             "instance_endpoints": instance_endpoints,
             "model_source_files": source_files,
             "routing_table": _routing_table,
+            "prometheus_targets": _prometheus_targets,
         }

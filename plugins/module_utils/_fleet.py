@@ -49,3 +49,57 @@ def routing_table(host_endpoints):
                 }
             )
     return [models[name] for name in sorted(models)]
+
+
+_ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104 - compared with, never bound
+
+
+def prometheus_targets(gateways, gpu_hosts, node_exporter_port=9100):
+    """Prometheus file_sd target groups for the fleet, by file name.
+
+    ``gateways`` is a list of (host, address, listen_host, listen_port);
+    ``gpu_hosts`` a list of (host, address, endpoints) with the endpoints the
+    model_servers role published. Gateways listening on every address are
+    scraped at the host's address; engines at the URL the gateway uses. Every
+    target carries a ``host`` label, the inventory name, which the dashboard
+    filters on. Engines get one file per host, since each host's engines have
+    their own API key (one scrape job per host).
+    """
+    files = {"cortex-gateway.json": [], "cortex-node.json": []}
+    for host, address, listen_host, listen_port in gateways:
+        target_host = address if listen_host in _ANY_ADDRESS else listen_host
+        files["cortex-gateway.json"].append(
+            {"targets": ["%s:%d" % (_bracketed(target_host), int(listen_port))], "labels": {"host": host}}
+        )
+    nodes = {}
+    for host, address, _listen_host, _listen_port in gateways:
+        nodes[host] = address
+    for host, address, endpoints in gpu_hosts:
+        nodes[host] = address
+        groups = []
+        for endpoint in endpoints or []:
+            netloc = endpoint["url"].split("://", 1)[1].rstrip("/")
+            groups.append(
+                {
+                    "targets": [netloc],
+                    "labels": {
+                        "host": host,
+                        "model": endpoint["name"],
+                        "engine": endpoint["engine"],
+                        "replica": str(endpoint.get("replica", 0)),
+                    },
+                }
+            )
+        files["cortex-engines-%s.json" % host] = groups
+    for host in sorted(nodes):
+        files["cortex-node.json"].append(
+            {
+                "targets": ["%s:%d" % (_bracketed(nodes[host]), int(node_exporter_port))],
+                "labels": {"host": host},
+            }
+        )
+    return files
+
+
+def _bracketed(address):
+    return "[%s]" % address if ":" in address else address
