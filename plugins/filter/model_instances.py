@@ -19,7 +19,8 @@ description:
     C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas,
     C(instance_endpoints), the gateway's view of a host's started instances, and
     C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
-    and C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters.
+    C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters,
+    and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text table (playbooks/status.yml).
 positional: host, gpu_count, defaults, shapes
 options:
   _input:
@@ -58,6 +59,8 @@ from ansible.errors import AnsibleFilterError
 
 from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
     FleetError,
+    fleet_rows,
+    fleet_table,
     prometheus_targets,
     routing_table,
 )
@@ -128,4 +131,6 @@ class FilterModule(object):
             "model_source_files": source_files,
             "routing_table": _routing_table,
             "prometheus_targets": _prometheus_targets,
+            "fleet_rows": fleet_rows,
+            "fleet_table": fleet_table,
         }

@@ -103,3 +103,56 @@ def prometheus_targets(gateways, gpu_hosts, node_exporter_port=9100):
 
 def _bracketed(address):
     return "[%s]" % address if ":" in address else address
+
+
+FLEET_COLUMNS = ("host", "model", "engine", "replica", "state", "health", "gpus", "gpu_memory")
+
+
+def fleet_rows(containers, host, gpus):
+    """One row per engine container of a host, from `docker inspect` output and gpu_facts' GPUs."""
+    by_index = dict((str(g.get("index")), g) for g in gpus or [])
+    rows = []
+    for info in containers:
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        state = info.get("State") or {}
+        devices = []
+        for request in (info.get("HostConfig") or {}).get("DeviceRequests") or []:
+            devices.extend(str(d) for d in request.get("DeviceIDs") or [])
+        used = [by_index[d] for d in devices if d in by_index]
+        memory = "-"
+        if used:
+            memory = "%.1f / %.1f GiB" % (
+                sum(g.get("memory_used_mib", 0) for g in used) / 1024.0,
+                sum(g.get("memory_total_mib", 0) for g in used) / 1024.0,
+            )
+        rows.append(
+            {
+                "host": host,
+                "model": labels.get("io.cortex.model", info.get("Name", "").lstrip("/")),
+                "engine": labels.get("io.cortex.engine", "?"),
+                "replica": labels.get("io.cortex.replica", "0"),
+                "state": state.get("Status", "?"),
+                "health": (state.get("Health") or {}).get("Status", "-"),
+                "gpus": ",".join(devices) or "cpu",
+                "gpu_memory": memory,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["host"], r["model"], int(r["replica"] or 0)))
+
+
+def fleet_table(rows):
+    """The rows as aligned text lines, a header first; a container that is not
+    running and healthy is marked with '<-' at the end of its line."""
+    header = dict((c, c.replace("_", " ").upper()) for c in FLEET_COLUMNS)
+    widths = dict((c, max([len(header[c])] + [len(str(r[c])) for r in rows])) for c in FLEET_COLUMNS)
+
+    def line(row, mark=""):
+        return ("  ".join(str(row[c]).ljust(widths[c]) for c in FLEET_COLUMNS) + mark).rstrip()
+
+    lines = [line(header)]
+    for row in rows:
+        healthy = row["state"] == "running" and row["health"] in ("healthy", "-")
+        lines.append(line(row, "" if healthy else "  <-"))
+    if not rows:
+        lines.append("(no engine containers)")
+    return lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -237,3 +238,53 @@ def test_streamed_completion_through_nginx(client):
     )
     pieces = [c.choices[0].text for c in stream if c.choices]
     assert "".join(pieces).strip()
+
+
+def admin_key() -> str:
+    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
+    return (inventory / ".credentials" / "gateway-admin-key" / "admin").read_text().strip()
+
+
+def test_the_gateway_runs_one_worker_per_core(host):
+    supervisor = host.check_output("systemctl show -p MainPID --value cortex-gateway")
+    workers = host.check_output(f"cat /proc/{supervisor}/task/{supervisor}/children").split()
+    assert len(workers) == int(host.check_output("nproc"))
+
+
+def test_health_check_timer_writes_metrics_for_every_engine_and_the_gateway(host):
+    assert host.service("cortex-healthcheck.timer").is_running
+    assert host.service("cortex-healthcheck.timer").is_enabled
+    host.run_expect([0], "systemctl start cortex-healthcheck.service")
+    metrics = host.file("/var/lib/prometheus/node-exporter/cortex_health.prom").content_string
+    containers = json.loads(host.check_output("cat /etc/cortex-healthcheck/config.json"))["engines"]
+    assert len(containers) == 3  # two chat replicas and the embedding model
+    for engine in containers:
+        labels = f'model="{engine["name"]}",engine="llamacpp",container="{engine["container"]}"'
+        assert f"cortex_model_up{{{labels}}} 1" in metrics
+    assert 'cortex_gateway_healthz_up{url="http://127.0.0.1:80/healthz"} 1' in metrics
+    assert "cortex_nginx_up 1" in metrics
+    assert "all 3 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
+
+
+def test_the_status_page_through_nginx_is_for_admins(client_key):
+    url = "http://127.0.0.1:18088/admin/status.json"
+    assert requests.get(url, headers={"Authorization": f"Bearer {client_key}"}, timeout=10).status_code == 403
+    data = requests.get(url, headers={"Authorization": f"Bearer {admin_key()}"}, timeout=10).json()
+    models = {m["name"]: m for m in data["models"]}
+    assert models[MODEL]["ready"] == 2
+    assert models[EMBEDDING_MODEL]["ready"] == 1
+    page = requests.get("http://127.0.0.1:18088/admin/status", timeout=10)
+    assert page.status_code == 200
+    assert "status.json" in page.text
+
+
+def test_the_status_playbook_prints_the_fleet_table():
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(root / "playbooks/status.yml")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "cortex-molecule" in line and "llamacpp" in line]
+    assert len(rows) == 3
+    assert all("running" in row and "healthy" in row and "<-" not in row for row in rows)

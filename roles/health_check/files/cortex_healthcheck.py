@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: cortex.serving contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """One run of the cortex.serving health check, started by a systemd timer.

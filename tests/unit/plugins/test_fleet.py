@@ -1,9 +1,15 @@
-"""The gateway's routing table across hosts, from each host's instances."""
+"""Fleet-wide views: the gateway's routing table across hosts, Prometheus targets, the fleet table."""
 
 from __future__ import annotations
 
 import pytest
-from ansible_collections.cortex.serving.plugins.module_utils._fleet import FleetError, routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
+    FleetError,
+    fleet_rows,
+    fleet_table,
+    prometheus_targets,
+    routing_table,
+)
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
 
 CHAT = {
@@ -52,3 +58,85 @@ def test_a_models_gateway_timeouts_reach_the_routing_table():
     table = routing_table([("gpu-a", endpoints([slow, EMBED], "10.0.0.1"))])
     assert table[0]["timeouts"] == {"first_byte": 1800}
     assert table[1]["timeouts"] == {}
+
+
+def inspected(model, replica, status="running", health="healthy", devices=None):
+    info = {
+        "Name": f"/cortex-{model}-{replica}",
+        "Config": {
+            "Labels": {
+                "io.cortex.model": model,
+                "io.cortex.engine": "vllm",
+                "io.cortex.replica": str(replica),
+            }
+        },
+        "State": {"Status": status, "Health": {"Status": health}},
+        "HostConfig": {"DeviceRequests": [{"DeviceIDs": devices}] if devices else None},
+    }
+    return info
+
+
+def test_fleet_table_shows_state_health_and_the_gpu_memory_of_each_container():
+    gpus = [
+        {"index": 0, "memory_used_mib": 40960, "memory_total_mib": 81920},
+        {"index": 1, "memory_used_mib": 10240, "memory_total_mib": 81920},
+    ]
+    rows = fleet_rows(
+        [inspected("llama", 1, devices=["1"]), inspected("llama", 0, devices=["0", "1"]),
+         inspected("embed", 0, "exited", "unhealthy")],
+        "h100-a", gpus,
+    )  # fmt: skip
+    lines = fleet_table(rows)
+    assert lines[0].split() == [
+        "HOST",
+        "MODEL",
+        "ENGINE",
+        "REPLICA",
+        "STATE",
+        "HEALTH",
+        "GPUS",
+        "GPU",
+        "MEMORY",
+    ]
+    assert lines[1].split() == ["h100-a", "embed", "vllm", "0", "exited", "unhealthy", "cpu", "-", "<-"]
+    assert lines[2].split() == [
+        "h100-a",
+        "llama",
+        "vllm",
+        "0",
+        "running",
+        "healthy",
+        "0,1",
+        "50.0",
+        "/",
+        "160.0",
+        "GiB",
+    ]
+    assert lines[3].split()[-4:] == ["10.0", "/", "80.0", "GiB"]
+    assert lines[0].index("STATE") == lines[1].index("exited") == lines[2].index("running")  # aligned
+    assert fleet_table([])[1] == "(no engine containers)"
+
+
+def test_prometheus_targets_scrape_what_the_gateway_and_engines_listen_on():
+    files = prometheus_targets(
+        [("gw-a", "10.0.0.51", "0.0.0.0", 8000), ("gw-b", "10.0.0.52", "10.1.0.52", 8001)],  # noqa: S104
+        [
+            (
+                "gpu-a",
+                "fd00::11",
+                [{"name": "m", "engine": "vllm", "replica": 1, "url": "http://[fd00::11]:18100"}],
+            )
+        ],
+    )
+    assert [g["targets"] for g in files["cortex-gateway.json"]] == [["10.0.0.51:8000"], ["10.1.0.52:8001"]]
+    assert files["cortex-engines-gpu-a.json"] == [
+        {
+            "targets": ["[fd00::11]:18100"],
+            "labels": {"host": "gpu-a", "model": "m", "engine": "vllm", "replica": "1"},
+        }
+    ]
+    assert [g["targets"][0] for g in files["cortex-node.json"]] == [
+        "[fd00::11]:9100",
+        "10.0.0.51:9100",
+        "10.0.0.52:9100",
+    ]
