@@ -10,6 +10,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import os
+
 # NVML return codes (nvml.h) that mean "no usable driver here".
 _NVML_ERROR_DRIVER_NOT_LOADED = 9
 _NVML_ERROR_LIBRARY_NOT_FOUND = 12
@@ -17,6 +19,28 @@ _NVML_ERROR_NOT_SUPPORTED = 3
 _NO_DRIVER_CODES = (_NVML_ERROR_DRIVER_NOT_LOADED, _NVML_ERROR_LIBRARY_NOT_FOUND)
 
 _MIB = 1024 * 1024
+
+
+def pci_devices(sysfs="/sys/bus/pci/devices"):
+    """NVIDIA display-class devices on the PCI bus (no driver needed): bus id and device id."""
+    found = []
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(os.path.join(sysfs, entry, "vendor")) as vendor:
+                if vendor.read().strip() != "0x10de":
+                    continue
+            with open(os.path.join(sysfs, entry, "class")) as klass:
+                if not klass.read().strip().startswith("0x03"):
+                    continue  # the GPU's audio function, NVSwitches, ...
+            with open(os.path.join(sysfs, entry, "device")) as device:
+                found.append({"pci_bus_id": entry, "device_id": device.read().strip().replace("0x", "")})
+        except (IOError, OSError):
+            continue
+    return found
 
 
 class NoDriverError(Exception):

@@ -83,6 +83,16 @@ ansible_facts:
           type: str
           returned: when driver_present is true
           sample: "13.0"
+        pci_devices:
+          description:
+            - NVIDIA GPUs on the PCI bus, read from sysfs, with or without a driver (what the
+              nvidia_driver role installs for).
+          returned: always
+          type: list
+          elements: dict
+          sample:
+            - pci_bus_id: "0000:00:07.0"
+              device_id: "2330"
         gpus:
           description: One entry per GPU, in NVML index order.
           type: list
@@ -104,7 +114,11 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.cortex.serving.plugins.module_utils._gpu_facts import NoDriverError, read_gpus
+from ansible_collections.cortex.serving.plugins.module_utils._gpu_facts import (
+    NoDriverError,
+    pci_devices,
+    read_gpus,
+)
 
 try:
     import pynvml
@@ -128,6 +142,7 @@ def main():
             "reason": "no NVIDIA driver: nvidia-ml-py (pynvml) is not installed",
             "gpus": [],
         }
+        facts["pci_devices"] = pci_devices()
         module.exit_json(changed=False, ansible_facts={"cortex_gpus": facts})
 
     try:
@@ -139,6 +154,7 @@ def main():
         facts = {"driver_present": False, "reason": str(exc), "gpus": []}
     except pynvml.NVMLError as exc:
         module.fail_json(msg="NVML failed: %s" % exc, exception=traceback.format_exc())
+    facts["pci_devices"] = pci_devices()
     module.exit_json(changed=False, ansible_facts={"cortex_gpus": facts})
 
 

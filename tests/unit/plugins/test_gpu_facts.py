@@ -5,7 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from ansible_collections.cortex.serving.plugins.module_utils._gpu_facts import NoDriverError, read_gpus
+from ansible_collections.cortex.serving.plugins.module_utils._gpu_facts import (
+    NoDriverError,
+    pci_devices,
+    read_gpus,
+)
 
 
 class NVMLError(Exception):
@@ -103,3 +107,21 @@ def test_cuda_version_decoding(encoded, version):
     nvml = FakeNVML()
     nvml.nvmlSystemGetCudaDriverVersion_v2 = lambda: encoded
     assert read_gpus(nvml)["cuda_driver_version"] == version
+
+
+def test_pci_devices_are_the_nvidia_display_functions_without_a_driver(tmp_path):
+    for bus, vendor, klass, device in [
+        ("0000:00:06.0", "0x10de", "0x030200", "0x2330"),  # an H100: 3D controller
+        ("0000:00:06.1", "0x10de", "0x040300", "0x22a3"),  # its audio function
+        ("0000:00:07.0", "0x8086", "0x030000", "0x1234"),  # another vendor's display
+        ("0000:00:08.0", "0x10de", "0x030000", "0x26b9"),  # an L40S: VGA controller
+    ]:
+        folder = tmp_path / bus
+        folder.mkdir()
+        for name, value in (("vendor", vendor), ("class", klass), ("device", device)):
+            (folder / name).write_text(value + "\n")
+    assert pci_devices(str(tmp_path)) == [
+        {"pci_bus_id": "0000:00:06.0", "device_id": "2330"},
+        {"pci_bus_id": "0000:00:08.0", "device_id": "26b9"},
+    ]
+    assert pci_devices(str(tmp_path / "missing")) == []
