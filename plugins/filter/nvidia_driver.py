@@ -17,7 +17,8 @@ description:
   - Refuses a choice the host's GPUs cannot load, naming the GPU.
   - The collection also has the filters C(nvidia_version_mismatch), which turns nvidia-smi's
     driver/library version mismatch into advice (empty when there is none), and
-    C(nvidia_gpus_from_pci), the GPUs' generations from their PCI device IDs before a driver is loaded.
+    C(nvidia_gpus_from_pci), the GPUs' generations from their PCI device IDs before a driver is loaded,
+    and C(nvidia_toolkit_packages), the four NVIDIA Container Toolkit packages pinned to one version.
 positional: distribution, major_version, version, modules, module_source, gpus
 options:
   _input:
@@ -70,6 +71,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._driver_plan import
     DriverPlanError,
     driver_plan,
     gpus_from_pci,
+    toolkit_packages,
     version_mismatch,
 )
 
@@ -91,4 +93,5 @@ class FilterModule(object):
             "nvidia_driver_plan": _plan,
             "nvidia_version_mismatch": _mismatch,
             "nvidia_gpus_from_pci": gpus_from_pci,
+            "nvidia_toolkit_packages": toolkit_packages,
         }

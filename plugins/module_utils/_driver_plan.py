@@ -182,3 +182,22 @@ def version_mismatch(nvidia_smi_output):
         "still in the kernel: reboot the host (or stop every GPU process and run "
         "'modprobe -r nvidia_uvm nvidia_drm nvidia_modeset nvidia && modprobe nvidia')."
     )
+
+
+TOOLKIT_PACKAGES = (
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+)
+
+
+def toolkit_packages(version, family):
+    """The four toolkit packages, pinned together in the package manager's syntax."""
+    if family == "apt":
+        pinned = ["%s=%s-1" % (name, version) for name in TOOLKIT_PACKAGES]
+    elif family == "dnf":
+        pinned = ["%s-%s-1" % (name, version) for name in TOOLKIT_PACKAGES]
+    else:
+        raise DriverPlanError("unknown package manager %r" % family)
+    return {"names": list(TOOLKIT_PACKAGES), "pinned": pinned}

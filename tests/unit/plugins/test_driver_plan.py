@@ -7,6 +7,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._driver_plan import
     DriverPlanError,
     driver_plan,
     gpus_from_pci,
+    toolkit_packages,
     version_mismatch,
 )
 
@@ -95,3 +96,16 @@ def test_pci_ids_tell_the_generation_before_a_driver_is_loaded():
     assert [g["compute_capability"] for g in gpus] == ["7.0", "7.5", "7.5", "7.5", "10.0"]
     assert driver_plan(*DEBIAN, "570", "570.1", gpus=gpus[1:4])["modules"] == "open"
     assert driver_plan(*DEBIAN, "535", "535.1", gpus=gpus[:1])["modules"] == "proprietary"
+
+
+def test_the_four_toolkit_packages_are_pinned_together():
+    apt = toolkit_packages("1.17.8", "apt")
+    assert apt["pinned"] == [
+        "nvidia-container-toolkit=1.17.8-1",
+        "nvidia-container-toolkit-base=1.17.8-1",
+        "libnvidia-container-tools=1.17.8-1",
+        "libnvidia-container1=1.17.8-1",
+    ]
+    assert toolkit_packages("1.17.8", "dnf")["pinned"][3] == "libnvidia-container1-1.17.8-1"
+    with pytest.raises(DriverPlanError, match="unknown package manager 'zypper'"):
+        toolkit_packages("1.17.8", "zypper")

@@ -1,0 +1,66 @@
+"""Air-gapped GPU host preparation: Docker and the NVIDIA driver from local packages, held,
+with nouveau kept out and other tools' Docker settings kept."""
+
+from __future__ import annotations
+
+import json
+
+DRIVER = "535.261.03"
+HELD = [
+    "nvidia-kernel-dkms",
+    "nvidia-smi",
+    "libcuda1",
+    "libnvidia-ml1",
+    "nvidia-persistenced",
+    "firmware-nvidia-gsp",
+]
+
+
+def test_the_host_has_no_network(host):
+    interfaces = host.check_output("ls /sys/class/net").split()
+    assert interfaces == ["lo"]
+    assert host.run("getent ahosts deb.debian.org").rc != 0
+
+
+def test_docker_runs_and_community_docker_can_talk_to_it(host):
+    assert host.service("docker").is_running
+    assert host.service("docker").is_enabled
+    assert host.run("python3 -c 'import docker; docker.from_env().ping()'").rc == 0
+
+
+def test_daemon_json_keeps_the_keys_another_tool_wrote(host):
+    config = json.loads(host.file("/etc/docker/daemon.json").content_string)
+    assert config["registry-mirrors"] == ["http://mirror.internal.example:5000"]
+    assert config["log-opts"] == {"max-size": "10m", "max-file": "3"}
+    assert config["storage-driver"] == "vfs"
+    assert host.check_output("docker info --format '{{.Driver}}'") == "vfs"
+
+
+def test_a_docker_already_installed_is_kept(existing):
+    assert existing.package("docker.io").is_installed
+    assert not existing.package("docker-ce").is_installed
+    assert not existing.file("/etc/apt/sources.list.d/docker.sources").exists
+    assert not existing.package("nvidia-smi").is_installed  # cortex_nvidia: false
+
+
+def test_the_driver_is_the_pinned_version_and_held(fresh):
+    held = fresh.check_output("apt-mark showhold").split()
+    for name in HELD:
+        assert name in held
+    assert fresh.package("nvidia-kernel-dkms").version.startswith(DRIVER)
+    assert fresh.package("nvidia-smi").version.startswith(DRIVER)
+
+
+def test_nouveau_is_blacklisted(fresh):
+    blacklist = fresh.file("/etc/modprobe.d/cortex-blacklist-nouveau.conf").content_string
+    assert "blacklist nouveau" in blacklist
+    assert "options nouveau modeset=0" in blacklist
+
+
+def test_the_persistence_daemon_is_enabled(fresh):
+    assert fresh.service("nvidia-persistenced").is_enabled
+
+
+def test_no_nvidia_sources_were_added(fresh):
+    # Local packages: the role adds no repository an air-gapped host cannot reach.
+    assert not fresh.file("/etc/apt/sources.list.d/cortex-nvidia.sources").exists
