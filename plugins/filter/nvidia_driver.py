@@ -18,7 +18,8 @@ description:
   - The collection also has the filters C(nvidia_version_mismatch), which turns nvidia-smi's
     driver/library version mismatch into advice (empty when there is none), and
     C(nvidia_gpus_from_pci), the GPUs' generations from their PCI device IDs before a driver is loaded,
-    and C(nvidia_toolkit_packages), the four NVIDIA Container Toolkit packages pinned to one version.
+    C(nvidia_toolkit_packages), the four NVIDIA Container Toolkit packages pinned to one version,
+    and C(nvidia_wanted), whether a host gets the NVIDIA stack (C(cortex_nvidia) and its PCI bus).
 positional: distribution, major_version, version, modules, module_source, gpus
 options:
   _input:
@@ -71,6 +72,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._driver_plan import
     DriverPlanError,
     driver_plan,
     gpus_from_pci,
+    nvidia_wanted,
     toolkit_packages,
     version_mismatch,
 )
@@ -79,6 +81,13 @@ from ansible_collections.cortex.serving.plugins.module_utils._driver_plan import
 def _plan(branch, distribution, major_version, version, modules="auto", module_source="auto", gpus=None):
     try:
         return driver_plan(distribution, major_version, branch, version, modules, module_source, gpus)
+    except DriverPlanError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
+def _wanted(setting, pci_devices):
+    try:
+        return nvidia_wanted(setting, pci_devices)
     except DriverPlanError as exc:
         raise AnsibleFilterError(str(exc)) from exc
 
@@ -94,4 +103,5 @@ class FilterModule(object):
             "nvidia_version_mismatch": _mismatch,
             "nvidia_gpus_from_pci": gpus_from_pci,
             "nvidia_toolkit_packages": toolkit_packages,
+            "nvidia_wanted": _wanted,
         }

@@ -33,6 +33,18 @@ PLATFORMS = {
 }
 
 
+def nvidia_wanted(setting, pci_devices):
+    """Whether a host gets the NVIDIA stack: cortex_nvidia true, false, or auto (a GPU on its PCI bus)."""
+    text = str(setting).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    if text != "auto":
+        raise DriverPlanError("cortex_nvidia must be auto, true or false, got %r" % setting)
+    return len(pci_devices or []) > 0
+
+
 def gpus_from_pci(device_ids):
     """GPUs as the plan needs them, from PCI device IDs (before any driver can name them).
 

@@ -7,6 +7,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._driver_plan import
     DriverPlanError,
     driver_plan,
     gpus_from_pci,
+    nvidia_wanted,
     toolkit_packages,
     version_mismatch,
 )
@@ -109,3 +110,13 @@ def test_the_four_toolkit_packages_are_pinned_together():
     assert toolkit_packages("1.17.8", "dnf")["pinned"][3] == "libnvidia-container1-1.17.8-1"
     with pytest.raises(DriverPlanError, match="unknown package manager 'zypper'"):
         toolkit_packages("1.17.8", "zypper")
+
+
+def test_the_nvidia_stack_goes_where_a_gpu_is_unless_told():
+    h100 = [{"pci_bus_id": "0000:00:06.0", "device_id": "2330"}]
+    assert nvidia_wanted("auto", h100) is True
+    assert nvidia_wanted("auto", []) is False
+    assert nvidia_wanted(True, []) is True
+    assert nvidia_wanted("false", h100) is False
+    with pytest.raises(DriverPlanError, match="cortex_nvidia must be auto, true or false, got 'sometimes'"):
+        nvidia_wanted("sometimes", [])
