@@ -19,6 +19,8 @@ circuit breakers and queues (a queue's bound applies per worker).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib
 import logging
 import os
@@ -131,8 +133,14 @@ class Supervisor:
         if pid:
             self.children[pid] = number
             return
-        # The worker: default stop signals until aiohttp installs its own, and
-        # a SIGHUP before the app listens for it must not end the worker.
+        # The worker. Its own process group: a Ctrl-C in a terminal or a kill of
+        # the group reaches the supervisor only, which passes it on once (a
+        # second SIGTERM would cut a worker's drain short). And it ends with
+        # the supervisor, however that ends.
+        os.setpgid(0, 0)
+        _end_with_parent()
+        # Default stop signals until aiohttp installs its own, and a SIGHUP
+        # before the app listens for it must not end the worker.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -159,6 +167,15 @@ class Supervisor:
     def _on_hangup(self, _sig: int, _frame: object) -> None:
         # Each worker re-reads the file itself and keeps its config on an error.
         self._forward(signal.SIGHUP)
+
+
+def _end_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's stop still reaches it
+        log.debug("cannot ask to be stopped with the supervisor")
 
 
 def _describe(code: int) -> str:

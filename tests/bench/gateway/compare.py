@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -46,31 +47,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (the gateway's supervisor and workers)."""
+    pids, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        pids.append(current)
+        with contextlib.suppress(OSError):
+            queue += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children that were waited for."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """User + system CPU of a process and its live descendants (and children already waited for)."""
+    total = 0.0
+    for member in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICKS
+    return total
 
 
 def tree_rss_mb(pid: int) -> float:
     """RSS of a process and its descendants (a proxy with worker processes)."""
-    total = rss_mb(pid)
-    for child in Path("/proc").iterdir():
-        if child.name.isdigit():
-            try:
-                stat = (child / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                total += tree_rss_mb(int(child.name))
-    return total
+    return sum(rss_mb(p) for p in tree_pids(pid))
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def wait_up(url: str, headers: dict, limit: float = 120.0) -> None:
@@ -171,6 +184,8 @@ async def measure(name: str, url: str, headers: dict, pid: int | None, args) -> 
             (cpu_seconds(pid) - cpu_before) * 1000 / max(1, result["c64"]["requests"])
         )
         result["rss_mb"] = tree_rss_mb(pid)
+        result["processes"] = len(tree_pids(pid))
+        result["max_process_rss_mb"] = max(rss_mb(p) for p in tree_pids(pid))
     result["stream"] = await run_load(url, headers, 1, args.stream_requests, 60, stream=True)
     print(
         f"[bench] {name}: c1 p50 {result['c1']['p50_ms']:.2f} ms, c64 {result['c64']['rps']:.0f} req/s, "
@@ -188,8 +203,14 @@ async def main_async(args) -> dict:
         "auth": {"require_api_key": True, "api_keys": [{"name": "bench", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]},
         "models": [{"name": "bench", "engine": "vllm", "backends": [{"url": f"http://127.0.0.1:{backend_port}", "max_concurrency": 256}]}],
         "queue": {"per_slot": 4, "max_wait": 30},
+        "workers": 1,
     }  # fmt: skip
     (work / "gateway.yml").write_text(yaml.safe_dump(gateway_config))
+    # The same gateway with several worker processes on one port (SO_REUSEPORT).
+    workers_port = free_port()
+    workers_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": workers_port},
+                      "workers": args.gateway_workers}  # fmt: skip
+    (work / "gateway-workers.yml").write_text(yaml.safe_dump(workers_config))
     litellm_config = {
         "model_list": [{"model_name": "bench", "litellm_params": {
             "model": "openai/bench", "api_base": f"http://127.0.0.1:{backend_port}/v1", "api_key": "unused"}}],
@@ -213,6 +234,20 @@ async def main_async(args) -> dict:
         gateway = start([sys.executable, "-m", "cortex_gateway", "serve", "--config", str(work / "gateway.yml")],
                         {"PYTHONPATH": str(ROOT / "gateway" / "src")})  # fmt: skip
         procs.append(gateway)
+        gateway_workers = None
+        if args.gateway_workers > 1:
+            gateway_workers = start(
+                [
+                    sys.executable,
+                    "-m",
+                    "cortex_gateway",
+                    "serve",
+                    "--config",
+                    str(work / "gateway-workers.yml"),
+                ],
+                {"PYTHONPATH": str(ROOT / "gateway" / "src")},
+            )
+            procs.append(gateway_workers)
         litellm = None
         if args.litellm:
             litellm = start([args.litellm, "--config", str(work / "litellm.yml"), "--port", str(litellm_port),
@@ -221,6 +256,9 @@ async def main_async(args) -> dict:
             procs.append(litellm)
         targets = [("backend alone", f"http://127.0.0.1:{backend_port}/v1/chat/completions", backend.pid),
                    ("cortex-gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", gateway.pid)]  # fmt: skip
+        if gateway_workers:
+            targets.append((f"cortex-gateway, {args.gateway_workers} workers",
+                            f"http://127.0.0.1:{workers_port}/v1/chat/completions", gateway_workers.pid))  # fmt: skip
         if litellm:
             targets.append(
                 ("litellm proxy", f"http://127.0.0.1:{litellm_port}/v1/chat/completions", litellm.pid)
@@ -295,6 +333,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--litellm", help="the litellm executable (its proxy is left out without it)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="the backend's fixed latency")
+    parser.add_argument(
+        "--gateway-workers", type=int, default=os.cpu_count() or 1,
+        help="also measure the gateway with this many worker processes (1: leave it out)",
+    )  # fmt: skip
     parser.add_argument("--latency-requests", type=int, default=500)
     parser.add_argument("--throughput-requests", type=int, default=4000)
     parser.add_argument("--stream-requests", type=int, default=200)

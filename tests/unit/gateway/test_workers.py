@@ -127,3 +127,28 @@ async def test_the_supervisor_restarts_a_dead_worker_and_passes_on_sighup(engine
             await asyncio.sleep(0.1)
         assert all(models == {"chat", "embed"} for models in seen)
         assert children(gateway.process.pid) == now  # reloaded in place, not restarted
+
+
+async def test_workers_end_with_the_supervisor_and_ignore_the_terminals_ctrl_c(engine_server, tmp_path):
+    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=2)
+    async with gateway_process(config, tmp_path) as gateway:
+        workers = children(gateway.process.pid)
+        assert all(
+            os.getpgid(w) == w for w in workers
+        )  # their own groups: a group kill reaches the supervisor
+        gateway.process.kill()  # SIGKILL: nothing is passed on
+        await gateway.process.wait()
+        for _attempt in range(50):
+            alive = [w for w in workers if _state(w) != "Z"]
+            if not alive:
+                break
+            await asyncio.sleep(0.1)
+        assert alive == []
+        assert listeners(config["listen"]["port"]) == 0
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
