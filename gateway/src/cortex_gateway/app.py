@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +16,10 @@ from aiohttp import web
 
 from . import __version__, status
 from .auth import KeyRing
-from .backends import Backend, Health, HealthMonitor
+from .backends import Backend, HealthMonitor
 from .breaker import BreakerState
 from .config import ConfigError, GatewayConfig, load_config
+from .drains import DEFAULT_SECONDS, MAX_SECONDS, DrainBook
 from .errors import error_response
 from .limits import CounterTable, Limiter, Refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -58,6 +60,7 @@ class Gateway:
         config: GatewayConfig,
         config_path: str | None = None,
         limits_table: CounterTable | None = None,
+        drains_path: str | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -72,6 +75,8 @@ class Gateway:
             for backend in model.backends
         ]
         self.router = Router(self.backends)
+        # Worker processes share one drains file; alone, the gateway keeps them in memory.
+        self.drains = DrainBook(drains_path)
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._monitor: HealthMonitor | None = None
@@ -118,9 +123,36 @@ class Gateway:
         self.limiter.policies = dict(config.key_policies)  # counts carry over
         self.backends = backends
         self.router = Router(backends)
+        self._apply_drains(self.drains.current())
         if self._monitor is not None:
             self._monitor.replace_backends(backends)
         return added
+
+    # --- drains --------------------------------------------------------------
+
+    def _apply_drains(self, until: dict[str, float]) -> list[Backend]:
+        """Set each backend's drain from the book; returns those whose drain ended."""
+        ended = []
+        for backend in self.backends:
+            drain_until = until.get(backend.url)
+            if backend.drain_until is not None and drain_until is None:
+                ended.append(backend)
+            backend.drain_until = drain_until
+        return ended
+
+    async def _sync_drains(self, until: dict[str, float]) -> None:
+        ended = self._apply_drains(until)
+        if ended and self._monitor is not None:
+            # Back in rotation as soon as it answers, not at the next poll.
+            await self._monitor.check_all(ended)
+
+    def _on_drains_changed(self) -> None:
+        """SIGUSR1: another worker changed the drains file."""
+
+        async def reread() -> None:
+            await self._sync_drains(await asyncio.to_thread(self.drains.load))
+
+        asyncio.get_running_loop().create_task(reread(), name="drains-reload")
 
     async def reload(self) -> bool:
         """Read the config file again (SIGHUP); on any error keep the running config."""
@@ -175,12 +207,17 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=4),
             auto_decompress=False,
         )
+        loop = asyncio.get_running_loop()
         monitor = self._monitor = HealthMonitor(
             self._session,
             self.backends,
             interval=self.config.health_interval,
             unhealthy_after=self.config.unhealthy_after,
         )
+        # A worker started again after a crash takes the drains in force.
+        if self.drains.shared:
+            self._apply_drains(await asyncio.to_thread(self.drains.load))
+            loop.add_signal_handler(signal.SIGUSR1, self._on_drains_changed)
         # Know the backends' state before the first request, then keep polling.
         await monitor.check_all()
         task = asyncio.create_task(monitor.run(), name="health-monitor")
@@ -189,7 +226,6 @@ class Gateway:
             if self.metrics.multiprocess_dir
             else None
         )
-        loop = asyncio.get_running_loop()
         if self.config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
@@ -197,6 +233,8 @@ class Gateway:
         finally:
             if self.config_path is not None:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if self.drains.shared:
+                loop.remove_signal_handler(signal.SIGUSR1)
             for running in (task, gauges):
                 if running is not None:
                     running.cancel()
@@ -224,6 +262,9 @@ class Gateway:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/admin/usage", self.usage_page)
+        app.router.add_get("/admin/backends", self.list_backends)
+        app.router.add_post("/admin/backends/drain", self.drain_backend)
+        app.router.add_post("/admin/backends/undrain", self.undrain_backend)
         app.router.add_get(STATUS_PAGE, self.status_page)
         app.router.add_get(STATUS_PAGE + ".json", self.status_json)
         app.router.add_get("/v1/models", self.list_models)
@@ -277,8 +318,7 @@ class Gateway:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         models = {
-            name: sum(1 for b in self.router.backends(name) if b.health is Health.READY)
-            for name in self.config.models
+            name: sum(1 for b in self.router.backends(name) if b.routable) for name in self.config.models
         }
         return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
 
@@ -294,6 +334,44 @@ class Gateway:
             return error_response(400, str(exc), param="group_by" if "group" in str(exc) else "since")
         if request.query.get("format") == "csv":
             return web.Response(text=to_csv(rows), content_type="text/csv")
+        return web.json_response({"object": "list", "data": rows})
+
+    async def list_backends(self, _request: web.Request) -> web.Response:
+        """Every backend as the whole gateway sees it (all workers), for operators and playbooks."""
+        data = status.backend_rows(self.backends, self.metrics.collect_registry())
+        return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
+
+    async def drain_backend(self, request: web.Request) -> web.Response:
+        """{"backend": URL or host:port, "seconds": how long at most}: no new requests for it."""
+        parsed = await _drain_request(request, with_seconds=True)
+        if isinstance(parsed, web.Response):
+            return parsed
+        name, seconds = parsed
+        return await self._set_drain(name, time.time() + seconds)
+
+    async def undrain_backend(self, request: web.Request) -> web.Response:
+        """{"backend": URL or host:port}: back in rotation once its health check passes."""
+        parsed = await _drain_request(request, with_seconds=False)
+        if isinstance(parsed, web.Response):
+            return parsed
+        return await self._set_drain(parsed[0], None)
+
+    async def _set_drain(self, name: str, until: float | None) -> web.Response:
+        matching = {b.url for b in self.backends if name in (b.url, b.name)}
+        if not matching:
+            message = f"no backend '{name}' in this gateway's config"
+            return error_response(404, message, code="backend_not_found", param="backend")
+        for url in matching:
+            current = await asyncio.to_thread(self.drains.set, url, until)
+        await self._sync_drains(current)
+        if self.drains.shared:
+            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor tells every worker
+        log.info("backend %s %s", name, "drained" if until else "back in rotation")
+        rows = [
+            {"url": b.url, "backend": b.name, "model": b.model, "state": b.state.value,
+             "drain_until": b.drain_until}
+            for b in self.backends if b.url in matching
+        ]  # fmt: skip
         return web.json_response({"object": "list", "data": rows})
 
     async def status_page(self, _request: web.Request) -> web.Response:
@@ -579,3 +657,24 @@ def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
     if not isinstance(stream, bool):
         return error_response(400, "'stream' must be a boolean", param="stream")
     return model, stream
+
+
+async def _drain_request(request: web.Request, *, with_seconds: bool) -> tuple[str, float] | web.Response:
+    """The backend (and the drain's length) from an admin request's JSON body."""
+    try:
+        payload = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(payload, dict):
+        return error_response(400, "request body must be a JSON object", code="invalid_json")
+    name = payload.get("backend")
+    if not isinstance(name, str) or not name:
+        return error_response(400, "'backend' is required: a backend's URL or host:port", param="backend")
+    if not with_seconds:
+        return name, 0.0
+    seconds = payload.get("seconds", DEFAULT_SECONDS)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_SECONDS:
+        return error_response(
+            400, f"'seconds' must be a number above 0 and at most {MAX_SECONDS}", param="seconds"
+        )
+    return name, float(seconds)

@@ -26,6 +26,9 @@ class Health(enum.StrEnum):
     STARTING = "starting"  # not yet answered 200: loading, or not up yet
     READY = "ready"
     UNHEALTHY = "unhealthy"
+    # Taken out of rotation on purpose (drains.py): no new requests, the ones
+    # in flight finish. Health polling goes on underneath.
+    DRAINING = "draining"
 
 
 # Each engine's liveness endpoint. llama-server answers 503 while it loads the
@@ -45,6 +48,20 @@ class Backend:
     consecutive_failures: int = 0
     last_change: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    drain_until: float | None = None  # wall-clock end of a drain
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_until is not None and time.time() < self.drain_until
+
+    @property
+    def state(self) -> Health:
+        """What routing sees: draining over the health the polls found."""
+        return Health.DRAINING if self.draining else self.health
+
+    @property
+    def routable(self) -> bool:
+        return self.health is Health.READY and not self.draining
 
     @property
     def name(self) -> str:

@@ -9,7 +9,8 @@ prometheus_client is imported; the supervisor does it) every worker writes its
 samples to memory-mapped files and any worker's /metrics reads them all:
 counters and histograms add up over the workers, in-flight requests and queue
 depths add up over the live workers, a backend is up only if every live
-worker sees it ready, and the breaker shows the most open of the workers' breakers.
+worker sees it ready, it is draining only once every live worker drains it,
+and the breaker shows the most open of the workers' breakers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .backends import Backend, Health
+from .backends import Backend
 from .breaker import BreakerState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -78,7 +79,11 @@ class Metrics:
         )
         backend_labels = ["model", "engine", "backend"]
         self.backend_up = Gauge(
-            "cortex_gateway_backend_up", "1 when the backend is ready", backend_labels,
+            "cortex_gateway_backend_up", "1 when the backend is ready and not draining", backend_labels,
+            registry=self.registry, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.backend_draining = Gauge(
+            "cortex_gateway_backend_draining", "1 when the backend is drained on purpose", backend_labels,
             registry=self.registry, multiprocess_mode="livemin",
         )  # fmt: skip
         self.breaker_state = Gauge(
@@ -106,7 +111,8 @@ class Metrics:
         for b in self._backends():
             labels = (b.model, b.engine, b.name)
             seen.add(labels)
-            self.backend_up.labels(*labels).set(1.0 if b.health is Health.READY else 0.0)
+            self.backend_up.labels(*labels).set(1.0 if b.routable else 0.0)
+            self.backend_draining.labels(*labels).set(1.0 if b.draining else 0.0)
             self.breaker_state.labels(*labels).set(BREAKER_VALUES[b.breaker.state])
             self.in_flight.labels(*labels).set(b.outstanding)
         waiting = self._waiting()
@@ -115,7 +121,7 @@ class Metrics:
         # Backends and models gone after a reload: zero them, then drop them.
         # (A worker's multiprocess file keeps the zero until the worker restarts.)
         for gone in self._live_labels - seen:
-            for gauge in (self.backend_up, self.breaker_state, self.in_flight):
+            for gauge in (self.backend_up, self.backend_draining, self.breaker_state, self.in_flight):
                 gauge.labels(*gone).set(0)
                 gauge.remove(*gone)
         for gone in self._live_models - set(waiting):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from .backends import Backend, Health
+from .backends import Backend
 
 
 class Router:
@@ -22,8 +22,9 @@ class Router:
         return list(self._by_model.get(model, ()))
 
     def ready(self, model: str) -> list[Backend]:
-        """Ready backends, in config order; unlike candidates(), takes no turn."""
-        return [b for b in self._by_model.get(model, ()) if b.health is Health.READY]
+        """Ready backends that are not draining, in config order; unlike
+        candidates(), takes no turn."""
+        return [b for b in self._by_model.get(model, ()) if b.routable]
 
     def candidates(self, model: str) -> list[Backend]:
         """Ready backends in the order to try them.

@@ -21,6 +21,8 @@ from .config import GatewayConfig
 BREAKER_NAMES = {0: "closed", 1: "half-open", 2: "open"}
 WINDOW_SECONDS = 60
 RECENT_ERRORS = 20
+# Gauge values by metric name and (model, backend) or (model,).
+Gauges = dict[str, dict[tuple[str, ...], float]]
 
 
 def page() -> bytes:
@@ -28,7 +30,7 @@ def page() -> bytes:
     return resources.files(__package__).joinpath("status.html").read_bytes()
 
 
-def _gauges(registry: CollectorRegistry) -> dict[str, dict[tuple[str, ...], float]]:
+def _gauges(registry: CollectorRegistry) -> Gauges:
     """Gauge values by metric name and (model, backend) or (model,)."""
     values: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
     for family in registry.collect():
@@ -37,6 +39,35 @@ def _gauges(registry: CollectorRegistry) -> dict[str, dict[tuple[str, ...], floa
                 key = (sample.labels.get("model", ""), sample.labels.get("backend", ""))
                 values[sample.name][key] = sample.value
     return values
+
+
+def backend_rows(backends: Iterable[Any], registry: CollectorRegistry) -> list[dict[str, Any]]:
+    """Each backend as the whole gateway sees it: ready and draining only when
+    every worker says so, requests in flight summed, the most open breaker."""
+    return _backend_rows(backends, _gauges(registry))
+
+
+def _backend_rows(backends: Iterable[Any], gauges: Gauges) -> list[dict[str, Any]]:
+    rows = []
+    for backend in backends:
+        key = (backend.model, backend.name)
+        ready = gauges["cortex_gateway_backend_up"].get(key, 0) == 1
+        draining = gauges["cortex_gateway_backend_draining"].get(key, 0) == 1
+        rows.append(
+            {
+                "model": backend.model,
+                "engine": backend.engine,
+                "backend": backend.name,
+                "url": backend.url,
+                "ready": ready,
+                "draining": draining,
+                "state": "draining" if draining else "ready" if ready else backend.health.value,
+                "breaker": BREAKER_NAMES.get(int(gauges["cortex_gateway_breaker_state"].get(key, 0)), "?"),
+                "in_flight": int(gauges["cortex_gateway_in_flight"].get(key, 0)),
+                "slots": backend.max_concurrency,
+            }
+        )
+    return rows
 
 
 def snapshot(
@@ -52,26 +83,12 @@ def snapshot(
     now = time.time() if now is None else now
     gauges = _gauges(registry)
     traffic = {row["model"]: row for row in last_minute or []}
-    by_model: dict[str, list[Any]] = defaultdict(list)
-    for backend in backends:
-        by_model[backend.model].append(backend)
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in _backend_rows(backends, gauges):
+        by_model[row["model"]].append(row)
     models = []
     for name, model in config.models.items():
-        replicas = []
-        for backend in by_model.get(name, []):
-            key = (name, backend.name)
-            replicas.append(
-                {
-                    "backend": backend.name,
-                    "url": backend.url,
-                    "ready": gauges["cortex_gateway_backend_up"].get(key, 0) == 1,
-                    "breaker": BREAKER_NAMES.get(
-                        int(gauges["cortex_gateway_breaker_state"].get(key, 0)), "?"
-                    ),
-                    "in_flight": int(gauges["cortex_gateway_in_flight"].get(key, 0)),
-                    "slots": backend.max_concurrency,
-                }
-            )
+        replicas = by_model.get(name, [])
         row = traffic.get(name, {})
         kept = last_minute is not None  # else: no usage records, so no traffic figures
         completion = row.get("completion_tokens") or 0

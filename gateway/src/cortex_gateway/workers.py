@@ -7,6 +7,8 @@ one dies. What the workers share:
 
 - per-key limits: one counter table in a memory-mapped file (limits.CounterTable),
   so a key's requests per minute are the gateway's, not each worker's;
+- drains: one small JSON file (drains.py); a worker that changes it sends the
+  supervisor SIGUSR1, which passes it to every worker;
 - metrics: prometheus_client's multiprocess files, so /metrics on any worker
   reports the whole gateway (metrics.py says how each series adds up);
 - usage records: the same database (SQLite in WAL mode takes one writer at a
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 from .config import GatewayConfig
+from .drains import create_shared
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,11 @@ def serve(config: GatewayConfig, config_path: str | None) -> int:
 
 
 def _run_worker(
-    config: GatewayConfig, config_path: str | None, table_path: str | None, reuse_port: bool
+    config: GatewayConfig,
+    config_path: str | None,
+    table_path: str | None,
+    reuse_port: bool,
+    drains_path: str | None = None,
 ) -> None:
     # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
     # prometheus_client decides where values live when it is first imported.
@@ -59,7 +66,7 @@ def _run_worker(
     from .limits import CounterTable
 
     table = CounterTable(table_path) if table_path else None
-    gateway = Gateway(config, config_path=config_path, limits_table=table)
+    gateway = Gateway(config, config_path=config_path, limits_table=table, drains_path=drains_path)
     web.run_app(
         gateway.build_app(),
         host=config.host,
@@ -89,6 +96,7 @@ class Supervisor:
         table_path = runtime / "limits"
         table_path.unlink(missing_ok=True)
         self.table_path = str(table_path)
+        self.drains_path = create_shared(runtime / "drains.json")
 
         from prometheus_client import multiprocess  # after the variable is set
 
@@ -99,6 +107,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hangup)
+        signal.signal(signal.SIGUSR1, self._on_drains_changed)
         log.info("starting %d workers on %s:%d", self.config.workers, self.config.host, self.config.port)
         for number in range(self.config.workers):
             self._spawn(number)
@@ -144,9 +153,10 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the app reads the drains file at start
         code = 0
         try:
-            _run_worker(self.config, self.config_path, self.table_path, reuse_port=True)
+            _run_worker(self.config, self.config_path, self.table_path, True, self.drains_path)
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)
             code = 1
@@ -167,6 +177,10 @@ class Supervisor:
     def _on_hangup(self, _sig: int, _frame: object) -> None:
         # Each worker re-reads the file itself and keeps its config on an error.
         self._forward(signal.SIGHUP)
+
+    def _on_drains_changed(self, _sig: int, _frame: object) -> None:
+        # A worker changed the drains file (an admin request): every worker reads it.
+        self._forward(signal.SIGUSR1)
 
 
 def _end_with_parent() -> None:
