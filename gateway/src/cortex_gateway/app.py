@@ -46,6 +46,8 @@ PUBLIC_PATHS = frozenset({"/healthz", "/metrics", STATUS_PAGE})
 STATUS_CSP = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 )
+# The longest an admin request waits for a drain to settle.
+MAX_WAIT_SECONDS = 3600
 # Response header with the gateway's own time for the request, in ms.
 OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
 # The name (never the value) of the client key a request came with.
@@ -342,21 +344,24 @@ class Gateway:
         return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
 
     async def drain_backend(self, request: web.Request) -> web.Response:
-        """{"backend": URL or host:port, "seconds": how long at most}: no new requests for it."""
+        """{"backend": URL or host:port, "seconds": how long at most, "wait": seconds}:
+        no new requests for it; with "wait", answers once none is in flight."""
         parsed = await _drain_request(request, with_seconds=True)
         if isinstance(parsed, web.Response):
             return parsed
-        name, seconds = parsed
-        return await self._set_drain(name, time.time() + seconds)
+        name, seconds, wait = parsed
+        return await self._set_drain(name, time.time() + seconds, wait)
 
     async def undrain_backend(self, request: web.Request) -> web.Response:
-        """{"backend": URL or host:port}: back in rotation once its health check passes."""
+        """{"backend": URL or host:port, "wait": seconds}: back in rotation once
+        its health check passes; with "wait", answers once every worker routes to it."""
         parsed = await _drain_request(request, with_seconds=False)
         if isinstance(parsed, web.Response):
             return parsed
-        return await self._set_drain(parsed[0], None)
+        name, _seconds, wait = parsed
+        return await self._set_drain(name, None, wait)
 
-    async def _set_drain(self, name: str, until: float | None) -> web.Response:
+    async def _set_drain(self, name: str, until: float | None, wait: float) -> web.Response:
         matching = {b.url for b in self.backends if name in (b.url, b.name)}
         if not matching:
             message = f"no backend '{name}' in this gateway's config"
@@ -367,12 +372,25 @@ class Gateway:
         if self.drains.shared:
             os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor tells every worker
         log.info("backend %s %s", name, "drained" if until else "back in rotation")
-        rows = [
-            {"url": b.url, "backend": b.name, "model": b.model, "state": b.state.value,
-             "drain_until": b.drain_until}
-            for b in self.backends if b.url in matching
-        ]  # fmt: skip
-        return web.json_response({"object": "list", "data": rows})
+
+        def settled(row: dict) -> bool:
+            # Drained: every worker drains it and nothing runs on it. Back: every worker routes to it.
+            return row["draining"] and row["in_flight"] == 0 if until else row["ready"]
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            rows = [
+                row
+                for row in status.backend_rows(self.backends, self.metrics.collect_registry())
+                if row["url"] in matching
+            ]
+            done = all(settled(row) for row in rows)
+            if done or loop.time() >= deadline:
+                break
+            # Other workers' gauges are at most a second old (their refresh interval).
+            await asyncio.sleep(0.2)
+        return web.json_response({"object": "list", "data": rows, "settled": done})
 
     async def status_page(self, _request: web.Request) -> web.Response:
         return web.Response(
@@ -659,8 +677,10 @@ def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
     return model, stream
 
 
-async def _drain_request(request: web.Request, *, with_seconds: bool) -> tuple[str, float] | web.Response:
-    """The backend (and the drain's length) from an admin request's JSON body."""
+async def _drain_request(
+    request: web.Request, *, with_seconds: bool
+) -> tuple[str, float, float] | web.Response:
+    """The backend, the drain's length and how long to wait, from an admin request's JSON body."""
     try:
         payload = json.loads(await request.read())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -670,11 +690,15 @@ async def _drain_request(request: web.Request, *, with_seconds: bool) -> tuple[s
     name = payload.get("backend")
     if not isinstance(name, str) or not name:
         return error_response(400, "'backend' is required: a backend's URL or host:port", param="backend")
-    if not with_seconds:
-        return name, 0.0
-    seconds = payload.get("seconds", DEFAULT_SECONDS)
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_SECONDS:
-        return error_response(
-            400, f"'seconds' must be a number above 0 and at most {MAX_SECONDS}", param="seconds"
-        )
-    return name, float(seconds)
+    numbers = {"wait": (payload.get("wait", 0), 0.0, MAX_WAIT_SECONDS)}
+    if with_seconds:
+        numbers["seconds"] = (payload.get("seconds", DEFAULT_SECONDS), 0.0, MAX_SECONDS)
+    for field_name, (value, low, high) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            return error_response(
+                400, f"'{field_name}' must be a number from {low:g} to {high:g}", param=field_name
+            )
+    seconds = float(numbers["seconds"][0]) if with_seconds else 0.0
+    if with_seconds and seconds == 0:
+        return error_response(400, "'seconds' must be above 0", param="seconds")
+    return name, seconds, float(numbers["wait"][0])

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -50,17 +49,13 @@ def test_an_ended_drain_is_dropped_and_a_broken_file_is_empty(tmp_path):
     assert book.load() == {}
 
 
-async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(
-    engine_server, gateway_client
-):
+async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(engine_server, gateway_client):
     slow, other = FakeEngine(chunks=6, chunk_delay=0.1), FakeEngine()
     slow_url, other_url = await engine_server(slow), await engine_server(other)
     client = await gateway_client(with_admin(make_config({"chat": [slow_url, other_url]})))
 
     # A stream starts on the first replica (both idle: config order wins the first turn).
-    stream = await client.post(
-        "/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH
-    )
+    stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
     assert stream.status == 200
     drained = await client.post(
         "/admin/backends/drain", json={"backend": backend_of(slow_url), "seconds": 60}, headers=ADMIN
@@ -74,11 +69,13 @@ async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(
     assert len(slow.received) == before  # all six went to the other replica
     # The stream that was in flight ends as the engine ended it.
     body = await stream.read()
-    assert body.count(b"data: {") == 7 and body.endswith(b"data: [DONE]\n\n")
+    assert body.count(b"data: {") == 7
+    assert body.endswith(b"data: [DONE]\n\n")
 
     listing = await (await client.get("/admin/backends", headers=ADMIN)).json()
     rows = {row["url"]: row for row in listing["data"]}
-    assert rows[slow_url]["state"] == "draining" and rows[slow_url]["draining"] is True
+    assert rows[slow_url]["state"] == "draining"
+    assert rows[slow_url]["draining"] is True
     assert rows[slow_url]["in_flight"] == 0
     assert rows[other_url]["state"] == "ready"
 
@@ -88,6 +85,27 @@ async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(
     for _request in range(4):
         await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
     assert len(slow.received) > before  # back in turn
+
+
+async def test_a_drain_with_wait_answers_once_the_streams_in_flight_have_ended(engine_server, gateway_client):
+    slow = FakeEngine(chunks=8, chunk_delay=0.1)
+    url = await engine_server(slow)
+    client = await gateway_client(with_admin(make_config({"chat": [url]})))
+    stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
+    # A wait shorter than the stream: the answer says it has not settled, one still runs.
+    short = await client.post("/admin/backends/drain", json={"backend": url, "wait": 0.2}, headers=ADMIN)
+    short_body = await short.json()
+    assert short_body["settled"] is False
+    assert short_body["data"][0]["in_flight"] == 1
+    started = time.monotonic()
+    long = await client.post("/admin/backends/drain", json={"backend": url, "wait": 10}, headers=ADMIN)
+    long_body = await long.json()
+    assert long_body["settled"] is True
+    assert long_body["data"][0]["in_flight"] == 0
+    assert time.monotonic() - started < 5  # answered when the stream ended, not at the wait's end
+    assert (await stream.read()).endswith(b"data: [DONE]\n\n")
+    back = await client.post("/admin/backends/undrain", json={"backend": url, "wait": 10}, headers=ADMIN)
+    assert (await back.json())["settled"] is True
 
 
 async def test_a_drain_ends_by_itself_at_its_deadline(engine_server, gateway_client):
@@ -114,6 +132,8 @@ async def test_a_drain_ends_by_itself_at_its_deadline(engine_server, gateway_cli
         ("/admin/backends/drain", {"backend": "B", "seconds": 86401}, 400, "seconds"),
         ("/admin/backends/drain", {"backend": "B", "seconds": True}, 400, "seconds"),
         ("/admin/backends/undrain", {"backend": 7}, 400, "backend"),
+        ("/admin/backends/undrain", {"backend": "B", "wait": -1}, 400, "wait"),
+        ("/admin/backends/drain", {"backend": "B", "wait": "10"}, 400, "wait"),
     ],
 )
 async def test_bad_drain_requests_get_openai_errors(engine_server, gateway_client, path, body, status, param):
@@ -159,14 +179,16 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
     async with gateway_process(config, tmp_path, env=env) as gateway:
         async with aiohttp.ClientSession() as session:
             answer = await session.post(
-                gateway.base + "/admin/backends/drain", json={"backend": drained_url}, headers=ADMIN
+                gateway.base + "/admin/backends/drain",
+                json={"backend": drained_url, "wait": 10},
+                headers=ADMIN,
             )
             assert answer.status == 200
+            assert (await answer.json())["settled"] is True  # every worker drains it
 
         async def all_workers_drain() -> bool:
             return (await backends(gateway.base))[drained_url]["draining"]
 
-        await until(all_workers_drain)
         before = len(drained.received)
         assert [(await ask(gateway.base))[0] for _request in range(30)] == [200] * 30
         assert len(drained.received) == before
@@ -184,15 +206,15 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
         assert len(drained.received) == before
 
         async with aiohttp.ClientSession() as session:
-            await session.post(
-                gateway.base + "/admin/backends/undrain", json={"backend": drained_url}, headers=ADMIN
+            answer = await session.post(
+                gateway.base + "/admin/backends/undrain",
+                json={"backend": drained_url, "wait": 10},
+                headers=ADMIN,
             )
-
-        async def back() -> bool:
-            row = (await backends(gateway.base))[drained_url]
-            return row["ready"] and not row["draining"]
-
-        await until(back)
+            assert (await answer.json())["settled"] is True
+        row = (await backends(gateway.base))[drained_url]
+        assert row["ready"]
+        assert not row["draining"]
         for _request in range(30):
             await ask(gateway.base)
         assert len(drained.received) > before
