@@ -8,6 +8,8 @@ so checking a key is one hash and one dict lookup.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Mapping
 
@@ -16,13 +18,25 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def bearer_token(authorization: str | None) -> str | None:
+def presented_key(authorization: str | None) -> str | None:
+    """The key in an Authorization header: `Bearer <key>`, as OpenAI's clients
+    send it, or `Basic` with the key as the password (the user name is not
+    read), as tools that keep passwords out of their logs send it."""
     if not authorization:
         return None
     scheme, _space, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if not token:
         return None
-    return token.strip()
+    if scheme.lower() == "bearer":
+        return token
+    if scheme.lower() == "basic":
+        try:
+            _user, colon, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password if colon and password else None
+    return None
 
 
 class KeyRing:
@@ -33,7 +47,7 @@ class KeyRing:
 
     def identify(self, authorization: str | None) -> str | None:
         """The name of the key in an Authorization header, or None."""
-        token = bearer_token(authorization)
+        token = presented_key(authorization)
         if token is None:
             return None
         return self._names.get(hash_key(token))

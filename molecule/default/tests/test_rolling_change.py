@@ -1,7 +1,8 @@
 """A changed inventory converged under load: only the changed model's containers
-are recreated, one replica at a time, and a client looping requests through the
-gateway meanwhile sees no failure. Runs last: it leaves the changed inventory
-converged."""
+are recreated, one replica at a time, each drained in the gateway first, and
+clients looping requests and streams through the gateway meanwhile see no
+failure: no request refused, no stream cut. Runs last: it leaves the changed
+inventory converged."""
 
 from __future__ import annotations
 
@@ -48,7 +49,11 @@ def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host
         "ANSIBLE_COLLECTIONS_PATH": str(PROJECT / ".cache" / "collections"),
         "ANSIBLE_FORCE_COLOR": "0",
     }
-    with RequestLoop(client, MODEL, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS) as loop:
+    with (
+        RequestLoop(client, MODEL, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS) as loop,
+        RequestLoop(client, MODEL, threads=2, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS,
+                    stream=True) as streams,
+    ):  # fmt: skip
         result = subprocess.run(
             [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(inventory),
              "-e", f"@{changed_inventory(tmp_path)}", str(PROJECT / "playbooks" / "site.yml")],
@@ -62,16 +67,31 @@ def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host
     )
     assert after[f"cortex-{MODEL}-0"] != before[f"cortex-{MODEL}-0"]
     assert after[f"cortex-{MODEL}-1"] != before[f"cortex-{MODEL}-1"]
-    # One at a time: replica 1 was recreated only after replica 0 was healthy again.
+    # One at a time: each replica drained, replaced, healthy and routed to
+    # again before the next one is touched.
     log = result.stdout
-    first_run = log.index(f"Run cortex-{MODEL}-0")
-    healthy = log.index(f"Wait until /health answers 200: cortex-{MODEL}-0", first_run)
-    second_run = log.index(f"Run cortex-{MODEL}-1", healthy)
-    assert first_run < healthy < second_run
+    steps = [
+        f"Drain it in the gateways first: cortex-{MODEL}-0",
+        f"Run cortex-{MODEL}-0",
+        f"Wait until /health answers 200: cortex-{MODEL}-0",
+        f"Put it back in the gateways: cortex-{MODEL}-0",
+        f"Drain it in the gateways first: cortex-{MODEL}-1",
+        f"Run cortex-{MODEL}-1",
+        f"Put it back in the gateways: cortex-{MODEL}-1",
+    ]
+    positions = [log.find(step) for step in steps]
+    assert -1 not in positions, [s for s, p in zip(steps, positions, strict=True) if p == -1]
+    assert positions == sorted(positions), positions
+    assert log.count("cortex-molecule: drained, no request in flight") == 2, log[-4000:]
+    assert log.count("cortex-molecule: routes to it again") == 2, log[-4000:]
 
     assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
     assert loop.failures == [], (
         f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:5]}"
+    )
+    assert len(streams.outcomes) >= 10, f"the stream loop made only {len(streams.outcomes)} streams"
+    assert streams.failures == [], (
+        f"{len(streams.failures)} of {len(streams.outcomes)} streams failed: {streams.failures[:5]}"
     )
     inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}-0"))[0]
     assert "6144" in inspect["Config"]["Cmd"]
