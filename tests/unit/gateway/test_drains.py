@@ -11,6 +11,7 @@ import time
 import aiohttp
 import pytest
 from cortex_gateway.auth import hash_key
+from cortex_gateway.config import parse_config
 from cortex_gateway.drains import DrainBook
 
 from .conftest import AUTH, FakeEngine, gateway_process, make_config
@@ -218,3 +219,13 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
         for _request in range(30):
             await ask(gateway.base)
         assert len(drained.received) > before
+
+
+async def test_a_reload_keeps_the_drains_of_the_backends_that_stay(engine_server, gateway_client):
+    first, second = await engine_server(FakeEngine()), await engine_server(FakeEngine())
+    raw = with_admin(make_config({"chat": [first, second]}))
+    client = await gateway_client(raw)
+    await client.post("/admin/backends/drain", json={"backend": first}, headers=ADMIN)
+    client.gateway.apply_config(parse_config(raw))
+    states = {b.url: b.state.value for b in client.gateway.backends}
+    assert states == {first: "draining", second: "ready"}
