@@ -660,14 +660,22 @@ def _with_stream_usage(body: bytes) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
-    """Read only `model` and `stream` from a request body."""
+def _json_object(body: bytes) -> dict | web.Response:
+    """A request body that must be a JSON object, or the 400 that says why not."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
     if not isinstance(payload, dict):
         return error_response(400, "request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
+    """Read only `model` and `stream` from a request body."""
+    payload = _json_object(body)
+    if isinstance(payload, web.Response):
+        return payload
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         return error_response(400, "'model' is required and must be a string", param="model")
@@ -681,12 +689,9 @@ async def _drain_request(
     request: web.Request, *, with_seconds: bool
 ) -> tuple[str, float, float] | web.Response:
     """The backend, the drain's length and how long to wait, from an admin request's JSON body."""
-    try:
-        payload = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
-    if not isinstance(payload, dict):
-        return error_response(400, "request body must be a JSON object", code="invalid_json")
+    payload = _json_object(await request.read())
+    if isinstance(payload, web.Response):
+        return payload
     name = payload.get("backend")
     if not isinstance(name, str) or not name:
         return error_response(400, "'backend' is required: a backend's URL or host:port", param="backend")
