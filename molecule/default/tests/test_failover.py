@@ -87,4 +87,9 @@ def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
         )
     assert requests_to(host, KILLED_BACKEND) > before, "routing never came back to the restarted replica"
+    # Every worker polls health on its own (every 5 s) and the gauge is the
+    # minimum over workers: up once the last worker has seen it back.
+    deadline = time.monotonic() + 30
+    while metric(host, "cortex_gateway_backend_up", KILLED_BACKEND) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert metric(host, "cortex_gateway_backend_up", KILLED_BACKEND) == 1
