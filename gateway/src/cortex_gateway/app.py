@@ -695,15 +695,25 @@ async def _drain_request(
     name = payload.get("backend")
     if not isinstance(name, str) or not name:
         return error_response(400, "'backend' is required: a backend's URL or host:port", param="backend")
-    numbers = {"wait": (payload.get("wait", 0), 0.0, MAX_WAIT_SECONDS)}
+    wait = _seconds_field(payload, "wait", 0, MAX_WAIT_SECONDS, zero_allowed=True)
+    if isinstance(wait, web.Response):
+        return wait
+    seconds = 0.0
     if with_seconds:
-        numbers["seconds"] = (payload.get("seconds", DEFAULT_SECONDS), 0.0, MAX_SECONDS)
-    for field_name, (value, low, high) in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            return error_response(
-                400, f"'{field_name}' must be a number from {low:g} to {high:g}", param=field_name
-            )
-    seconds = float(numbers["seconds"][0]) if with_seconds else 0.0
-    if with_seconds and seconds == 0:
-        return error_response(400, "'seconds' must be above 0", param="seconds")
-    return name, seconds, float(numbers["wait"][0])
+        seconds = _seconds_field(payload, "seconds", DEFAULT_SECONDS, MAX_SECONDS, zero_allowed=False)
+        if isinstance(seconds, web.Response):
+            return seconds
+    return name, seconds, wait
+
+
+def _seconds_field(
+    payload: dict, field_name: str, default: float, most: float, *, zero_allowed: bool
+) -> float | web.Response:
+    """A number of seconds from 0 (or above 0) to ``most``, or the 400 that names the field."""
+    value = payload.get(field_name, default)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    # Written so that NaN (which json.loads accepts) fails every comparison and is refused.
+    if not is_number or not 0 <= value <= most or (value == 0 and not zero_allowed):
+        bounds = f"from 0 to {most:g}" if zero_allowed else f"above 0 and at most {most:g}"
+        return error_response(400, f"'{field_name}' must be a number of seconds {bounds}", param=field_name)
+    return float(value)

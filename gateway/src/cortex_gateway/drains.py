@@ -61,21 +61,21 @@ class DrainBook:
         """
         if self.path is None:
             self._change(url, until)
-            return self.current()
+            return dict(self._until)
         with self._locked() as handle:
             self._until = _parse(handle.read())
             self._change(url, until)
             handle.seek(0)
             handle.truncate()
-            handle.write(json.dumps(self.current()))
-        return self.current()
+            handle.write(json.dumps(self._until))
+        return dict(self._until)
 
     def _change(self, url: str, until: float | None) -> None:
         if until is None:
             self._until.pop(url, None)
         else:
             self._until[url] = until
-        self._until = self.current()  # expired ones go, so the map stays as small as the fleet
+        self._until = self.current()  # ended drains go, so the map stays as small as the fleet
 
     def _locked(self) -> TextIO:
         """The file, open and locked; closing it releases the lock."""

@@ -135,6 +135,8 @@ async def test_a_drain_ends_by_itself_at_its_deadline(engine_server, gateway_cli
         ("/admin/backends/undrain", {"backend": 7}, 400, "backend"),
         ("/admin/backends/undrain", {"backend": "B", "wait": -1}, 400, "wait"),
         ("/admin/backends/drain", {"backend": "B", "wait": "10"}, 400, "wait"),
+        ("/admin/backends/drain", {"backend": "B", "wait": float("nan")}, 400, "wait"),
+        ("/admin/backends/drain", {"backend": "B", "seconds": float("inf")}, 400, "seconds"),
     ],
 )
 async def test_bad_drain_requests_get_openai_errors(engine_server, gateway_client, path, body, status, param):
