@@ -56,9 +56,12 @@ async def open_upstream(
         async with asyncio.timeout(timeouts.first_byte):
             try:
                 upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
-            except aiohttp.ServerDisconnectedError:
-                # A pooled connection the engine had closed while it sat idle:
-                # the request never got there, so send it once more.
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # no connection at all: refused, not stale
+                # A pooled connection the engine had closed or reset while it
+                # sat idle (or an engine container replaced under it): the
+                # request never got through, so send it once more.
                 upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
     except TimeoutError as exc:
         raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s", Failure.TIMEOUT) from exc

@@ -164,7 +164,17 @@ def test_bad_policies_name_the_field(section, message):
         parse_config(make_config({"chat": ["http://127.0.0.1:9"]}, **section))
 
 
-async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_server, gateway_client):
+@pytest.mark.parametrize(
+    "stale",
+    [
+        aiohttp.ServerDisconnectedError(),
+        # What aiohttp raises when a reused connection was reset under it (an
+        # engine container replaced while the connection sat in the pool).
+        aiohttp.ClientOSError(32, "Can not write request body for http://127.0.0.1:1/v1/completions"),
+    ],
+    ids=["closed", "reset"],
+)
+async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_server, gateway_client, stale):
     engine = FakeEngine()
     url = await engine_server(engine)
     client = await gateway_client(make_config({"chat": [url]}))
@@ -176,7 +186,7 @@ async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_serve
     async def flaky_post(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise aiohttp.ServerDisconnectedError()
+            raise stale
         return await original(*args, **kwargs)
 
     session.post = flaky_post
@@ -187,6 +197,30 @@ async def test_a_connection_the_engine_closed_while_idle_is_retried(engine_serve
     assert response.status == 200
     assert len(calls) == 2
     assert len(engine.received) == 1
+
+
+async def test_a_refused_connection_is_not_sent_again(gateway_client):
+    server = TestServer(FakeEngine().app(), host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    client = await gateway_client(make_config({"chat": [url]}, health={"interval": 30, "unhealthy_after": 5}))
+    await wait_ready(client, "chat", 1)
+    await server.close()  # killed: connections are refused from now on
+    session = client.gateway.session
+    original = session.post
+    calls = []
+
+    async def counted_post(*args, **kwargs):
+        calls.append(1)
+        return await original(*args, **kwargs)
+
+    session.post = counted_post
+    try:
+        response = await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
+    finally:
+        session.post = original
+    assert response.status == 502
+    assert len(calls) == 1
 
 
 async def test_a_models_own_first_byte_timeout_wins(engine_server, gateway_client):
