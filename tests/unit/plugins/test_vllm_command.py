@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
     VLLM_ENTRYPOINT,
@@ -111,18 +113,72 @@ def test_a_shared_gpu_gives_vllm_its_fraction():
 
 def test_the_api_key_never_appears_in_the_arguments():
     assert "--api-key" not in vllm_command(LLAMA)
-    assert "/run/secrets/engine-api-key" in VLLM_ENTRYPOINT[2]
+    assert "--api-key" not in " ".join(VLLM_ENTRYPOINT)
+
+
+def test_the_entrypoint_exports_the_key_from_its_file_and_execs_vllm_serve(tmp_path):
+    # The real entrypoint, run by a real shell, with a `vllm` that reports
+    # what it was started with.
+    key_file = tmp_path / "engine-api-key"
+    key_file.write_text("s3cret-key")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vllm"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "key=$VLLM_API_KEY" "$@"\n')
+    fake.chmod(0o755)
+    script = VLLM_ENTRYPOINT[2].replace("/run/secrets/engine-api-key", str(key_file))
+    args = vllm_command(LLAMA)
+    result = subprocess.run(
+        [*VLLM_ENTRYPOINT[:2], script, *VLLM_ENTRYPOINT[3:], *args],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "key=s3cret-key"
+    assert lines[1:] == ["serve", *args]
+
+
+def test_the_entrypoint_fails_without_the_key_file(tmp_path):
+    script = VLLM_ENTRYPOINT[2].replace("/run/secrets/engine-api-key", str(tmp_path / "missing"))
+    result = subprocess.run(
+        [*VLLM_ENTRYPOINT[:2], script, *VLLM_ENTRYPOINT[3:], "m"],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "missing" in result.stderr
+
+
+def test_a_model_without_gpus_renders_a_cpu_line():
+    args = vllm_command(
+        {
+            "name": "smol",
+            "engine": "vllm",
+            "source": {"url": "file:///srv/smol.tar", "sha256": "a" * 64},
+            "vllm": {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True, "uvicorn_access_log": False},
+        }
+    )
+    parsed = parse(with_key(args))
+    assert parsed.model_tag == "/models"
+    assert parsed.kv_cache_memory_bytes == str(1 << 30)
+    assert parsed.enforce_eager is True
+    assert parsed.disable_uvicorn_access_log is True
+    assert parsed.gpu_memory_utilization is None
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"gpus": []}, "gpus: vLLM needs at least one GPU"),
+        ({"gpus": [], "vllm": {"tensor_parallel_size": 2}}, "a model without GPUs runs in one vLLM process"),
         ({"vllm": {"tensor_parallel_size": 2}}, "2 GPUs, but the model has 1"),
         ({"vllm": {"max_num_seqs": "many"}}, "vllm.max_num_seqs: must be a whole number"),
         ({"vllm": {"kv_cache_dtype": "int3"}}, "vllm.kv_cache_dtype: must be one of"),
         ({"vllm": {"max_modl_len": 4096}}, "vllm.max_modl_len: not a known option"),
-        ({"source": {"url": "https://x/y"}}, "source: vLLM loads a model from"),
+        ({"source": {"file": "m.gguf"}}, "source: vLLM loads a model folder from"),
     ],
 )
 def test_bad_settings_name_the_model_and_field(change, message):
