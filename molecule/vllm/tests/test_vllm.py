@@ -53,7 +53,7 @@ def test_vllm_container_is_hardened_and_runs_vllm_from_the_read_only_folder(host
     assert mounts["/models"]["RW"] is False
     assert mounts["/run/secrets/engine-api-key"]["RW"] is False
     # The engine runs vLLM itself, as the engine user.
-    top = host.check_output(f"docker top {container} -eo user,args")
+    top = host.check_output(f"docker top {container} -o pid,user,args")
     assert "vllm serve /models" in top
     assert "VLLM::EngineCore" in top
 

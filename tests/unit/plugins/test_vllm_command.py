@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
+    VLLM_CPU_BOOLEANS,
     VLLM_ENTRYPOINT,
     VLLM_OPTIONS,
     EngineCommandError,
@@ -162,12 +163,23 @@ def test_a_model_without_gpus_renders_a_cpu_line():
             "vllm": {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True, "uvicorn_access_log": False},
         }
     )
-    parsed = parse(with_key(args))
-    assert parsed.model_tag == "/models"
-    assert parsed.kv_cache_memory_bytes == str(1 << 30)
-    assert parsed.enforce_eager is True
-    assert parsed.disable_uvicorn_access_log is True
-    assert parsed.gpu_memory_utilization is None
+    # The CPU image's vLLM (0.32.0) parses CPU lines: tests/integration/test_vllm_engine.py.
+    assert args[:1] == ["/models"]
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
+    assert "--enforce-eager" in args
+    assert "--disable-uvicorn-access-log" in args
+    assert "--gpu-memory-utilization" not in args
+
+
+@pytest.mark.parametrize("key", sorted(VLLM_CPU_BOOLEANS))
+def test_cpu_lines_spell_booleans_as_the_cpu_vllm_does(key):
+    model = {"name": "m", "engine": "vllm", "source": {"path": "/m"}}
+    true_flag, false_flag = VLLM_CPU_BOOLEANS[key]
+    assert true_flag in vllm_command({**model, "vllm": {key: True}})
+    assert false_flag in vllm_command({**model, "vllm": {key: False}})
+    # GPU lines keep the pinned GPU vLLM's spelling, which its table accepts.
+    for value in (True, False):
+        parse(with_key(vllm_command({**model, "gpus": [0], "vllm": {key: value}})))
 
 
 @pytest.mark.parametrize(
