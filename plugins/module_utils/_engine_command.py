@@ -286,6 +286,13 @@ def vllm_command(model, defaults=None):
             "model %s: vllm.tensor_parallel_size: a model without GPUs runs in one vLLM process on CPUs; "
             "give it gpus for tensor or pipeline parallelism" % name
         )
+    if options.get("runner") == "pooling" and options.get("enable_prefix_caching"):
+        # Seen with all-MiniLM-L6-v2: "HybridKVCacheCoordinator requires at
+        # least one cacheable group", and a container that never gets healthy.
+        raise EngineCommandError(
+            "model %s: vllm.enable_prefix_caching: an embedding model (runner pooling) fails to start "
+            "with prefix caching on; leave it out" % name
+        )
     if options.get("gpu_memory_utilization") is None and model.get("gpu_memory_fraction") is not None:
         # A shared GPU: vLLM takes exactly the fraction the inventory gave it.
         options["gpu_memory_utilization"] = model["gpu_memory_fraction"]

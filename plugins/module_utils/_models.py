@@ -36,6 +36,7 @@ RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 SOURCE_KINDS = ("wheel", "path", "url", "hf_repo")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+STOP_TIMEOUTS = {"llamacpp": 15, "vllm": 60}
 # A model folder for vLLM can come as one of these archives (source.url).
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MIB = 1024 * 1024
@@ -496,6 +497,9 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
                     "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
                     "healthcheck": _healthcheck(engine, health_timeout),
+                    # Seconds between `docker stop`'s SIGTERM and its SIGKILL:
+                    # vLLM's engine processes took 20 s to shut down on CPU.
+                    "stop_timeout": STOP_TIMEOUTS[engine],
                     "source_kind": source_kind(model.get("source")),
                     "model_file": entry["model_file"],
                 }

@@ -101,7 +101,7 @@ def test_vllm_with_tensor_parallelism_gets_the_host_ipc():
 
 CPU_DEFAULTS = {
     "images": {"vllm_cpu": "cortex/vllm-cpu:test"},
-    "vllm": {"enable_prefix_caching": True},
+    "vllm": {"uvicorn_access_log": False},
     "vllm_gpu": {"gpu_memory_utilization": 0.9},
     "vllm_cpu": {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30},
 }
@@ -120,10 +120,11 @@ def test_vllm_without_gpus_runs_in_the_cpu_image_with_the_cpu_defaults():
     assert cpu["gpus"] == []
     assert cpu["image"] == "cortex/vllm-cpu:test"
     assert cpu["command"][0] == "/models"
-    assert {"--enforce-eager", "--enable-prefix-caching"} <= set(cpu["command"])
+    assert {"--enforce-eager", "--disable-uvicorn-access-log"} <= set(cpu["command"])
     assert cpu["command"][cpu["command"].index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
     assert "--gpu-memory-utilization" not in cpu["command"]
     assert cpu["shm_size"] == "1g"
+    assert cpu["stop_timeout"] == 60  # vLLM's processes take their time to stop
     assert cpu["extra_mounts"] == [
         {"type": "bind", "source": "/srv/vllm-venv", "target": "/opt/vllm", "read_only": True}
     ]

@@ -66,6 +66,7 @@ def every_option_set(value_for_bools):
         }[kind]
     options["tensor_parallel_size"] = 2
     options["pipeline_parallel_size"] = 1
+    options["runner"] = "generate"  # pooling refuses prefix caching, which this turns on
     return options
 
 
@@ -191,6 +192,10 @@ def test_cpu_lines_spell_booleans_as_the_cpu_vllm_does(key):
         ({"vllm": {"kv_cache_dtype": "int3"}}, "vllm.kv_cache_dtype: must be one of"),
         ({"vllm": {"max_modl_len": 4096}}, "vllm.max_modl_len: not a known option"),
         ({"source": {"file": "m.gguf"}}, "source: vLLM loads a model folder from"),
+        (
+            {"vllm": {"runner": "pooling", "enable_prefix_caching": True}},
+            "vllm.enable_prefix_caching: an embedding model .runner pooling. fails to start",
+        ),
     ],
 )
 def test_bad_settings_name_the_model_and_field(change, message):
