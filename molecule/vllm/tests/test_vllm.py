@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import openai
 import pytest
 from conftest import GATEWAY_URL, credential, journal
+from prometheus_client.parser import text_string_to_metric_families
 
 CHAT = "smollm2-135m-vllm"
 EMBED = "all-minilm-l6-v2-vllm"
@@ -205,12 +205,9 @@ def test_prometheus_scrapes_vllm_metrics_with_the_monitoring_roles_targets_and_k
     key = (out / "keys" / "cortex-vllm").read_text()
     for target in targets[CHAT] + targets[EMBED]:
         text = host.check_output(f"curl -sf -H 'Authorization: Bearer {key}' http://{target}/metrics")
-        assert "vllm:num_requests_running{" in text
-        # What Prometheus would ingest: promtool accepts the exposition.
-        check = subprocess.run(
-            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
-        )
-        assert "error" not in check.stderr.lower(), check.stderr[-2000:]
+        # Parsed as a scrape would parse it.
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        assert "vllm:num_requests_running" in families, sorted(families)[:20]
     chat_text = host.check_output(
         f"curl -sf -H 'Authorization: Bearer {key}' http://{targets[CHAT][0]}/metrics"
     )
