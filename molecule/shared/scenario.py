@@ -5,6 +5,8 @@ Each scenario's conftest.py imports it (this folder is not a scenario)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,18 @@ from pathlib import Path
 import openai
 import pytest
 import testinfra.utils.ansible_runner
+import yaml
+
+
+def _gateway_url() -> str:
+    """The gateway through nginx, where the scenario publishes the host's port 80."""
+    scenario = yaml.safe_load((Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "molecule.yml").read_text())
+    published = scenario["platforms"][0]["published_ports"][0]  # "127.0.0.1:PORT:80"
+    address, port, _inside = published.rsplit(":", 2)
+    return f"http://{address}:{port}/v1"
+
+
+GATEWAY_URL = _gateway_url()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -104,3 +118,98 @@ class RequestLoop:
     @property
     def failures(self) -> list[str]:
         return [o for o in self.outcomes if o != "ok"]
+
+
+def changed_models(tmp_path: Path, model: str, section: str, option: str, value: object) -> Path:
+    """The scenario's cortex_models with one engine option of one model changed, as an extra-vars file."""
+    group_vars = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "group_vars" / "all.yml"
+    models = yaml.safe_load(group_vars.read_text())["cortex_models"]
+    next(m for m in models if m["name"] == model)[section][option] = value
+    path = tmp_path / "changed.yml"
+    path.write_text(yaml.safe_dump({"cortex_models": models}))
+    return path
+
+
+def converge_under_load(
+    client,
+    model: str,
+    changed_vars: Path,
+    playbook: str,
+    *,
+    stream_threads: int = 2,
+    max_seconds: float = 900,
+) -> tuple[subprocess.CompletedProcess, RequestLoop, RequestLoop]:
+    """Run a playbook of the project with ``changed_vars`` over the scenario's
+    inventory while one thread loops requests and ``stream_threads`` loop
+    streams for ``model`` through the gateway; the loops stop when it ends."""
+    project = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[2]))
+    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(project / "ansible.cfg"),
+        "ANSIBLE_COLLECTIONS_PATH": str(project / ".cache" / "collections"),
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    with (
+        RequestLoop(client, model, max_seconds=max_seconds) as loop,
+        RequestLoop(client, model, threads=stream_threads, max_seconds=max_seconds, stream=True) as streams,
+    ):
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(inventory),
+             "-e", f"@{changed_vars}", str(project / "playbooks" / playbook)],
+            cwd=project, env=env, capture_output=True, text=True, timeout=max_seconds, check=False,
+        )  # fmt: skip
+    return result, loop, streams
+
+
+def assert_replaced_one_at_a_time(
+    result: subprocess.CompletedProcess, replicas: list[str], host: str
+) -> None:
+    """Each replica drained, replaced, healthy and routed to again before the next is touched."""
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    log = result.stdout
+    steps = []
+    for replica in replicas:
+        steps += [
+            f"Drain it in the gateways first: {replica}",
+            f"Run {replica}",
+            f"Wait until /health answers 200: {replica}",
+            f"Put it back in the gateways: {replica}",
+        ]
+    positions = [log.find(step) for step in steps]
+    assert -1 not in positions, [s for s, p in zip(steps, positions, strict=True) if p == -1]
+    assert positions == sorted(positions), positions
+    assert log.count(f"{host}: drained, no request in flight") == len(replicas), log[-4000:]
+    assert log.count(f"{host}: routes to it again") == len(replicas), log[-4000:]
+
+
+def assert_no_failures(loop: RequestLoop, streams: RequestLoop) -> None:
+    assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
+    assert loop.failures == [], (
+        f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:5]}"
+    )
+    assert len(streams.outcomes) >= 10, f"the stream loop made only {len(streams.outcomes)} streams"
+    assert streams.failures == [], (
+        f"{len(streams.failures)} of {len(streams.outcomes)} streams failed: {streams.failures[:5]}"
+    )
+
+
+def assert_real_sentence_embeddings(client, model: str) -> None:
+    """all-MiniLM-L6-v2's size, and paraphrases close where unrelated text is far."""
+    result = client.embeddings.create(
+        model=model,
+        input=[
+            "The cat sits on the mat.",
+            "A cat is sitting on a rug.",
+            "Quarterly revenue rose by ten percent.",
+        ],
+    )
+    cat, rug, revenue = (d.embedding for d in result.data)
+    assert len(cat) == 384
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+    assert cosine(cat, rug) > 0.6
+    assert cosine(cat, revenue) < 0.3

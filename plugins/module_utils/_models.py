@@ -58,6 +58,8 @@ BUILTIN_DEFAULTS = {
     # A host folder holding the vLLM virtualenv, mounted read-only into CPU
     # vLLM containers whose image does not carry it (empty: the image has it).
     "vllm_cpu_venv": "",
+    # Environment of vLLM models without GPUs, under the model's own env.
+    "vllm_cpu_env": {},
     "llamacpp": {"parallel": 2, "metrics": True},
     # Applied over "llamacpp" to instances that have GPUs (see docs/llamacpp-tuning.md).
     "llamacpp_gpu": {"n_gpu_layers": 999},
@@ -482,7 +484,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     if vllm_cpu and cfg.get("vllm_cpu_venv")
                     else [],
                     "command": command,
-                    "env": dict((str(k), str(v)) for k, v in env.items()),
+                    "env": dict(
+                        (str(k), str(v))
+                        for k, v in _merge(cfg.get("vllm_cpu_env") if vllm_cpu else {}, env).items()
+                    ),
                     "restart_policy": restart,
                     "health_path": "/health",
                     "health_timeout": health_timeout,

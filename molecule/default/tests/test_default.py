@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from conftest import GATEWAY_URL, journal
+from conftest import GATEWAY_URL, assert_real_sentence_embeddings, journal
 
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -115,24 +115,7 @@ def test_each_replica_is_its_own_container_and_port(host):
 
 
 def test_embeddings_are_real(client):
-    result = client.embeddings.create(
-        model=EMBEDDING_MODEL,
-        input=[
-            "The cat sits on the mat.",
-            "A cat is sitting on a rug.",
-            "Quarterly revenue rose by ten percent.",
-        ],
-    )
-    cat, kitten, revenue = (d.embedding for d in result.data)
-    assert len(cat) == 384  # all-MiniLM-L6-v2's embedding size
-
-    def cosine(a, b):
-        dot = sum(x * y for x, y in zip(a, b, strict=True))
-        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
-
-    # A real sentence model puts paraphrases close and unrelated text far.
-    assert cosine(cat, kitten) > 0.6
-    assert cosine(cat, revenue) < 0.3
+    assert_real_sentence_embeddings(client, EMBEDDING_MODEL)
 
 
 def test_chat_completion_through_nginx(client):

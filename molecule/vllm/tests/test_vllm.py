@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import GATEWAY_URL, credential, journal
+from conftest import GATEWAY_URL, assert_real_sentence_embeddings, credential, journal
 from prometheus_client.parser import text_string_to_metric_families
 
 CHAT = "smollm2-135m-vllm"
@@ -148,24 +148,7 @@ def test_a_completion_through_vllm(client):
 
 
 def test_vllm_embeddings_are_real(client):
-    result = client.embeddings.create(
-        model=EMBED,
-        input=[
-            "The cat sits on the mat.",
-            "A cat is sitting on a rug.",
-            "Quarterly revenue rose by ten percent.",
-        ],
-    )
-    cat, rug, revenue = (d.embedding for d in result.data)
-    assert len(cat) == 384  # all-MiniLM-L6-v2's embedding size
-
-    def cosine(a, b):
-        dot = sum(x * y for x, y in zip(a, b, strict=True))
-        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
-
-    assert cosine(cat, rug) > 0.6
-    assert cosine(cat, revenue) < 0.3
-    assert result.usage.prompt_tokens > 0
+    assert_real_sentence_embeddings(client, EMBED)
 
 
 def test_a_wrong_key_is_refused(client_key):

@@ -104,6 +104,7 @@ CPU_DEFAULTS = {
     "vllm": {"uvicorn_access_log": False},
     "vllm_gpu": {"gpu_memory_utilization": 0.9},
     "vllm_cpu": {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30},
+    "vllm_cpu_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "A": "1"},
 }
 SMOLLM_HF = {
     "name": "smol-vllm",
@@ -125,6 +126,8 @@ def test_vllm_without_gpus_runs_in_the_cpu_image_with_the_cpu_defaults():
     assert "--gpu-memory-utilization" not in cpu["command"]
     assert cpu["shm_size"] == "1g"
     assert cpu["stop_timeout"] == 60  # vLLM's processes take their time to stop
+    assert cpu["env"] == {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "A": "1"}
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in gpu["env"]
     assert cpu["extra_mounts"] == [
         {"type": "bind", "source": "/srv/vllm-venv", "target": "/opt/vllm", "read_only": True}
     ]
@@ -134,6 +137,12 @@ def test_vllm_without_gpus_runs_in_the_cpu_image_with_the_cpu_defaults():
     assert "--gpu-memory-utilization" in gpu["command"]
     assert gpu["extra_mounts"] == []
     assert gpu["shm_size"] == "8g"
+
+
+def test_a_cpu_models_own_env_wins_over_the_cpu_env():
+    model = {**SMOLLM_HF, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}}
+    env = plan([model], defaults=CPU_DEFAULTS)["instances"][0]["env"]
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "A": "1"}
 
 
 def test_a_cpu_vllm_image_with_the_virtualenv_inside_gets_no_mount():
