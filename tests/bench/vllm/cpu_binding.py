@@ -64,7 +64,7 @@ def seconds_to_healthy(port: int, limit: float) -> float | None:
     began = time.monotonic()
     while time.monotonic() - began < limit:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
                 if answer.status == 200:
                     return time.monotonic() - began
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -80,7 +80,7 @@ def complete(port: int, max_tokens: int, **extra) -> dict:
         "max_tokens": max_tokens,
         **extra,
     }
-    request = urllib.request.Request(  # noqa: S310 - loopback only
+    request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
