@@ -18,7 +18,7 @@ from . import __version__, status
 from .auth import KeyRing
 from .backends import Backend, HealthMonitor
 from .breaker import BreakerState
-from .config import ConfigError, GatewayConfig, load_config
+from .config import RESTART_FIELDS, ConfigError, GatewayConfig, load_config
 from .drains import DEFAULT_SECONDS, MAX_SECONDS, DrainBook
 from .errors import error_response
 from .limits import CounterTable, Limiter, Refusal
@@ -111,14 +111,9 @@ class Gateway:
                     backend.api_key = backend_config.api_key
                     backend.max_concurrency = backend_config.max_concurrency
                 backends.append(backend)
-        for field_name in ("host", "port", "max_body_bytes", "workers"):
+        for field_name in RESTART_FIELDS:
             if getattr(config, field_name) != getattr(self.config, field_name):
                 log.warning("config reload: %s changed; it takes effect at the next restart", field_name)
-        if (config.usage_path, config.usage_postgres_dsn) != (
-            self.config.usage_path,
-            self.config.usage_postgres_dsn,
-        ):
-            log.warning("config reload: the usage database changed; it takes effect at the next restart")
         self.config = config
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)

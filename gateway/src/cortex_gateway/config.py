@@ -342,12 +342,20 @@ def parse_config(raw: Any) -> GatewayConfig:
 
 
 def load_config(path: str | Path) -> GatewayConfig:
+    return read_config(path)[0]
+
+
+def read_config(path: str | Path) -> tuple[GatewayConfig, bytes]:
+    """The config in a file, and the bytes it was parsed from."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(raw)
+    return parse_config(raw), data
+
+# Settings a running gateway cannot change: they take effect at its next start.
+RESTART_FIELDS = ("host", "port", "max_body_bytes", "workers", "usage_path", "usage_postgres_dsn")

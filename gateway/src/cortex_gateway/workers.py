@@ -12,7 +12,11 @@ one dies. What the workers share:
 - metrics: prometheus_client's multiprocess files, so /metrics on any worker
   reports the whole gateway (metrics.py says how each series adds up);
 - usage records: the same database (SQLite in WAL mode takes one writer at a
-  time; each worker writes its own batches).
+  time; each worker writes its own batches);
+- the configuration: the supervisor checks the file on SIGHUP and keeps the
+  last one it accepted in the runtime folder, which every worker reads, on a
+  reload and when it is started again; a worker started after a reload never
+  serves the configuration the gateway was started with.
 
 What they do not share: each worker checks backend health and keeps its own
 circuit breakers and queues (a queue's bound applies per worker).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import importlib
 import logging
 import os
@@ -33,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import GatewayConfig
+from .config import RESTART_FIELDS, ConfigError, GatewayConfig, read_config
 from .drains import create_shared
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,9 @@ class Supervisor:
         table_path = runtime / "limits"
         table_path.unlink(missing_ok=True)
         self.table_path = str(table_path)
+        if self.config_path is not None:
+            self.accepted_path = runtime / "config.yml"
+            self._accept(read_config(self.config_path)[1])
         self.drains_path = create_shared(runtime / "drains.json")
 
         from prometheus_client import multiprocess  # after the variable is set
@@ -156,7 +164,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the app reads the drains file at start
         code = 0
         try:
-            _run_worker(self.config, self.config_path, self.table_path, True, self.drains_path)
+            accepted = None if self.config_path is None else str(self.accepted_path)
+            _run_worker(self.config, accepted, self.table_path, True, self.drains_path)
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)
             code = 1
@@ -174,8 +183,26 @@ class Supervisor:
         self.stopping = True
         self._forward(signal.SIGTERM)
 
+    def _accept(self, text: bytes) -> None:
+        """Make ``text`` the configuration workers read: written whole, then renamed."""
+        partial = self.accepted_path.with_suffix(".partial")
+        partial.write_bytes(text)
+        partial.chmod(0o600)
+        partial.replace(self.accepted_path)
+
     def _on_hangup(self, _sig: int, _frame: object) -> None:
-        # Each worker re-reads the file itself and keeps its config on an error.
+        """Check the config file; if it is good, it is what every worker serves from now on."""
+        if self.config_path is None:
+            return
+        try:
+            config, text = read_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload failed, every worker keeps the running config: %s", exc)
+            return
+        # A worker started again must fit beside the running ones: what only
+        # a restart changes stays as the gateway started.
+        self.config = dataclasses.replace(config, **{f: getattr(self.config, f) for f in RESTART_FIELDS})
+        self._accept(text)
         self._forward(signal.SIGHUP)
 
     def _on_drains_changed(self, _sig: int, _frame: object) -> None:

@@ -152,3 +152,38 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+async def wait_for_workers(gateway, count: int, gone: set[int] = frozenset()) -> set[int]:
+    for _attempt in range(100):
+        now = children(gateway.process.pid)
+        if len(now) == count and not now & gone and listeners(gateway.config["listen"]["port"]) == count:
+            return now
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the supervisor has {children(gateway.process.pid)}, not {count} new workers")
+
+
+async def test_a_worker_started_again_serves_the_config_the_last_reload_accepted(engine_server, tmp_path):
+    """A key revoked by a reload stays revoked when a worker dies and is started
+    again; and a later broken config file is not what the new worker serves."""
+    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=2)
+    async with gateway_process(config, tmp_path) as gateway:
+        assert (await ask(gateway.base))[0] == 200
+        config["auth"]["api_keys"] = [{"name": "other", "sha256": hash_key("another-key")}]
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        gateway.process.send_signal(signal.SIGHUP)
+        for _attempt in range(50):
+            statuses = [(await ask(gateway.base))[0] for _request in range(10)]
+            if statuses == [401] * 10:
+                break
+            await asyncio.sleep(0.1)
+        assert statuses == [401] * 10
+        # A broken file afterwards is refused by the reload, and must not be
+        # what a restarted worker reads either.
+        gateway.config_path.write_text("models: [not a mapping\n")
+        gateway.process.send_signal(signal.SIGHUP)
+        for victim in sorted(children(gateway.process.pid)):
+            os.kill(victim, signal.SIGKILL)
+            await wait_for_workers(gateway, 2, {victim})
+        # Each connection lands on either worker: both started after the reload.
+        assert [(await ask(gateway.base))[0] for _request in range(20)] == [401] * 20
