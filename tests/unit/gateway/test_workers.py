@@ -164,12 +164,17 @@ async def wait_for_workers(gateway, count: int, gone: set[int] = frozenset()) ->
 
 
 async def test_a_worker_started_again_serves_the_config_the_last_reload_accepted(engine_server, tmp_path):
-    """A key revoked by a reload stays revoked when a worker dies and is started
-    again; and a later broken config file is not what the new worker serves."""
-    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=2)
+    """A key revoked and a model added by a reload stay so when a worker dies and
+    is started again; and a later broken config file is not what it serves."""
+    chat, embed = await engine_server(FakeEngine()), await engine_server(FakeEngine())
+    config = make_config({"chat": [chat]}, workers=2)
     async with gateway_process(config, tmp_path) as gateway:
         assert (await ask(gateway.base))[0] == 200
-        config["auth"]["api_keys"] = [{"name": "other", "sha256": hash_key("another-key")}]
+        config["models"] += make_config({"embed": [embed]})["models"]
+        config["auth"]["api_keys"] = [
+            {"name": "other", "sha256": hash_key("another-key")},
+            {"name": "lister", "sha256": hash_key("lister-key"), "models": ["embed"]},
+        ]
         gateway.config_path.write_text(yaml.safe_dump(config))
         gateway.process.send_signal(signal.SIGHUP)
         for _attempt in range(50):
@@ -187,3 +192,9 @@ async def test_a_worker_started_again_serves_the_config_the_last_reload_accepted
             await wait_for_workers(gateway, 2, {victim})
         # Each connection lands on either worker: both started after the reload.
         assert [(await ask(gateway.base))[0] for _request in range(20)] == [401] * 20
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _request in range(10):
+                async with session.get(
+                    gateway.base + "/v1/models", headers={"Authorization": "Bearer lister-key"}
+                ) as response:
+                    assert {m["id"] for m in (await response.json())["data"]} == {"chat", "embed"}
