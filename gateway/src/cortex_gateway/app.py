@@ -17,14 +17,14 @@ from aiohttp import web
 from . import __version__, status
 from .auth import KeyRing
 from .backends import Backend, HealthMonitor
-from .breaker import BreakerState
+from .breaker import BreakerState, Failure
 from .config import RESTART_FIELDS, ConfigError, GatewayConfig, load_config
 from .drains import DEFAULT_SECONDS, MAX_SECONDS, DrainBook
 from .errors import error_response
 from .limits import CounterTable, Limiter, Refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, StreamTap, usage_of
-from .proxy import UpstreamUnavailable, open_upstream, relay_stream, relay_whole
+from .proxy import UpstreamAnswerError, UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
 from .usage import UsageRecord, UsageRecorder, day_start, store_for, to_csv
@@ -560,7 +560,15 @@ class Gateway:
                     timing.usage = tap.usage.usage()
                     self.metrics.count_usage(model, engine, timing.usage)
                     return response
-                whole = await relay_whole(upstream, timeouts.idle)
+                try:
+                    whole = await relay_whole(upstream, timeouts.idle, self.config.max_answer_bytes)
+                except UpstreamAnswerError as exc:
+                    # The status line came, so the request is not sent again.
+                    if exc.engine_fault:
+                        backend.record_failure(self.config.unhealthy_after)
+                        backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
+                    log.warning("backend %s (%s): %s", backend.name, model, exc)
+                    return error_response(502, str(exc), code=exc.code)
                 timing.upstream_ended = loop.time()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)

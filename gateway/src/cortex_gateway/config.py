@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
 
 
+# A non-streamed answer is read whole before it is relayed; embeddings of
+# large batches run to tens of MiB.
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float = 5.0
@@ -78,6 +83,8 @@ class GatewayConfig:
     usage_postgres_dsn: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
+    # The largest non-streamed answer the gateway holds in memory to relay.
+    max_answer_bytes: int = 0
     # Worker processes sharing the port (SO_REUSEPORT); "auto" in the file means
     # one per CPU this process may run on.
     workers: int = 1
@@ -258,8 +265,11 @@ def parse_config(raw: Any) -> GatewayConfig:
     )
 
     limits = _expect(raw.get("limits", {}), dict, "limits")
-    _no_unknown(limits, {"max_body_bytes"}, "limits")
+    _no_unknown(limits, {"max_body_bytes", "max_answer_bytes"}, "limits")
     max_body = int(_positive(limits.get("max_body_bytes", 4 * 1024 * 1024), "limits.max_body_bytes"))
+    max_answer = int(
+        _positive(limits.get("max_answer_bytes", DEFAULT_MAX_ANSWER_BYTES), "limits.max_answer_bytes")
+    )
 
     health = _expect(raw.get("health", {}), dict, "health")
     _no_unknown(health, {"interval", "unhealthy_after"}, "health")
@@ -336,6 +346,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         models=models,
         timeouts=timeouts,
         max_body_bytes=max_body,
+        max_answer_bytes=max_answer,
         health_interval=interval,
         unhealthy_after=unhealthy_after,
     )

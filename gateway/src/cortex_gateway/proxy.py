@@ -20,7 +20,8 @@ from .errors import error_body
 
 # Upstream statuses after which another replica may still be tried: nothing
 # has reached the client yet, and the fault is the server's, not the request's.
-RETRYABLE_STATUSES = frozenset({502, 503, 504})
+# Each counts against the engine's circuit breaker.
+RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class UpstreamUnavailable(Exception):
@@ -74,13 +75,55 @@ async def open_upstream(
     return upstream
 
 
-async def relay_whole(upstream: aiohttp.ClientResponse, idle: float) -> web.Response:
-    """Relay a non-streamed answer: status, content type and bytes as they are."""
+class UpstreamAnswerError(Exception):
+    """The answer's headers came, but its body could not be relayed."""
+
+    def __init__(self, message: str, code: str, engine_fault: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        # A broken answer is the engine's fault; a larger one than the gateway holds is not.
+        self.engine_fault = engine_fault
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, idle: float, max_bytes: int) -> web.Response:
+    """Relay a non-streamed answer: status, content type and bytes as they are,
+    read within ``idle`` seconds and never more than ``max_bytes``."""
+    too_large = UpstreamAnswerError(
+        f"the model server's answer is larger than the {max_bytes} bytes this gateway relays "
+        "(limits.max_answer_bytes); ask for a stream",
+        "upstream_answer_too_large",
+        engine_fault=False,
+    )
     try:
+        if (upstream.content_length or 0) > max_bytes:
+            raise too_large
+        parts: list[bytes] = []
+        size = 0
         async with asyncio.timeout(idle):
-            payload = await upstream.read()
-    finally:
-        upstream.release()
+            async for part in upstream.content.iter_any():
+                size += len(part)
+                if size > max_bytes:
+                    raise too_large
+                parts.append(part)
+        payload = b"".join(parts)
+    except TimeoutError as exc:
+        upstream.close()
+        raise UpstreamAnswerError(
+            f"the model server's answer did not arrive whole within {idle:g}s",
+            "upstream_answer_broken",
+            engine_fault=True,
+        ) from exc
+    except aiohttp.ClientError as exc:
+        upstream.close()
+        raise UpstreamAnswerError(
+            f"the model server broke off its answer: {exc or type(exc).__name__}",
+            "upstream_answer_broken",
+            engine_fault=True,
+        ) from exc
+    except UpstreamAnswerError:
+        upstream.close()  # the rest is not read: the connection cannot be reused
+        raise
+    upstream.release()
     return web.Response(
         status=upstream.status,
         body=payload,

@@ -37,6 +37,10 @@ class FakeEngine:
     delay: float = 0.0
     status: int = 200
     retry_after: str | None = None
+    # Non-streamed answers: padding to make them this many bytes or more, and
+    # whether to close the connection halfway through the body.
+    answer_bytes: int = 0
+    cut_answer: bool = False
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -58,7 +62,7 @@ class FakeEngine:
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             return web.json_response({"error": "busy"}, status=self.status, headers=headers)
         if not payload.get("stream"):
-            return web.json_response(
+            answer = json.dumps(
                 {
                     "id": "cmpl-1",
                     "object": "chat.completion",
@@ -71,8 +75,19 @@ class FakeEngine:
                         }
                     ],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                    "padding": "x" * self.answer_bytes,
                 }
-            )
+            ).encode()
+            if not self.cut_answer:
+                return web.Response(body=answer, content_type="application/json")
+            # Headers promise the whole answer; the connection ends halfway.
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = len(answer)
+            await response.prepare(request)
+            await response.write(answer[: len(answer) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(self.chunks):
