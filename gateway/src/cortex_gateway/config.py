@@ -368,5 +368,6 @@ def read_config(path: str | Path) -> tuple[GatewayConfig, bytes]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_config(raw), data
 
+
 # Settings a running gateway cannot change: they take effect at its next start.
 RESTART_FIELDS = ("host", "port", "max_body_bytes", "workers", "usage_path", "usage_postgres_dsn")

@@ -12,7 +12,7 @@ from .test_metrics import scrape, value
 from .test_resilience import wait_ready
 
 
-async def test_an_engine_answering_500_is_a_failure_and_another_replica_answers(engine_server, gateway_client):
+async def test_an_engine_answering_500_fails_and_another_replica_answers(engine_server, gateway_client):
     broken, fine = FakeEngine(status=500), FakeEngine()
     urls = [await engine_server(broken), await engine_server(fine)]
     client = await gateway_client(make_config({"chat": urls}))
