@@ -84,7 +84,9 @@ class Gateway:
         self._monitor: HealthMonitor | None = None
         self._admissions: dict[str, Admission] = {}
         self.metrics = Metrics(
-            lambda: self.backends, lambda: {m: a.waiting for m, a in self._admissions.items()}
+            lambda: self.backends,
+            lambda: {m: a.waiting for m, a in self._admissions.items()},
+            lambda: self.usage.buffered if self.usage is not None else 0,
         )
         self._reloading = asyncio.Lock()
 
@@ -186,7 +188,7 @@ class Gateway:
         if store is None:
             yield
             return
-        self.usage = UsageRecorder(store)
+        self.usage = UsageRecorder(store, on_drop=self.metrics.usage_dropped.inc)
         await self.usage.start()
         try:
             yield

@@ -33,7 +33,10 @@ BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 
 class Metrics:
     def __init__(
-        self, backends: Callable[[], Iterable[Backend]], waiting: Callable[[], dict[str, int]]
+        self,
+        backends: Callable[[], Iterable[Backend]],
+        waiting: Callable[[], dict[str, int]],
+        usage_buffered: Callable[[], int] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "engine"]
@@ -98,6 +101,17 @@ class Metrics:
             "cortex_gateway_queue_depth", "Requests waiting for a slot", ["model"],
             registry=self.registry, multiprocess_mode="livesum",
         )  # fmt: skip
+        # Usage records: none may vanish unseen. Both series exist from the start.
+        self.usage_dropped = Counter(
+            "cortex_gateway_usage_records_dropped",
+            "Usage records that could not be kept (the database away and the buffer full)",
+            registry=self.registry,
+        )
+        self.usage_buffered = Gauge(
+            "cortex_gateway_usage_records_buffered", "Usage records waiting to be written",
+            registry=self.registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._usage_buffered = usage_buffered
         self._backends = backends
         self._waiting = waiting
         self._live_labels: set[tuple[str, ...]] = set()
@@ -115,6 +129,7 @@ class Metrics:
             self.backend_draining.labels(*labels).set(1.0 if b.draining else 0.0)
             self.breaker_state.labels(*labels).set(BREAKER_VALUES[b.breaker.state])
             self.in_flight.labels(*labels).set(b.outstanding)
+        self.usage_buffered.set(self._usage_buffered())
         waiting = self._waiting()
         for model, count in waiting.items():
             self.queue_depth.labels(model).set(count)

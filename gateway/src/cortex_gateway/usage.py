@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -240,7 +240,16 @@ def to_csv(rows: list[dict]) -> str:
 
 
 class UsageRecorder:
-    """Takes records from handlers and writes them in batches in the background."""
+    """Takes records from handlers and writes them in batches in the background.
+
+    A batch the database refuses (a full disk, PostgreSQL stopped) is kept and
+    written again, with a growing pause, until the database takes it; records
+    keep queueing meanwhile up to ``capacity``, and only what does not fit is
+    dropped, counted in ``dropped`` and passed to ``on_drop``.
+    """
+
+    # The longest pause between two attempts on a failing database.
+    MAX_RETRY_SECONDS = 30.0
 
     def __init__(
         self,
@@ -249,33 +258,48 @@ class UsageRecorder:
         batch: int = 500,
         every: float = 1.0,
         capacity: int = 100_000,
+        on_drop: Callable[[int], None] | None = None,
     ):
         self.store = store
         self.batch = batch
         self.every = every
         self.dropped = 0
+        self.on_drop = on_drop or (lambda _count: None)
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=capacity)
         self._pending: list[UsageRecord] = []
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def buffered(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
     def record(self, record: UsageRecord) -> None:
-        """Never waits: a full queue (a stuck disk) drops the record and counts it."""
+        """Never waits: a full buffer (a database away for long) drops the record and counts it."""
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
-            self.dropped += 1
+            self._drop(1)
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self.on_drop(count)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.open)
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def _run(self) -> None:
+        pause = self.every
         while True:
-            self._pending.append(await self._queue.get())
-            await asyncio.sleep(self.every)  # let a batch gather
+            if not self._pending:
+                self._pending.append(await self._queue.get())
+            await asyncio.sleep(pause)  # let a batch gather, or the database come back
             self._pending.extend(self._take(self.batch - len(self._pending)))
-            batch, self._pending = self._pending, []
-            await self._write(batch)
+            if await self._write(self._pending):
+                self._pending = []
+                pause = self.every
+            else:
+                pause = min(max(pause, self.every) * 2, self.MAX_RETRY_SECONDS)
 
     def _take(self, limit: int) -> list[UsageRecord]:
         taken = []
@@ -283,24 +307,28 @@ class UsageRecorder:
             taken.append(self._queue.get_nowait())
         return taken
 
-    async def _write(self, records: list[UsageRecord]) -> None:
+    async def _write(self, records: list[UsageRecord]) -> bool:
         try:
             await asyncio.to_thread(self.store.write, records)
-        except Exception as exc:  # noqa: BLE001 - any database error: count the loss, keep serving
-            self.dropped += len(records)
-            log.error("could not write %d usage record(s): %s", len(records), exc)
+        except Exception as exc:  # noqa: BLE001 - any database error: keep the batch, keep serving
+            log.error("could not write %d usage record(s), keeping them to try again: %s", len(records), exc)
+            return False
+        return True
 
     async def close(self) -> None:
-        """Write everything still queued, then close the store."""
+        """Write everything still buffered (one last try), then close the store."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._pending:
-            batch, self._pending = self._pending, []
-            await self._write(batch)
-        while not self._queue.empty():
-            await self._write(self._take(self.batch))
+        while self._pending or not self._queue.empty():
+            self._pending.extend(self._take(self.batch - len(self._pending)))
+            if not await self._write(self._pending):
+                self._drop(self.buffered)  # the database is still away at shutdown
+                self._pending = []
+                self._take(self._queue.qsize())
+                break
+            self._pending = []
         await asyncio.to_thread(self.store.close)
         if self.dropped:
             log.error("%d usage record(s) were dropped", self.dropped)

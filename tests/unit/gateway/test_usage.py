@@ -12,9 +12,10 @@ from cortex_gateway.__main__ import main
 from cortex_gateway.app import Gateway
 from cortex_gateway.auth import hash_key
 from cortex_gateway.config import parse_config
-from cortex_gateway.usage import report
+from cortex_gateway.usage import UsageRecord, UsageRecorder, report
 
 from .conftest import AUTH, FakeEngine, gateway_process, make_config
+from .test_metrics import scrape, value
 from .test_resilience import wait_ready
 
 ADMIN_KEY = "sk-admin-0123456789abcdef0123456789"
@@ -118,3 +119,71 @@ async def test_sigterm_drains_requests_in_flight_then_writes_every_record(engine
         assert await asyncio.wait_for(gateway.process.wait(), 40) == 0
     rows = report(path, ["model"])
     assert rows[0]["requests"] == 3
+
+
+class FlakyStore:
+    """A usage store that fails its first writes, as a full disk or a
+    stopped PostgreSQL does, and keeps what it was given afterwards."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.written: list = []
+
+    def open(self) -> None:
+        pass
+
+    def write(self, records) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        self.written.extend(records)
+
+    def close(self) -> None:
+        pass
+
+
+def record(number: int) -> UsageRecord:
+    return UsageRecord(float(number), "k", "m", "llamacpp", "b", False, 200, 1, 1, None, 1.0)
+
+
+async def test_records_wait_out_a_failing_database_and_are_written_once_it_is_back():
+    store = FlakyStore(failures=3)
+    dropped: list[int] = []
+    recorder = UsageRecorder(store, every=0.01, on_drop=dropped.append)
+    await recorder.start()
+    for number in range(20):
+        recorder.record(record(number))
+    for _wait in range(500):
+        if len(store.written) == 20:
+            break
+        await asyncio.sleep(0.01)
+    await recorder.close()
+    assert [r.ts for r in store.written] == [float(n) for n in range(20)]  # all, once, in order
+    assert dropped == []
+    assert recorder.dropped == 0
+
+
+async def test_records_beyond_the_buffer_are_dropped_and_counted():
+    store = FlakyStore(failures=10**9)  # never comes back
+    dropped: list[int] = []
+    recorder = UsageRecorder(store, batch=5, every=0.01, capacity=10, on_drop=dropped.append)
+    await recorder.start()
+    for number in range(40):
+        recorder.record(record(number))
+        await asyncio.sleep(0)
+    await recorder.close()
+    assert store.written == []
+    # Everything it could not keep is counted, through the callback too.
+    assert recorder.dropped == 40
+    assert sum(dropped) == 40
+
+
+async def test_the_gateway_exports_dropped_usage_records(engine_server, gateway_client, tmp_path):
+    url = await engine_server(FakeEngine())
+    client = await gateway_client(usage_config(url, tmp_path / "usage.db"))
+    await wait_ready(client, "chat", 1)
+    samples = await scrape(client)
+    # The series exists (at 0) before anything was dropped: an alert can watch it.
+    assert ("cortex_gateway_usage_records_dropped_total", ()) in samples
+    client.gateway.usage.on_drop(3)
+    assert value(await scrape(client), "cortex_gateway_usage_records_dropped_total") == 3
