@@ -20,7 +20,9 @@ description:
     C(instance_endpoints), the gateway's view of a host's started instances, and
     C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
     C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters,
-    and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text table (playbooks/status.yml).
+    C(proxy_read_timeout), the seconds nginx waits in front of the gateway (its longest timeout, over every
+    model's own, and a margin), and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text
+    table (playbooks/status.yml).
 positional: host, gpu_count, defaults, shapes
 options:
   _input:
@@ -62,6 +64,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
     fleet_rows,
     fleet_table,
     prometheus_targets,
+    proxy_read_timeout,
     routing_table,
 )
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
@@ -130,6 +133,7 @@ class FilterModule(object):
             "instance_endpoints": instance_endpoints,
             "model_source_files": source_files,
             "routing_table": _routing_table,
+            "proxy_read_timeout": proxy_read_timeout,
             "prometheus_targets": _prometheus_targets,
             "fleet_rows": fleet_rows,
             "fleet_table": fleet_table,

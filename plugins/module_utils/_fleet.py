@@ -51,6 +51,26 @@ def routing_table(host_endpoints):
     return [models[name] for name in sorted(models)]
 
 
+# Seconds nginx waits beyond the gateway's longest timeout, so that the
+# gateway gives up first and answers with its own error body.
+PROXY_TIMEOUT_MARGIN = 15
+
+
+def proxy_read_timeout(routes, default_timeouts):
+    """nginx's read and send timeout in front of the gateway: its longest wait.
+
+    A non-streamed answer sends nothing until the engine's first byte, and a
+    stream nothing between two chunks, so the gateway's longest first_byte or
+    idle timeout, over its defaults and every model's own, plus a margin.
+    """
+    longest = 0.0
+    for timeouts in [default_timeouts or {}] + [route.get("timeouts") or {} for route in routes or []]:
+        for kind in ("first_byte", "idle"):
+            if timeouts.get(kind) is not None:
+                longest = max(longest, float(timeouts[kind]))
+    return int(-(-longest // 1)) + PROXY_TIMEOUT_MARGIN
+
+
 _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104 - compared with, never bound
 
 

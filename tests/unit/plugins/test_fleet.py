@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
+    PROXY_TIMEOUT_MARGIN,
     FleetError,
     fleet_rows,
     fleet_table,
     prometheus_targets,
+    proxy_read_timeout,
     routing_table,
 )
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
@@ -140,3 +142,14 @@ def test_prometheus_targets_scrape_what_the_gateway_and_engines_listen_on():
         "10.0.0.51:9100",
         "10.0.0.52:9100",
     ]
+
+
+def test_the_proxys_read_timeout_outlasts_every_models_own_timeouts():
+    routes = [
+        {"name": "big", "timeouts": {"first_byte": 900}},
+        {"name": "fast", "timeouts": {"idle": 30}},
+        {"name": "plain", "timeouts": {}},
+    ]
+    # The gateway must time out first, with its own error body, not nginx with a bare 504.
+    assert proxy_read_timeout(routes, {"first_byte": 600, "idle": 120}) == 900 + PROXY_TIMEOUT_MARGIN
+    assert proxy_read_timeout([], {"first_byte": 600, "idle": 1200}) == 1200 + PROXY_TIMEOUT_MARGIN
