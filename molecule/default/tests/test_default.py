@@ -36,6 +36,8 @@ def test_nginx_site_does_not_buffer(host):
     site = host.file("/etc/nginx/sites-enabled/cortex-gateway.conf")
     assert site.is_symlink
     assert "proxy_buffering off;" in site.content_string
+    # The embedding model's own first_byte (900 s) and a 15 s margin: the gateway times out first.
+    assert "        proxy_read_timeout 915s;" in site.content_string.splitlines()
     assert not host.file("/etc/nginx/sites-enabled/default").exists
 
 
