@@ -21,7 +21,7 @@ def metric(host, name: str, backend: str) -> float:
     for line in host.check_output("curl -s http://127.0.0.1:8000/metrics").splitlines():
         if line.startswith(name + "{") and f'backend="{backend}"' in line:
             return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    raise AssertionError(f"no series {name} for backend {backend}")  # missing is not 0
 
 
 def requests_to(host, backend: str) -> float:

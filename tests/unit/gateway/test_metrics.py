@@ -20,7 +20,12 @@ async def scrape(client) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples, name, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A series' value; a series that is not there fails the test (it is not a 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in samples:
+        same_name = sorted(labels for series, labels in samples if series == name)
+        raise AssertionError(f"no series {name}{dict(labels)}; with that name: {same_name}")
+    return samples[key]
 
 
 async def test_requests_tokens_and_live_state_are_counted(engine_server, gateway_client):

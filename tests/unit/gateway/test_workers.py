@@ -34,12 +34,14 @@ async def ask(base: str, path: str = "/v1/completions", method: str = "POST") ->
 async def metric(base: str, name: str, **labels: str) -> float:
     async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
         text = await response.text()
-    return sum(
+    found = [
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    ]
+    assert found, f"no series {name}{labels}"  # a missing series is not a 0
+    return sum(found)
 
 
 def two_workers_share(tmp_path: Path) -> tuple[Limiter, Limiter]:
