@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "molecule" / "shared"))
 
-from loads import RequestLoop  # noqa: E402 - found through the path above
+from loads import RequestLoop
 
 
 class Chunk(SimpleNamespace):
