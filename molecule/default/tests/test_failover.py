@@ -8,7 +8,7 @@ import threading
 import time
 
 import openai
-from conftest import GATEWAY_URL, RequestLoop
+from scenario import GATEWAY_URL, RequestLoop
 
 MODEL = "smollm2-135m-instruct"
 KILLED = f"cortex-{MODEL}-1"

@@ -7,4 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
-from scenario import *  # noqa: F403 - fixtures, hooks and helpers for the tests
+# The tests import their helpers from scenario; pytest needs the hook here.
+from scenario import pytest_generate_tests
+
+__all__ = ["pytest_generate_tests"]

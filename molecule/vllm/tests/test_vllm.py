@@ -12,8 +12,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import GATEWAY_URL, assert_real_sentence_embeddings, credential, journal
 from prometheus_client.parser import text_string_to_metric_families
+from scenario import GATEWAY_URL, assert_real_sentence_embeddings, credential, journal
 
 CHAT = "smollm2-135m-vllm"
 EMBED = "all-minilm-l6-v2-vllm"

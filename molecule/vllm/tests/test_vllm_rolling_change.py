@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import openai
-from conftest import (
+from scenario import (
     GATEWAY_URL,
     assert_no_failures,
     assert_replaced_one_at_a_time,

@@ -133,7 +133,7 @@ def measure(policy: str, bind: str, key_file: Path, limit: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--policies", default="auto,nobind,all")
     parser.add_argument("--start-limit", type=float, default=480, help="seconds B may take to get healthy")
     args = parser.parse_args()
