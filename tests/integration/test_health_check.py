@@ -74,8 +74,9 @@ def engines(tmp_path: Path):
         docker("rm", "-f", engine["container"], check=False)
 
 
-def run_check(config_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(config_path)],
+def run_check(config_path: Path, now: float | None = None) -> subprocess.CompletedProcess:
+    clock = [] if now is None else ["--now", repr(now)]
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(config_path), *clock],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
 
 
@@ -111,9 +112,14 @@ def test_an_unhealthy_container_is_restarted_as_configured_and_a_loading_one_lef
     config_path.write_text(json.dumps(config))
     first_start = {e["container"]: started_at(e["container"]) for e in engines}
 
+    # The runs' own clock, stepped by the test (no sleeping through backoffs):
+    # it starts past every container's start time, as the system clock would.
+    clock = {"now": time.time() + 1000}
+
     def step() -> tuple[bool, subprocess.CompletedProcess]:
         before = started_at(sick["container"])
-        result = run_check(config_path)
+        result = run_check(config_path, now=clock["now"])
+        clock["now"] += 1
         return started_at(sick["container"]) != before, result
 
     restarted, result = step()
@@ -130,11 +136,11 @@ def test_an_unhealthy_container_is_restarted_as_configured_and_a_loading_one_lef
     restarted, result = step()  # two failures, but inside the 5 s backoff
     assert not restarted, result.stdout + (tmp_path / "state.json").read_text()
     assert "backing off" in result.stdout
-    time.sleep(5.5)
+    clock["now"] += 5.5
     restarted, result = step()
     assert restarted
     assert "<4>sick: restarted cortex-hc-test-sick: failed 2 runs in a row" in result.stdout
-    time.sleep(10.5)  # past the next backoff (10 s): now the hourly cap holds it
+    clock["now"] += 10.5  # past the next backoff (10 s): now the hourly cap holds it
     outcomes = [step() for _run in range(2)]
     assert [restarted for restarted, _result in outcomes] == [False, False]
     assert "restarted 2 times in the last hour already (the cap)" in outcomes[-1][1].stdout

@@ -6,48 +6,37 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__, status
+from . import __version__
 from .auth import KeyRing
 from .backends import Backend, HealthMonitor
 from .breaker import BreakerState, Failure
 from .config import RESTART_FIELDS, ConfigError, GatewayConfig, load_config
-from .drains import DEFAULT_SECONDS, MAX_SECONDS, DrainBook
-from .errors import error_response
+from .drains import DrainBook
+from .errors import Handler, error_response, errors_middleware, json_object
 from .limits import CounterTable, Limiter, Refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, StreamTap, usage_of
 from .proxy import UpstreamAnswerError, UpstreamUnavailable, open_upstream, relay_stream, relay_whole
 from .queueing import Admission, QueueFull
 from .routing import Router
-from .usage import UsageRecord, UsageRecorder, day_start, store_for, to_csv
+from .usage import UsageRecord, UsageRecorder, store_for
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The OpenAI endpoints routed by `model`.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Open without a key: liveness for nginx and the health timers, and metrics
 # for Prometheus (the gateway listens on loopback or the internal address;
-# the nginx site does not pass /metrics on).
-# The status page's HTML holds no data: it asks for an admin key and sends it
-# with each request for /admin/status.json, which the admin check guards.
-STATUS_PAGE = "/admin/status"
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics", STATUS_PAGE})
-# The page runs only its own script and talks only to this gateway.
-STATUS_CSP = (
-    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
-)
-# The longest an admin request waits for a drain to settle.
-MAX_WAIT_SECONDS = 3600
+# the nginx site does not pass /metrics on). The admin API is not here at
+# all: it has its own listener (admin.py).
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
 # Response header with the gateway's own time for the request, in ms.
 OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
 # The name (never the value) of the client key a request came with.
@@ -63,8 +52,11 @@ class Gateway:
         config_path: str | None = None,
         limits_table: CounterTable | None = None,
         drains_path: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        # What the request path reads its times from (tests give their own).
+        self.clock = clock
         self.config_path = config_path
         self.keyring = KeyRing(config.api_keys)
         self.admin_keyring = KeyRing(config.admin_keys)
@@ -139,7 +131,7 @@ class Gateway:
             backend.drain_until = drain_until
         return ended
 
-    async def _sync_drains(self, until: dict[str, float]) -> None:
+    async def sync_drains(self, until: dict[str, float]) -> None:
         ended = self._apply_drains(until)
         if ended and self._monitor is not None:
             # Back in rotation as soon as it answers, not at the next poll.
@@ -149,7 +141,7 @@ class Gateway:
         """SIGUSR1: another worker changed the drains file."""
 
         async def reread() -> None:
-            await self._sync_drains(await asyncio.to_thread(self.drains.load))
+            await self.sync_drains(await asyncio.to_thread(self.drains.load))
 
         asyncio.get_running_loop().create_task(reread(), name="drains-reload")
 
@@ -252,7 +244,7 @@ class Gateway:
     def build_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.max_body_bytes,
-            middlewares=[self._errors_middleware, self._auth_middleware],
+            middlewares=[errors_middleware(lambda: self.config.max_body_bytes), self._auth_middleware],
         )
         # Cleanup runs in reverse: the usage records are flushed last, after
         # the requests in flight have finished and been recorded.
@@ -260,12 +252,6 @@ class Gateway:
         app.cleanup_ctx.append(self._client_context)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/admin/usage", self.usage_page)
-        app.router.add_get("/admin/backends", self.list_backends)
-        app.router.add_post("/admin/backends/drain", self.drain_backend)
-        app.router.add_post("/admin/backends/undrain", self.undrain_backend)
-        app.router.add_get(STATUS_PAGE, self.status_page)
-        app.router.add_get(STATUS_PAGE + ".json", self.status_json)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         for path in MODEL_ROUTES:
@@ -275,32 +261,7 @@ class Gateway:
     # --- middlewares -----------------------------------------------------
 
     @web.middleware
-    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every error leaves in OpenAI's shape, whatever raised it."""
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                413,
-                f"request body is larger than {self.config.max_body_bytes} bytes",
-                code="request_too_large",
-            )
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(exc.status, exc.reason or "error", headers=_allow_header(exc))
-
-    @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/") and request.path not in PUBLIC_PATHS:
-            authorization = request.headers.get("Authorization")
-            if self.admin_keyring.identify(authorization) is not None:
-                return await handler(request)
-            if self.keyring.identify(authorization) is not None:
-                return error_response(
-                    403, "this key may not use the admin endpoints", code="admin_key_required"
-                )
-            return error_response(401, "missing or invalid admin key", code="invalid_api_key")
         if request.path in PUBLIC_PATHS or not self.config.require_api_key:
             return await handler(request)
         key_name = self.keyring.identify(request.headers.get("Authorization"))
@@ -320,99 +281,6 @@ class Gateway:
             name: sum(1 for b in self.router.backends(name) if b.routable) for name in self.config.models
         }
         return web.json_response({"status": "ok", "version": __version__, "ready_backends": models})
-
-    async def usage_page(self, request: web.Request) -> web.Response:
-        """Usage by key, model and day: ?group_by=key,model,day&since=2026-11-01&format=csv"""
-        if self.usage is None:
-            return error_response(404, "this gateway keeps no usage records (usage is not configured)")
-        group_by = [g for g in request.query.get("group_by", "key,model,day").split(",") if g]
-        try:
-            since = day_start(request.query.get("since"))
-            rows = await asyncio.to_thread(self.usage.store.report, group_by, since)
-        except ValueError as exc:
-            return error_response(400, str(exc), param="group_by" if "group" in str(exc) else "since")
-        if request.query.get("format") == "csv":
-            return web.Response(text=to_csv(rows), content_type="text/csv")
-        return web.json_response({"object": "list", "data": rows})
-
-    async def list_backends(self, _request: web.Request) -> web.Response:
-        """Every backend as the whole gateway sees it (all workers), for operators and playbooks."""
-        data = status.backend_rows(self.backends, self.metrics.collect_registry())
-        return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
-
-    async def drain_backend(self, request: web.Request) -> web.Response:
-        """{"backend": URL or host:port, "seconds": how long at most, "wait": seconds}:
-        no new requests for it; with "wait", answers once none is in flight."""
-        parsed = await _drain_request(request, with_seconds=True)
-        if isinstance(parsed, web.Response):
-            return parsed
-        name, seconds, wait = parsed
-        return await self._set_drain(name, time.time() + seconds, wait)
-
-    async def undrain_backend(self, request: web.Request) -> web.Response:
-        """{"backend": URL or host:port, "wait": seconds}: back in rotation once
-        its health check passes; with "wait", answers once every worker routes to it."""
-        parsed = await _drain_request(request, with_seconds=False)
-        if isinstance(parsed, web.Response):
-            return parsed
-        name, _seconds, wait = parsed
-        return await self._set_drain(name, None, wait)
-
-    async def _set_drain(self, name: str, until: float | None, wait: float) -> web.Response:
-        matching = {b.url for b in self.backends if name in (b.url, b.name)}
-        if not matching:
-            message = f"no backend '{name}' in this gateway's config"
-            return error_response(404, message, code="backend_not_found", param="backend")
-        for url in matching:
-            current = await asyncio.to_thread(self.drains.set, url, until)
-        await self._sync_drains(current)
-        if self.drains.shared:
-            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor tells every worker
-        log.info("backend %s %s", name, "drained" if until else "back in rotation")
-
-        def settled(row: dict) -> bool:
-            # Drained: every worker drains it and nothing runs on it. Back: every worker routes to it.
-            return row["draining"] and row["in_flight"] == 0 if until else row["ready"]
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            rows = [
-                row
-                for row in status.backend_rows(self.backends, self.metrics.collect_registry())
-                if row["url"] in matching
-            ]
-            done = all(settled(row) for row in rows)
-            if done or loop.time() >= deadline:
-                break
-            # Other workers' gauges are at most a second old (their refresh interval).
-            await asyncio.sleep(0.2)
-        return web.json_response({"object": "list", "data": rows, "settled": done})
-
-    async def status_page(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            body=status.page(),
-            content_type="text/html",
-            headers={"Cache-Control": "no-store", "Content-Security-Policy": STATUS_CSP},
-        )
-
-    async def status_json(self, _request: web.Request) -> web.Response:
-        last_minute = errors = None
-        if self.usage is not None:
-            now = time.time()
-            try:
-                last_minute = await asyncio.to_thread(
-                    self.usage.store.report, ["model"], now - status.WINDOW_SECONDS
-                )
-                errors = await asyncio.to_thread(
-                    self.usage.store.recent_errors, now - 3600, status.RECENT_ERRORS
-                )
-            except Exception as exc:  # noqa: BLE001 - the page still shows live state
-                log.warning("status page: cannot read the usage records: %s", exc)
-        data = status.snapshot(
-            self.config, self.backends, self.metrics.collect_registry(), last_minute, errors, self.started
-        )
-        return web.json_response(data, headers={"Cache-Control": "no-store"})
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -439,8 +307,7 @@ class Gateway:
         return web.json_response(self._model_card(name))
 
     async def route_by_model(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self.clock()
         timing = _Timing(started)
         key_name = request.get(KEY_NAME)
         try:
@@ -453,7 +320,7 @@ class Gateway:
                 self.limiter.done(key_name, timing.stream, tokens)
         model = timing.model if timing.model in self.config.models else "_unknown"
         engine = self.config.models[model].engine if model in self.config.models else "none"
-        ended = loop.time()
+        ended = self.clock()
         self.metrics.requests.labels(model, engine, timing.backend, str(response.status)).inc()
         if self.usage is not None and model != "_unknown":
             usage = timing.usage or {}
@@ -527,8 +394,7 @@ class Gateway:
             if waited:
                 self.metrics.queue_wait.labels(model).observe(waited)
             timing.backend = backend.name
-            loop = asyncio.get_running_loop()
-            timing.upstream_started = loop.time()
+            timing.upstream_started = self.clock()
             try:
                 try:
                     sent = _with_stream_usage(body) if stream and backend.engine == "vllm" else body
@@ -549,7 +415,7 @@ class Gateway:
                 if stream and upstream.status == 200:
                     # The stream's headers go out now: the overhead so far.
                     before = timing.overhead()
-                    tap = StreamTap(self.metrics, model, engine, timing.started, loop.time)
+                    tap = StreamTap(self.metrics, model, engine, timing.started, self.clock)
                     response = await relay_stream(
                         request,
                         upstream,
@@ -557,7 +423,7 @@ class Gateway:
                         headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
                         tap=tap,
                     )
-                    timing.upstream_ended = loop.time()
+                    timing.upstream_ended = self.clock()
                     timing.first_chunk = tap.first_chunk
                     timing.usage = tap.usage.usage()
                     self.metrics.count_usage(model, engine, timing.usage)
@@ -571,11 +437,11 @@ class Gateway:
                         backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
                     log.warning("backend %s (%s): %s", backend.name, model, exc)
                     return error_response(502, str(exc), code=exc.code)
-                timing.upstream_ended = loop.time()
+                timing.upstream_ended = self.clock()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)
                     self.metrics.count_usage(model, engine, timing.usage)
-                whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(loop.time()) * 1000:.3f}"
+                whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(self.clock()) * 1000:.3f}"
                 return whole
             finally:
                 backend.breaker.release_trial()
@@ -643,11 +509,6 @@ class _Timing:
         return max(own, 0.0)
 
 
-def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
-    allow = exc.headers.get("Allow")
-    return {"Allow": allow} if allow else None
-
-
 def _unknown_model(name: str) -> web.Response:
     return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
 
@@ -665,20 +526,9 @@ def _with_stream_usage(body: bytes) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _json_object(body: bytes) -> dict | web.Response:
-    """A request body that must be a JSON object, or the 400 that says why not."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
-    if not isinstance(payload, dict):
-        return error_response(400, "request body must be a JSON object", code="invalid_json")
-    return payload
-
-
 def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
     """Read only `model` and `stream` from a request body."""
-    payload = _json_object(body)
+    payload = json_object(body)
     if isinstance(payload, web.Response):
         return payload
     model = payload.get("model")
@@ -688,37 +538,3 @@ def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
     if not isinstance(stream, bool):
         return error_response(400, "'stream' must be a boolean", param="stream")
     return model, stream
-
-
-async def _drain_request(
-    request: web.Request, *, with_seconds: bool
-) -> tuple[str, float, float] | web.Response:
-    """The backend, the drain's length and how long to wait, from an admin request's JSON body."""
-    payload = _json_object(await request.read())
-    if isinstance(payload, web.Response):
-        return payload
-    name = payload.get("backend")
-    if not isinstance(name, str) or not name:
-        return error_response(400, "'backend' is required: a backend's URL or host:port", param="backend")
-    wait = _seconds_field(payload, "wait", 0, MAX_WAIT_SECONDS, zero_allowed=True)
-    if isinstance(wait, web.Response):
-        return wait
-    seconds = 0.0
-    if with_seconds:
-        seconds = _seconds_field(payload, "seconds", DEFAULT_SECONDS, MAX_SECONDS, zero_allowed=False)
-        if isinstance(seconds, web.Response):
-            return seconds
-    return name, seconds, wait
-
-
-def _seconds_field(
-    payload: dict, field_name: str, default: float, most: float, *, zero_allowed: bool
-) -> float | web.Response:
-    """A number of seconds from 0 (or above 0) to ``most``, or the 400 that names the field."""
-    value = payload.get(field_name, default)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    # Written so that NaN (which json.loads accepts) fails every comparison and is refused.
-    if not is_number or not 0 <= value <= most or (value == 0 and not zero_allowed):
-        bounds = f"from 0 to {most:g}" if zero_allowed else f"above 0 and at most {most:g}"
-        return error_response(400, f"'{field_name}' must be a number of seconds {bounds}", param=field_name)
-    return float(value)

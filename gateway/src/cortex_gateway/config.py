@@ -75,6 +75,9 @@ class GatewayConfig:
     unhealthy_after: int
     # sha256 hex of each admin key -> its name; admin keys guard /admin/*.
     admin_keys: Mapping[str, str] = field(default_factory=dict)
+    # The admin API's own listener (never the public one): loopback by default.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
     # Per client key name: allowed models and limits (keys without one are unlimited).
     key_policies: Mapping[str, KeyPolicy] = field(default_factory=dict)
     # Where usage records go: a SQLite file, or a PostgreSQL DSN that several
@@ -215,21 +218,43 @@ def _policy(entry: Mapping[str, Any], where: str) -> KeyPolicy:
     return KeyPolicy(models=models, **values)
 
 
+def _listener(raw: dict, section: str, default_port: int) -> tuple[str, int]:
+    listen = _expect(raw.get(section, {}), dict, section)
+    _no_unknown(listen, {"host", "port"}, section)
+    host = _expect(listen.get("host", "127.0.0.1"), str, f"{section}.host")
+    port = _expect(listen.get("port", default_port), int, f"{section}.port")
+    if not 0 < port < 65536:
+        raise ConfigError(f"{section}.port: must be between 1 and 65535, got {port}")
+    return host, port
+
+
 def parse_config(raw: Any) -> GatewayConfig:
     """Turn the YAML document into a GatewayConfig, or raise ConfigError."""
     _expect(raw, dict, "config")
     _no_unknown(
         raw,
-        {"listen", "workers", "auth", "models", "timeouts", "limits", "health", "breaker", "queue", "usage"},
+        {
+            "listen",
+            "admin_listen",
+            "workers",
+            "auth",
+            "models",
+            "timeouts",
+            "limits",
+            "health",
+            "breaker",
+            "queue",
+            "usage",
+        },
         "",
     )
 
-    listen = _expect(raw.get("listen", {}), dict, "listen")
-    _no_unknown(listen, {"host", "port"}, "listen")
-    host = _expect(listen.get("host", "127.0.0.1"), str, "listen.host")
-    port = _expect(listen.get("port", 8000), int, "listen.port")
-    if not 0 < port < 65536:
-        raise ConfigError(f"listen.port: must be between 1 and 65535, got {port}")
+    host, port = _listener(raw, "listen", 8000)
+    admin_host, admin_port = _listener(raw, "admin_listen", 8001)
+    if (admin_host, admin_port) == (host, port):
+        raise ConfigError(
+            f"admin_listen: the admin API needs its own address, not listen's {host}:{port} (the public one)"
+        )
 
     workers = raw.get("workers", "auto")
     if workers == "auto":
@@ -341,6 +366,8 @@ def parse_config(raw: Any) -> GatewayConfig:
         workers=workers,
         host=host,
         port=port,
+        admin_host=admin_host,
+        admin_port=admin_port,
         require_api_key=require,
         api_keys=keys,
         models=models,
@@ -370,4 +397,13 @@ def read_config(path: str | Path) -> tuple[GatewayConfig, bytes]:
 
 
 # Settings a running gateway cannot change: they take effect at its next start.
-RESTART_FIELDS = ("host", "port", "max_body_bytes", "workers", "usage_path", "usage_postgres_dsn")
+RESTART_FIELDS = (
+    "host",
+    "port",
+    "admin_host",
+    "admin_port",
+    "max_body_bytes",
+    "workers",
+    "usage_path",
+    "usage_postgres_dsn",
+)

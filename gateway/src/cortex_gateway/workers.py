@@ -67,13 +67,19 @@ def _run_worker(
     # prometheus_client decides where values live when it is first imported.
     from aiohttp import web
 
+    from .admin import AdminApi, admin_listener
     from .app import Gateway
     from .limits import CounterTable
 
     table = CounterTable(table_path) if table_path else None
     gateway = Gateway(config, config_path=config_path, limits_table=table, drains_path=drains_path)
+    app = gateway.build_app()
+    # The admin API on its own address, up while the public app is.
+    app.cleanup_ctx.append(
+        admin_listener(AdminApi(gateway), config.admin_host, config.admin_port, reuse_port=reuse_port)
+    )
     web.run_app(
-        gateway.build_app(),
+        app,
         host=config.host,
         port=config.port,
         reuse_port=reuse_port,

@@ -171,14 +171,21 @@ def test_reload_keeps_the_gateway_process(host):
     assert "config reloaded from /etc/cortex-gateway/config.yml" in journal(host, "cortex-gateway")
 
 
+def admin_get(host, url: str, key: str) -> tuple[int, str]:
+    """GET on the host itself (the admin API is not on the public site): the status and the body."""
+    answer = host.check_output(f"curl -sk -w '\\n%{{http_code}}' -H 'Authorization: Bearer {key}' '{url}'")
+    body, _newline, status = answer.rpartition("\n")
+    return int(status), body
+
+
 def test_usage_is_recorded_and_reported_to_admins_only(host, client, client_key):
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
-    admin_key = (inventory / ".credentials" / "gateway-admin-key" / "admin").read_text().strip()
-    url = "http://127.0.0.1:18088/admin/usage?group_by=model"
-    assert requests.get(url, headers={"Authorization": f"Bearer {client_key}"}, timeout=10).status_code == 403
+    url = "http://127.0.0.1:8001/admin/usage?group_by=model"
+    assert admin_get(host, url, client_key)[0] == 403
     for _attempt in range(20):  # records are written in batches, about every second
-        rows = requests.get(url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=10).json()["data"]
+        status, body = admin_get(host, url, admin_key())
+        assert status == 200, body
+        rows = json.loads(body)["data"]
         if any(r["model"] == MODEL for r in rows):
             break
         time.sleep(0.5)
@@ -251,16 +258,40 @@ def test_health_check_timer_writes_metrics_for_every_engine_and_the_gateway(host
     assert "all 3 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
 
 
-def test_the_status_page_through_nginx_is_for_admins(client_key):
-    url = "http://127.0.0.1:18088/admin/status.json"
-    assert requests.get(url, headers={"Authorization": f"Bearer {client_key}"}, timeout=10).status_code == 403
-    data = requests.get(url, headers={"Authorization": f"Bearer {admin_key()}"}, timeout=10).json()
-    models = {m["name"]: m for m in data["models"]}
+# The public nginx site, as clients reach it.
+SITE = GATEWAY_URL.removesuffix("/v1")
+
+
+def test_the_admin_api_is_not_on_the_public_site(client_key):
+    # From outside the host, over the public site's plain HTTP: never the admin API.
+    for path in ("/admin/status.json", "/admin/backends", "/admin/usage"):
+        for key in (client_key, admin_key()):
+            headers = {"Authorization": f"Bearer {key}"}
+            answer = requests.get(f"{SITE}{path}", headers=headers, timeout=10)
+            assert answer.status_code in (403, 404), (path, answer.status_code, answer.text)
+    drain = requests.post(
+        f"{SITE}/admin/backends/drain",
+        json={"backend": "127.0.0.1:18080"},
+        headers={"Authorization": f"Bearer {admin_key()}"},
+        timeout=10,
+    )
+    assert drain.status_code in (403, 404)
+
+
+def test_the_status_page_is_for_admins_over_tls_from_allowed_addresses(host, client_key):
+    https = "https://127.0.0.1/admin/status.json"
+    assert admin_get(host, https, client_key)[0] == 403
+    status, body = admin_get(host, https, admin_key())
+    assert status == 200, body
+    models = {m["name"]: m for m in json.loads(body)["models"]}
     assert models[MODEL]["ready"] == 2
     assert models[EMBEDDING_MODEL]["ready"] == 1
-    page = requests.get("http://127.0.0.1:18088/admin/status", timeout=10)
-    assert page.status_code == 200
-    assert "status.json" in page.text
+    # The same site over plain HTTP refuses it, even from an allowed address.
+    assert admin_get(host, "http://127.0.0.1/admin/status.json", admin_key())[0] == 403
+    # The admin listener itself, on the host's loopback.
+    status, page = admin_get(host, "http://127.0.0.1:8001/admin/status", "")
+    assert status == 200
+    assert "status.json" in page
 
 
 def test_the_status_playbook_prints_the_fleet_table():

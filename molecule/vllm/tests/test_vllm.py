@@ -106,7 +106,7 @@ def test_vllm_and_llamacpp_give_the_same_answer_from_the_same_weights(client):
 def usage_of(host, model: str) -> dict:
     admin = credential("gateway-admin-key", "admin")
     out = host.check_output(
-        f"curl -s -H 'Authorization: Bearer {admin}' 'http://127.0.0.1:8000/admin/usage?group_by=model'"
+        f"curl -s -H 'Authorization: Bearer {admin}' 'http://127.0.0.1:8001/admin/usage?group_by=model'"
     )
     rows = [r for r in json.loads(out)["data"] if r["model"] == model]
     return rows[0] if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cortex_gateway.admin import AdminApi
 from cortex_gateway.app import Gateway
 from cortex_gateway.auth import hash_key
 from cortex_gateway.config import parse_config
@@ -41,6 +42,8 @@ class FakeEngine:
     # whether to close the connection halfway through the body.
     answer_bytes: int = 0
     cut_answer: bool = False
+    # Streams hold their usage tail and [DONE] until this event is set (when given).
+    stream_gate: asyncio.Event | None = None
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -102,6 +105,8 @@ class FakeEngine:
             }
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await asyncio.sleep(self.chunk_delay)
+        if self.stream_gate is not None:
+            await self.stream_gate.wait()
         usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
         await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
@@ -147,6 +152,8 @@ def gateway_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
         gateway = Gateway(parse_config(raw_config))
         client = await aiohttp_client(gateway.build_app())
         client.gateway = gateway
+        # The admin API's own app over the same gateway (its own listener in production).
+        client.admin = await aiohttp_client(AdminApi(gateway).build_app())
         return client
 
     return start
@@ -167,6 +174,8 @@ class GatewayProcess:
     base: str
     config_path: Path
     config: dict[str, Any]
+    # The admin API's own listener.
+    admin_base: str
 
 
 def listeners(port: int) -> int:
@@ -182,6 +191,7 @@ async def gateway_process(
     """A real `cortex-gateway serve` process on a free loopback port, once it
     serves `ready_model`; stopped (SIGTERM, then SIGKILL) when the block ends."""
     config["listen"]["port"] = free_port()
+    config["admin_listen"] = {"host": "127.0.0.1", "port": free_port()}
     path = folder / "config.yml"
     path.write_text(yaml.safe_dump(config))
     log = (folder / "gateway.log").open("wb")  # read it when a test fails
@@ -203,10 +213,13 @@ async def gateway_process(
                 await asyncio.sleep(0.1)
             # With several workers, wait until every one of them listens.
             for _attempt in range(100):
-                if listeners(config["listen"]["port"]) >= config.get("workers", 1):
+                ports = (config["listen"]["port"], config["admin_listen"]["port"])
+                if all(listeners(port) >= config.get("workers", 1) for port in ports):
                     break
                 await asyncio.sleep(0.1)
-        yield GatewayProcess(process, base, path, config)
+        yield GatewayProcess(
+            process, base, path, config, f"http://127.0.0.1:{config['admin_listen']['port']}"
+        )
     finally:
         if process.returncode is None:
             process.terminate()

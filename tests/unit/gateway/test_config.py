@@ -37,6 +37,8 @@ def test_good_config_loads():
     [
         ("listen.port", 70000, "listen.port: must be between 1 and 65535"),
         ("listen.port", True, "listen.port: expected an integer, got a boolean"),
+        ("admin_listen.port", 0, "admin_listen.port: must be between 1 and 65535"),
+        ("admin_listen.colour", "red", "admin_listen.colour: unknown option"),
         ("models.0.engine", "tgi", "models[0].engine: must be one of llamacpp, vllm"),
         ("models.0.name", "", "models[0].name: must not be empty"),
         ("models.0.backends", [], "models[0].backends: needs at least one backend"),
@@ -60,6 +62,17 @@ def test_bad_config_names_the_field(path, value, message):
     with pytest.raises(ConfigError) as excinfo:
         parse_config(with_change(path, value))
     assert message in str(excinfo.value)
+
+
+def test_the_admin_api_listens_on_loopback_by_default_and_never_on_the_public_address():
+    config = parse_config(GOOD)
+    assert (config.admin_host, config.admin_port) == ("127.0.0.1", 8001)
+    raw = copy.deepcopy(GOOD)
+    raw["admin_listen"] = dict(raw.get("listen", {"host": "127.0.0.1", "port": 8000}))
+    raw["admin_listen"].setdefault("host", "127.0.0.1")
+    raw["admin_listen"].setdefault("port", 8000)
+    with pytest.raises(ConfigError, match="admin_listen: the admin API needs its own address"):
+        parse_config(raw)
 
 
 def test_duplicate_model_names_are_refused():

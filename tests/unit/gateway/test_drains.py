@@ -58,7 +58,7 @@ async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(en
     # A stream starts on the first replica (both idle: config order wins the first turn).
     stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
     assert stream.status == 200
-    drained = await client.post(
+    drained = await client.admin.post(
         "/admin/backends/drain", json={"backend": backend_of(slow_url), "seconds": 60}, headers=ADMIN
     )
     assert drained.status == 200
@@ -73,14 +73,14 @@ async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(en
     assert body.count(b"data: {") == 7
     assert body.endswith(b"data: [DONE]\n\n")
 
-    listing = await (await client.get("/admin/backends", headers=ADMIN)).json()
+    listing = await (await client.admin.get("/admin/backends", headers=ADMIN)).json()
     rows = {row["url"]: row for row in listing["data"]}
     assert rows[slow_url]["state"] == "draining"
     assert rows[slow_url]["draining"] is True
     assert rows[slow_url]["in_flight"] == 0
     assert rows[other_url]["state"] == "ready"
 
-    undrained = await client.post("/admin/backends/undrain", json={"backend": slow_url}, headers=ADMIN)
+    undrained = await client.admin.post("/admin/backends/undrain", json={"backend": slow_url}, headers=ADMIN)
     assert undrained.status == 200
     assert (await undrained.json())["data"][0]["state"] == "ready"
     for _request in range(4):
@@ -89,23 +89,34 @@ async def test_a_drained_replica_gets_no_new_requests_and_finishes_its_stream(en
 
 
 async def test_a_drain_with_wait_answers_once_the_streams_in_flight_have_ended(engine_server, gateway_client):
-    slow = FakeEngine(chunks=8, chunk_delay=0.1)
+    gate = asyncio.Event()
+    slow = FakeEngine(chunks=2, stream_gate=gate)
     url = await engine_server(slow)
     client = await gateway_client(with_admin(make_config({"chat": [url]})))
     stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
     # A wait shorter than the stream: the answer says it has not settled, one still runs.
-    short = await client.post("/admin/backends/drain", json={"backend": url, "wait": 0.2}, headers=ADMIN)
+    short = await client.admin.post(
+        "/admin/backends/drain", json={"backend": url, "wait": 0.2}, headers=ADMIN
+    )
     short_body = await short.json()
     assert short_body["settled"] is False
     assert short_body["data"][0]["in_flight"] == 1
-    started = time.monotonic()
-    long = await client.post("/admin/backends/drain", json={"backend": url, "wait": 10}, headers=ADMIN)
-    long_body = await long.json()
+    # A wait of an hour: it must answer when the stream ends, long before that.
+    long = asyncio.create_task(
+        client.admin.post("/admin/backends/drain", json={"backend": url, "wait": 3600}, headers=ADMIN)
+    )
+    for _turn in range(20):
+        await asyncio.sleep(0)
+    assert not long.done(), "the drain answered while a stream was still in flight"
+    gate.set()
+    assert (await stream.read()).endswith(b"data: [DONE]\n\n")
+    # Bounded so that a drain that sits out its whole wait fails here, not hangs.
+    long_body = await (await asyncio.wait_for(long, timeout=60)).json()
     assert long_body["settled"] is True
     assert long_body["data"][0]["in_flight"] == 0
-    assert time.monotonic() - started < 5  # answered when the stream ended, not at the wait's end
-    assert (await stream.read()).endswith(b"data: [DONE]\n\n")
-    back = await client.post("/admin/backends/undrain", json={"backend": url, "wait": 10}, headers=ADMIN)
+    back = await client.admin.post(
+        "/admin/backends/undrain", json={"backend": url, "wait": 10}, headers=ADMIN
+    )
     assert (await back.json())["settled"] is True
 
 
@@ -113,7 +124,7 @@ async def test_a_drain_ends_by_itself_at_its_deadline(engine_server, gateway_cli
     engine = FakeEngine()
     url = await engine_server(engine)
     client = await gateway_client(with_admin(make_config({"chat": [url]})))
-    await client.post("/admin/backends/drain", json={"backend": url, "seconds": 0.3}, headers=ADMIN)
+    await client.admin.post("/admin/backends/drain", json={"backend": url, "seconds": 0.3}, headers=ADMIN)
     # Every replica drained: the model is unavailable for now, and says when to try again.
     refused = await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
     assert refused.status == 503
@@ -143,7 +154,7 @@ async def test_bad_drain_requests_get_openai_errors(engine_server, gateway_clien
     url = await engine_server(FakeEngine())
     client = await gateway_client(with_admin(make_config({"chat": [url]})))
     body = json.loads(json.dumps(body).replace('"B"', json.dumps(url)))
-    answer = await client.post(path, json=body, headers=ADMIN)
+    answer = await client.admin.post(path, json=body, headers=ADMIN)
     assert answer.status == status
     assert (await answer.json())["error"]["param"] == param
 
@@ -151,9 +162,10 @@ async def test_bad_drain_requests_get_openai_errors(engine_server, gateway_clien
 async def test_only_admin_keys_drain(engine_server, gateway_client):
     url = await engine_server(FakeEngine())
     client = await gateway_client(with_admin(make_config({"chat": [url]})))
-    assert (await client.post("/admin/backends/drain", json={"backend": url}, headers=AUTH)).status == 403
-    assert (await client.post("/admin/backends/drain", json={"backend": url})).status == 401
-    assert (await client.get("/admin/backends", headers=AUTH)).status == 403
+    client_key = await client.admin.post("/admin/backends/drain", json={"backend": url}, headers=AUTH)
+    assert client_key.status == 403
+    assert (await client.admin.post("/admin/backends/drain", json={"backend": url})).status == 401
+    assert (await client.admin.get("/admin/backends", headers=AUTH)).status == 403
 
 
 async def backends(base: str) -> dict[str, dict]:
@@ -182,7 +194,7 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
     async with gateway_process(config, tmp_path, env=env) as gateway:
         async with aiohttp.ClientSession() as session:
             answer = await session.post(
-                gateway.base + "/admin/backends/drain",
+                gateway.admin_base + "/admin/backends/drain",
                 json={"backend": drained_url, "wait": 10},
                 headers=ADMIN,
             )
@@ -190,7 +202,7 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
             assert (await answer.json())["settled"] is True  # every worker drains it
 
         async def all_workers_drain() -> bool:
-            return (await backends(gateway.base))[drained_url]["draining"]
+            return (await backends(gateway.admin_base))[drained_url]["draining"]
 
         before = len(drained.received)
         assert [(await ask(gateway.base))[0] for _request in range(30)] == [200] * 30
@@ -210,12 +222,12 @@ async def test_every_worker_drains_and_a_restarted_worker_too(engine_server, tmp
 
         async with aiohttp.ClientSession() as session:
             answer = await session.post(
-                gateway.base + "/admin/backends/undrain",
+                gateway.admin_base + "/admin/backends/undrain",
                 json={"backend": drained_url, "wait": 10},
                 headers=ADMIN,
             )
             assert (await answer.json())["settled"] is True
-        row = (await backends(gateway.base))[drained_url]
+        row = (await backends(gateway.admin_base))[drained_url]
         assert row["ready"]
         assert not row["draining"]
         for _request in range(30):
@@ -227,7 +239,7 @@ async def test_a_reload_keeps_the_drains_of_the_backends_that_stay(engine_server
     first, second = await engine_server(FakeEngine()), await engine_server(FakeEngine())
     raw = with_admin(make_config({"chat": [first, second]}))
     client = await gateway_client(raw)
-    await client.post("/admin/backends/drain", json={"backend": first}, headers=ADMIN)
+    await client.admin.post("/admin/backends/drain", json={"backend": first}, headers=ADMIN)
     client.gateway.apply_config(parse_config(raw))
     states = {b.url: b.state.value for b in client.gateway.backends}
     assert states == {first: "draining", second: "ready"}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from cortex_gateway.app import Gateway
+from cortex_gateway.config import parse_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import AUTH, FakeEngine, make_config
@@ -64,14 +67,42 @@ async def test_requests_tokens_and_live_state_are_counted(engine_server, gateway
     assert value(samples, "cortex_gateway_in_flight", backend=backend, **labels) == 0
 
 
-async def test_every_answer_says_the_gateways_own_time(engine_server, gateway_client):
-    url = await engine_server(FakeEngine(delay=0.2))
-    client = await gateway_client(make_config({"chat": [url]}))
+class SteppedClock:
+    """A clock that moves only when told: the engine's time, nothing else."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedEngine(FakeEngine):
+    """Takes 0.2 s of the gateway's clock per answer (and per stream chunk)."""
+
+    def __init__(self, clock: SteppedClock, **kw) -> None:
+        super().__init__(**kw)
+        self.clock = clock
+
+    async def complete(self, request):
+        self.clock.now += 0.2
+        return await super().complete(request)
+
+
+async def test_every_answer_says_the_gateways_own_time(engine_server, aiohttp_client):
+    clock = SteppedClock()
+    url = await engine_server(TimedEngine(clock))
+    gateway = Gateway(parse_config(make_config({"chat": [url]})), clock=clock)
+    client = await aiohttp_client(gateway.build_app())
     await wait_ready(client, "chat", 1)
     answer = await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
-    overhead_ms = float(answer.headers["X-Cortex-Overhead-Ms"])
-    # The engine took 200 ms; the gateway's own share is a small part of it.
-    assert 0 <= overhead_ms < 100
+    # All 200 ms on the clock were the engine's: the gateway's own share is nothing.
+    assert answer.headers["X-Cortex-Overhead-Ms"] == "0.000"
     stream = await client.post("/v1/chat/completions", json={"model": "chat", "stream": True}, headers=AUTH)
-    assert 0 <= float(stream.headers["X-Cortex-Overhead-Ms"]) < 100
+    assert stream.headers["X-Cortex-Overhead-Ms"] == "0.000"
     await stream.read()
+    samples = await scrape(client)
+    labels = {"model": "chat", "engine": "llamacpp"}
+    assert value(samples, "cortex_gateway_request_duration_seconds_count", **labels) == 2
+    assert value(samples, "cortex_gateway_request_duration_seconds_sum", **labels) == pytest.approx(0.4)
+    assert value(samples, "cortex_gateway_overhead_seconds_sum", **labels) == 0.0

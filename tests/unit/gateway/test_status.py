@@ -58,10 +58,10 @@ async def test_status_json_is_for_admins_and_adds_up_over_workers(engine_server,
     config = await status_config(tmp_path, engine_server)
     async with gateway_process(config, tmp_path) as gateway:
         await traffic(gateway.base)
-        assert (await status_json(gateway.base, {}))[0] == 401
-        assert (await status_json(gateway.base, AUTH))[0] == 403
+        assert (await status_json(gateway.admin_base, {}))[0] == 401
+        assert (await status_json(gateway.admin_base, AUTH))[0] == 403
         for _attempt in range(30):  # the records are written within a second or so
-            status, data = await status_json(gateway.base, ADMIN)
+            status, data = await status_json(gateway.admin_base, ADMIN)
             if data["models"][0]["requests_last_minute"] == 5 and len(data["recent_errors"]) == 2:
                 break
             await asyncio.sleep(0.2)
@@ -85,7 +85,7 @@ async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
     async with gateway_process(config, tmp_path) as gateway:
         await traffic(gateway.base)
         await asyncio.sleep(1.5)  # records written
-        url = f"{gateway.base}/admin/status#key={ADMIN_KEY}"
+        url = f"{gateway.admin_base}/admin/status#key={ADMIN_KEY}"
         common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=4000"]  # fmt: skip
 
@@ -101,7 +101,7 @@ async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
         assert "<b>2 / 3</b><span>Replicas ready</span>" in dom
         assert dom.count("<td>embed</td>") >= 2  # its model row and its two errors
         # Without a key the page asks for one, and shows no data.
-        bare = (await asyncio.to_thread(run, "--dump-dom", f"{gateway.base}/admin/status")).stdout
+        bare = (await asyncio.to_thread(run, "--dump-dom", f"{gateway.admin_base}/admin/status")).stdout
         assert "an admin key is needed" in bare
         assert 'data-model="chat"' not in bare
 
@@ -114,3 +114,20 @@ async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
         if os.environ.get("CORTEX_UPDATE_DOCS") == "1":
             SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copyfile(shot, SCREENSHOT)
+
+
+async def test_the_admin_api_is_not_on_the_public_listener(engine_server, tmp_path):
+    config = await status_config(tmp_path, engine_server)
+    async with gateway_process(config, tmp_path) as gateway, aiohttp.ClientSession() as session:
+        for path in ("/admin/status", "/admin/status.json", "/admin/backends", "/admin/usage"):
+            # Public: no such path for a client, and an admin key is no client key there.
+            async with session.get(gateway.base + path, headers=AUTH) as public:
+                assert public.status == 404, path
+                assert (await public.json())["error"]["type"] == "invalid_request_error"
+            async with session.get(gateway.base + path, headers=ADMIN) as public:
+                assert public.status == 401, path
+            async with session.get(gateway.admin_base + path, headers=ADMIN) as admin:
+                assert admin.status == 200, path
+        drain = {"backend": next(iter(config["models"]))["backends"][0]["url"]}
+        async with session.post(gateway.base + "/admin/backends/drain", json=drain, headers=AUTH) as public:
+            assert public.status == 404

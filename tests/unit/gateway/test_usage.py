@@ -62,20 +62,20 @@ async def test_the_admin_endpoint_needs_an_admin_key(engine_server, gateway_clie
     await wait_ready(client, "chat", 1)
     await client.post("/v1/completions", json={"model": "chat"}, headers=AUTH)
     client.gateway.usage.every = 0.0
-    assert (await client.get("/admin/usage")).status == 401
-    forbidden = await client.get("/admin/usage", headers=AUTH)
+    assert (await client.admin.get("/admin/usage")).status == 401
+    forbidden = await client.admin.get("/admin/usage", headers=AUTH)
     assert forbidden.status == 403
     assert (await forbidden.json())["error"]["type"] == "permission_error"
     for _attempt in range(50):  # the writer runs in the background
-        data = (await (await client.get("/admin/usage?group_by=model", headers=ADMIN)).json())["data"]
+        data = (await (await client.admin.get("/admin/usage?group_by=model", headers=ADMIN)).json())["data"]
         if data:
             break
         await asyncio.sleep(0.1)
     assert data[0]["model"] == "chat"
     assert data[0]["requests"] >= 1
-    csv_text = await (await client.get("/admin/usage?group_by=model&format=csv", headers=ADMIN)).text()
+    csv_text = await (await client.admin.get("/admin/usage?group_by=model&format=csv", headers=ADMIN)).text()
     assert csv_text.splitlines()[0].startswith("model,requests,errors")
-    bad = await client.get("/admin/usage?group_by=colour", headers=ADMIN)
+    bad = await client.admin.get("/admin/usage?group_by=colour", headers=ADMIN)
     assert bad.status == 400
 
 
