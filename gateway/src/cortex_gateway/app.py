@@ -1,10 +1,11 @@
-"""The gateway application: one object that owns all state, and its handlers."""
+"""The gateway: one object that owns all state (config, backends, drains,
+reload, lifecycle) and composes the request path (forwarding.py) and the
+admin API (admin.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -16,31 +17,23 @@ from aiohttp import web
 from . import __version__
 from .auth import KeyRing
 from .backends import Backend, HealthMonitor
-from .breaker import BreakerState, Failure
 from .config import RESTART_FIELDS, ConfigError, GatewayConfig, load_config
 from .drains import DrainBook
-from .errors import Handler, error_response, errors_middleware, json_object
-from .limits import CounterTable, Limiter, Refusal
+from .errors import Handler, error_response, errors_middleware
+from .forwarding import KEY_NAME, Forwarder
+from .limits import CounterTable, Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics, StreamTap, usage_of
-from .proxy import UpstreamAnswerError, UpstreamUnavailable, open_upstream, relay_stream, relay_whole
-from .queueing import Admission, QueueFull
+from .metrics import Metrics
 from .routing import Router
-from .usage import UsageRecord, UsageRecorder, store_for
+from .usage import UsageRecorder, store_for
 
 log = logging.getLogger(__name__)
 
-# The OpenAI endpoints routed by `model`.
-MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Open without a key: liveness for nginx and the health timers, and metrics
 # for Prometheus (the gateway listens on loopback or the internal address;
 # the nginx site does not pass /metrics on). The admin API is not here at
 # all: it has its own listener (admin.py).
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
-# Response header with the gateway's own time for the request, in ms.
-OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
-# The name (never the value) of the client key a request came with.
-KEY_NAME = web.RequestKey("key_name", str)
 
 
 class Gateway:
@@ -74,10 +67,10 @@ class Gateway:
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._monitor: HealthMonitor | None = None
-        self._admissions: dict[str, Admission] = {}
+        self.forwarder = Forwarder(self)
         self.metrics = Metrics(
             lambda: self.backends,
-            lambda: {m: a.waiting for m, a in self._admissions.items()},
+            lambda: {m: a.waiting for m, a in self.forwarder.admissions.items()},
             lambda: self.usage.buffered if self.usage is not None else 0,
         )
         self._reloading = asyncio.Lock()
@@ -252,10 +245,7 @@ class Gateway:
         app.cleanup_ctx.append(self._client_context)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model}", self.get_model)
-        for path in MODEL_ROUTES:
-            app.router.add_post(path, self.route_by_model)
+        self.forwarder.add_routes(app)
         return app
 
     # --- middlewares -----------------------------------------------------
@@ -284,257 +274,3 @@ class Gateway:
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-    def _model_card(self, name: str) -> dict[str, object]:
-        model = self.config.models[name]
-        return {
-            "id": model.name,
-            "object": "model",
-            "created": int(self.started),
-            "owned_by": model.owned_by,
-            "engine": model.engine,
-        }
-
-    async def list_models(self, _request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [self._model_card(n) for n in self.config.models]}
-        )
-
-    async def get_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        if name not in self.config.models:
-            return _unknown_model(name)
-        return web.json_response(self._model_card(name))
-
-    async def route_by_model(self, request: web.Request) -> web.StreamResponse:
-        started = self.clock()
-        timing = _Timing(started)
-        key_name = request.get(KEY_NAME)
-        try:
-            response = await self._route(request, timing)
-        finally:
-            if key_name is not None and timing.admitted:
-                tokens = sum(
-                    int((timing.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens")
-                )
-                self.limiter.done(key_name, timing.stream, tokens)
-        model = timing.model if timing.model in self.config.models else "_unknown"
-        engine = self.config.models[model].engine if model in self.config.models else "none"
-        ended = self.clock()
-        self.metrics.requests.labels(model, engine, timing.backend, str(response.status)).inc()
-        if self.usage is not None and model != "_unknown":
-            usage = timing.usage or {}
-            self.usage.record(
-                UsageRecord(
-                    ts=time.time(),
-                    key_name=request.get(KEY_NAME, "anonymous"),
-                    model=model,
-                    engine=engine,
-                    backend=timing.backend,
-                    stream=timing.stream,
-                    status=response.status,
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                    ttft_ms=None if timing.first_chunk is None else (timing.first_chunk - started) * 1000,
-                    latency_ms=(ended - started) * 1000,
-                )
-            )
-        if model != "_unknown":
-            self.metrics.latency.labels(model, engine).observe(ended - started)
-            if timing.upstream_ended:
-                self.metrics.overhead.labels(model, engine).observe(timing.overhead(ended))
-        return response
-
-    async def _route(self, request: web.Request, timing: _Timing) -> web.StreamResponse:
-        body = await request.read()
-        parsed = _model_and_stream(body)
-        if isinstance(parsed, web.Response):
-            return parsed
-        model, stream = parsed
-        timing.model = model
-        timing.stream = stream
-        if not self.router.knows(model):
-            return _unknown_model(model)
-        key_name = request.get(KEY_NAME)
-        if key_name is not None:
-            try:
-                self.limiter.admit(key_name, model, stream)
-            except Refusal as exc:
-                headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-                return error_response(exc.status, str(exc), code=exc.code, param="model", headers=headers)
-            timing.admitted = True
-
-        if not self.router.ready(model):
-            return error_response(
-                503,
-                f"model '{model}' has no ready backend right now",
-                code="model_unavailable",
-                headers={"Retry-After": "5"},
-            )
-        admission = self._admission(model)
-        timeouts = self.config.timeouts_for(model)
-        tried: set[int] = set()
-        failures: list[str] = []
-        while True:
-            try:
-                backend, waited = await admission.acquire(
-                    lambda: self._pick(model, tried), self.router.backends(model)
-                )
-            except QueueFull as exc:
-                if failures:
-                    break  # every usable replica failed already
-                return error_response(
-                    429,
-                    f"model '{model}' is at capacity: all its slots are busy and its queue is full",
-                    code="queue_full",
-                    headers={"Retry-After": str(exc.retry_after)},
-                )
-            tried.add(id(backend))
-            timing.waited += waited
-            if waited:
-                self.metrics.queue_wait.labels(model).observe(waited)
-            timing.backend = backend.name
-            timing.upstream_started = self.clock()
-            try:
-                try:
-                    sent = _with_stream_usage(body) if stream and backend.engine == "vllm" else body
-                    upstream = await open_upstream(self.session, backend, request.path, sent, timeouts)
-                except UpstreamUnavailable as exc:
-                    # Nothing reached the client yet: the next replica may answer.
-                    backend.record_failure(self.config.unhealthy_after)
-                    backend.breaker.record_failure(
-                        exc.kind, retry_after=exc.retry_after, last_ready=self._last_usable(backend)
-                    )
-                    failures.append(f"{backend.name}: {exc}")
-                    log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
-                    if not self._has_untried(model, tried):
-                        break
-                    continue
-                backend.breaker.record_success()
-                engine = backend.engine
-                if stream and upstream.status == 200:
-                    # The stream's headers go out now: the overhead so far.
-                    before = timing.overhead()
-                    tap = StreamTap(self.metrics, model, engine, timing.started, self.clock)
-                    response = await relay_stream(
-                        request,
-                        upstream,
-                        timeouts.idle,
-                        headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
-                        tap=tap,
-                    )
-                    timing.upstream_ended = self.clock()
-                    timing.first_chunk = tap.first_chunk
-                    timing.usage = tap.usage.usage()
-                    self.metrics.count_usage(model, engine, timing.usage)
-                    return response
-                try:
-                    whole = await relay_whole(upstream, timeouts.idle, self.config.max_answer_bytes)
-                except UpstreamAnswerError as exc:
-                    # The status line came, so the request is not sent again.
-                    if exc.engine_fault:
-                        backend.record_failure(self.config.unhealthy_after)
-                        backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
-                    log.warning("backend %s (%s): %s", backend.name, model, exc)
-                    return error_response(502, str(exc), code=exc.code)
-                timing.upstream_ended = self.clock()
-                if whole.status == 200 and isinstance(whole.body, bytes):
-                    timing.usage = usage_of(whole.body)
-                    self.metrics.count_usage(model, engine, timing.usage)
-                whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(self.clock()) * 1000:.3f}"
-                return whole
-            finally:
-                backend.breaker.release_trial()
-                await admission.release(backend)
-        return error_response(
-            502,
-            f"no backend of model '{model}' answered: " + "; ".join(failures),
-            code="upstream_unavailable",
-        )
-
-    # --- choosing a backend ------------------------------------------------
-
-    def _admission(self, model: str) -> Admission:
-        admission = self._admissions.get(model)
-        if admission is None or admission.policy != self.config.queue:
-            admission = self._admissions[model] = Admission(self.config.queue)
-        return admission
-
-    def _pick(self, model: str, tried: set[int]) -> Backend | None:
-        """The least loaded ready replica with a free slot whose breaker lets it through."""
-        for backend in self.router.candidates(model):
-            if id(backend) in tried or backend.outstanding >= backend.max_concurrency:
-                continue
-            if backend.breaker.allows():
-                return backend
-        return None
-
-    def _has_untried(self, model: str, tried: set[int]) -> bool:
-        return any(id(b) not in tried for b in self.router.ready(model))
-
-    def _last_usable(self, backend: Backend) -> bool:
-        """Is this the model's only ready backend with a closed breaker?"""
-        return not any(
-            other is not backend and other.breaker.state is BreakerState.CLOSED
-            for other in self.router.ready(backend.model)
-        )
-
-
-class _Timing:
-    """What one request's metrics need, filled in as it goes."""
-
-    __slots__ = (
-        "admitted", "backend", "first_chunk", "model", "started", "stream",
-        "upstream_ended", "upstream_started", "usage", "waited",
-    )  # fmt: skip
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.admitted = False
-        self.stream = False
-        self.first_chunk: float | None = None
-        self.usage: dict | None = None
-        self.model = "_unknown"
-        self.backend = "none"
-        self.waited = 0.0
-        self.upstream_started = started
-        self.upstream_ended: float | None = None
-
-    def overhead(self, until: float | None = None) -> float:
-        """The gateway's own seconds: before the upstream call (queue wait
-        excluded) and, given ``until``, from the upstream's end to then."""
-        own = self.upstream_started - self.started - self.waited
-        if until is not None and self.upstream_ended is not None:
-            own += until - self.upstream_ended
-        return max(own, 0.0)
-
-
-def _unknown_model(name: str) -> web.Response:
-    return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
-
-
-def _with_stream_usage(body: bytes) -> bytes:
-    """A streamed request for vLLM, asking for the usage event at the end.
-
-    vLLM sends a stream's token counts only when asked; the gateway needs
-    them for usage records and limits. Every other body goes on byte for byte.
-    """
-    payload = json.loads(body)
-    if "stream_options" in payload:
-        return body  # the client asked for what it wants
-    payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
-    """Read only `model` and `stream` from a request body."""
-    payload = json_object(body)
-    if isinstance(payload, web.Response):
-        return payload
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return error_response(400, "'model' is required and must be a string", param="model")
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
-        return error_response(400, "'stream' must be a boolean", param="stream")
-    return model, stream
