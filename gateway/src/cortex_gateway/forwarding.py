@@ -4,6 +4,7 @@ breakers, then relayed (streamed or whole) and counted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,7 +17,14 @@ from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
 from .limits import Refusal
 from .metrics import StreamTap, usage_of
-from .proxy import UpstreamAnswerError, UpstreamUnavailable, open_upstream, relay_stream, relay_whole
+from .proxy import (
+    ClientGone,
+    UpstreamAnswerError,
+    UpstreamUnavailable,
+    open_upstream,
+    relay_stream,
+    relay_whole,
+)
 from .queueing import Admission, QueueFull
 from .usage import UsageRecord
 
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Response header with the gateway's own time for the request, in ms.
 OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
+# The status recorded for a request whose client hung up mid-stream.
+CLIENT_CLOSED = 499
 # The name (never the value) of the client key a request came with.
 KEY_NAME = web.RequestKey("key_name", str)
 
@@ -69,24 +79,37 @@ class Forwarder:
         return web.json_response(self._model_card(name))
 
     async def route_by_model(self, request: web.Request) -> web.StreamResponse:
-        started = self.gateway.clock()
-        timing = _Timing(started)
+        timing = _Timing(self.gateway.clock())
         key_name = request.get(KEY_NAME)
         try:
             response = await self._route(request, timing)
+        except asyncio.CancelledError:
+            # The server cancels the handler of a client that hung up: counted as such.
+            self._record(request, timing, CLIENT_CLOSED)
+            raise
         finally:
             if key_name is not None and timing.admitted:
                 tokens = sum(
                     int((timing.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens")
                 )
                 self.gateway.limiter.done(key_name, timing.stream, tokens)
-        model = timing.model if timing.model in self.gateway.config.models else "_unknown"
-        engine = self.gateway.config.models[model].engine if model in self.gateway.config.models else "none"
-        ended = self.gateway.clock()
-        self.gateway.metrics.requests.labels(model, engine, timing.backend, str(response.status)).inc()
-        if self.gateway.usage is not None and model != "_unknown":
+        # 499, as nginx logs it: the client closed the connection before the end.
+        self._record(request, timing, CLIENT_CLOSED if timing.client_gone else response.status)
+        return response
+
+    def _record(self, request: web.Request, timing: _Timing, status: int) -> None:
+        """One request's metrics and usage record."""
+        gateway = self.gateway
+        models = gateway.config.models
+        model = timing.model if timing.model in models else "_unknown"
+        engine = models[model].engine if model in models else "none"
+        started, ended = timing.started, gateway.clock()
+        gateway.metrics.requests.labels(model, engine, timing.backend, str(status)).inc()
+        if model == "_unknown":
+            return
+        if gateway.usage is not None:
             usage = timing.usage or {}
-            self.gateway.usage.record(
+            gateway.usage.record(
                 UsageRecord(
                     ts=time.time(),
                     key_name=request.get(KEY_NAME, "anonymous"),
@@ -94,18 +117,16 @@ class Forwarder:
                     engine=engine,
                     backend=timing.backend,
                     stream=timing.stream,
-                    status=response.status,
+                    status=status,
                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
                     completion_tokens=int(usage.get("completion_tokens") or 0),
                     ttft_ms=None if timing.first_chunk is None else (timing.first_chunk - started) * 1000,
                     latency_ms=(ended - started) * 1000,
                 )
             )
-        if model != "_unknown":
-            self.gateway.metrics.latency.labels(model, engine).observe(ended - started)
-            if timing.upstream_ended:
-                self.gateway.metrics.overhead.labels(model, engine).observe(timing.overhead(ended))
-        return response
+        gateway.metrics.latency.labels(model, engine).observe(ended - started)
+        if timing.upstream_ended:
+            gateway.metrics.overhead.labels(model, engine).observe(timing.overhead(ended))
 
     async def _route(self, request: web.Request, timing: _Timing) -> web.StreamResponse:
         body = await request.read()
@@ -179,13 +200,17 @@ class Forwarder:
                     # The stream's headers go out now: the overhead so far.
                     before = timing.overhead()
                     tap = StreamTap(self.gateway.metrics, model, engine, timing.started, self.gateway.clock)
-                    response = await relay_stream(
-                        request,
-                        upstream,
-                        timeouts.idle,
-                        headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
-                        tap=tap,
-                    )
+                    try:
+                        response = await relay_stream(
+                            request,
+                            upstream,
+                            timeouts.idle,
+                            headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
+                            tap=tap,
+                        )
+                    except ClientGone as gone:
+                        response = gone.response
+                        timing.client_gone = True
                     timing.upstream_ended = self.gateway.clock()
                     timing.first_chunk = tap.first_chunk
                     timing.usage = tap.usage.usage()
@@ -247,13 +272,14 @@ class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "admitted", "backend", "first_chunk", "model", "started", "stream",
+        "admitted", "backend", "client_gone", "first_chunk", "model", "started", "stream",
         "upstream_ended", "upstream_started", "usage", "waited",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.admitted = False
+        self.client_gone = False
         self.stream = False
         self.first_chunk: float | None = None
         self.usage: dict | None = None

@@ -132,6 +132,14 @@ async def relay_whole(upstream: aiohttp.ClientResponse, idle: float, max_bytes: 
     )
 
 
+class ClientGone(Exception):
+    """The client closed its connection before the stream ended."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client closed the connection mid-stream")
+        self.response = response
+
+
 def sse_error_event(message: str) -> bytes:
     body = error_body(502, message, code="upstream_stream_broken")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -162,7 +170,7 @@ async def relay_stream(
         },
     )
     await response.prepare(request)
-    completed = False
+    completed = client_gone = False
     try:
         while True:
             try:
@@ -180,6 +188,11 @@ async def relay_stream(
             await response.write(chunk)
             if tap is not None:
                 tap(chunk)
+        if completed:
+            await response.write_eof()
+    except ConnectionResetError:
+        # The client hung up: nobody is left to tell. Not an error of ours.
+        completed, client_gone = False, True
     finally:
         # Closing (not releasing) an unfinished upstream aborts the
         # generation on the engine instead of letting it run for nobody.
@@ -187,8 +200,8 @@ async def relay_stream(
             upstream.release()
         else:
             upstream.close()
-    if completed:
-        await response.write_eof()
-    elif request.transport is not None:
+    if client_gone:
+        raise ClientGone(response)
+    if not completed and request.transport is not None:
         request.transport.close()
     return response

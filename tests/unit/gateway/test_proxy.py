@@ -9,7 +9,7 @@ import socket
 
 import aiohttp
 
-from .conftest import AUTH, ENGINE_KEY, FakeEngine, make_config
+from .conftest import AUTH, ENGINE_KEY, FakeEngine, gateway_process, make_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -135,3 +135,52 @@ async def test_vllm_streams_are_asked_for_their_usage(engine_server, gateway_cli
     assert sent[0]["stream_options"] == {"include_usage": True}
     assert sent[1]["stream_options"] == {"include_usage": False}  # the client's own choice stands
     assert "stream_options" not in sent[2]
+
+
+async def test_a_client_that_goes_away_mid_stream_is_recorded_not_raised(
+    engine_server, gateway_client, caplog
+):
+    gate = asyncio.Event()
+    engine = FakeEngine(chunks=2, stream_gate=gate)
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    assert (await resp.content.readany()).startswith(b"data: ")
+    resp.close()  # the client hangs up with the stream half sent
+    gate.set()  # the engine goes on: the gateway's next write finds no client
+    from .test_metrics import scrape
+
+    for _turn in range(100):  # bounded: the handler ends within a few loop turns
+        samples = await scrape(client)
+        gone = [
+            v
+            for (name, labels), v in samples.items()
+            if name == "cortex_gateway_requests_total" and ("status", "499") in labels
+        ]
+        if gone:
+            break
+        await asyncio.sleep(0.05)
+    assert gone == [1.0], "the request was not counted as one the client closed (499)"
+    unhandled = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert not unhandled, [r.getMessage() for r in unhandled]
+
+
+async def test_a_client_gone_mid_stream_leaves_no_traceback_in_a_real_gateway(engine_server, tmp_path):
+    gate = asyncio.Event()
+    url = await engine_server(FakeEngine(chunks=2, stream_gate=gate))
+    config = make_config({"chat": [url]}, workers=1)
+    async with gateway_process(config, tmp_path) as gateway, aiohttp.ClientSession() as session:
+        body = {**CHAT, "model": "chat", "stream": True}
+        resp = await session.post(gateway.base + "/v1/chat/completions", json=body, headers=AUTH)
+        assert (await resp.content.readany()).startswith(b"data: ")
+        resp.close()
+        gate.set()
+        for _turn in range(100):  # bounded: the gateway notices within a few writes
+            async with session.get(gateway.base + "/metrics") as answer:
+                metrics = await answer.text()
+            if 'status="499"' in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert 'cortex_gateway_requests_total{backend="' in metrics
+        assert 'status="499"} 1.0' in metrics, metrics
+    log = (tmp_path / "gateway.log").read_text()
+    assert "Traceback" not in log, log
