@@ -5,6 +5,7 @@ tool caches), and the artifact listed."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "s3cret-key-that-must-not-ship"  # noqa: S105 - a marker, not a credential
+# A fresh marker each run: the artifact ships this very file, which must not hold it.
+SECRET = f"marker-{secrets.token_hex(16)}"
 # What ./scripts/up, the tests and the tools leave in a checkout.
 LEFT_BEHIND = [
     "inventories/local/.credentials/gateway-api-key/default",
