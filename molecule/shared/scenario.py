@@ -53,11 +53,16 @@ def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} --no-pager -n 40").stdout
 
 
-def changed_models(tmp_path: Path, model: str, section: str, option: str, value: object) -> Path:
-    """The scenario's cortex_models with one engine option of one model changed, as an extra-vars file."""
+def changed_models(
+    tmp_path: Path, model: str, section: str, option: str, value: object, **fields: object
+) -> Path:
+    """The scenario's cortex_models with one engine option of one model changed
+    (and any of its own ``fields``, e.g. replicas), as an extra-vars file."""
     group_vars = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "group_vars" / "all.yml"
     models = yaml.safe_load(group_vars.read_text())["cortex_models"]
-    next(m for m in models if m["name"] == model)[section][option] = value
+    entry = next(m for m in models if m["name"] == model)
+    entry[section][option] = value
+    entry.update(fields)
     path = tmp_path / "changed.yml"
     path.write_text(yaml.safe_dump({"cortex_models": models}))
     return path
@@ -96,9 +101,10 @@ def converge_under_load(
 
 
 def assert_replaced_one_at_a_time(
-    result: subprocess.CompletedProcess, replicas: list[str], host: str
+    result: subprocess.CompletedProcess, replicas: list[str], host: str, *, drained_too: int = 0
 ) -> None:
-    """Each replica drained, replaced, healthy and routed to again before the next is touched."""
+    """Each replica drained, replaced, healthy and routed to again before the
+    next is touched (and ``drained_too`` more drained for removal)."""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     log = result.stdout
     steps = []
@@ -112,7 +118,7 @@ def assert_replaced_one_at_a_time(
     positions = [log.find(step) for step in steps]
     assert -1 not in positions, [s for s, p in zip(steps, positions, strict=True) if p == -1]
     assert positions == sorted(positions), positions
-    assert log.count(f"{host}: drained, no request in flight") == len(replicas), log[-4000:]
+    assert log.count(f"{host}: drained, no request in flight") == len(replicas) + drained_too, log[-4000:]
     assert log.count(f"{host}: routes to it again") == len(replicas), log[-4000:]
 
 

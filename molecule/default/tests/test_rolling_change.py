@@ -1,8 +1,8 @@
 """A changed inventory converged under load: only the changed model's containers
-are recreated, one replica at a time, each drained in the gateway first, and
-clients looping requests and streams through the gateway meanwhile see no
-failure: no request refused, no stream cut. Runs last: it leaves the changed
-inventory converged."""
+are recreated, one replica at a time, each drained in the gateway first, a
+replica no longer wanted is drained before it is removed, and clients looping
+requests and streams through the gateway meanwhile see no failure: no request
+refused, no stream cut. Runs last: it leaves the changed inventory converged."""
 
 from __future__ import annotations
 
@@ -22,23 +22,30 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 CONTAINERS = [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1", f"cortex-{EMBEDDING_MODEL}-0"]
 
 
-def container_ids(host) -> dict[str, str]:
-    return {name: json.loads(host.check_output(f"docker inspect {name}"))[0]["Id"] for name in CONTAINERS}
+def container_ids(host, names: list[str] = CONTAINERS) -> dict[str, str]:
+    return {name: json.loads(host.check_output(f"docker inspect {name}"))[0]["Id"] for name in names}
 
 
-def test_a_changed_model_is_replaced_one_replica_at_a_time_without_failures(host, client_key, tmp_path):
+def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(host, client_key, tmp_path):
+    """Its option changed and its replicas 2 -> 1 in one converge: replica 0 is
+    drained, replaced and put back; then replica 1, no longer planned, is
+    drained and removed. The clients see no failure through either."""
     before = container_ids(host)
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
     result, loop, streams = converge_under_load(
-        client, MODEL, changed_models(tmp_path, MODEL, "llamacpp", "ctx_size", 6144), "site.yml"
+        client, MODEL, changed_models(tmp_path, MODEL, "llamacpp", "ctx_size", 6144, replicas=1), "site.yml"
     )
-    assert_replaced_one_at_a_time(result, CONTAINERS[:2], "cortex-molecule")
-    after = container_ids(host)
-    assert after[f"cortex-{EMBEDDING_MODEL}-0"] == before[f"cortex-{EMBEDDING_MODEL}-0"], (
-        "the unchanged model restarted"
-    )
-    assert after[f"cortex-{MODEL}-0"] != before[f"cortex-{MODEL}-0"]
-    assert after[f"cortex-{MODEL}-1"] != before[f"cortex-{MODEL}-1"]
+    replaced, removed = CONTAINERS[0], CONTAINERS[1]
+    assert_replaced_one_at_a_time(result, [replaced], "cortex-molecule", drained_too=1)
+    log = result.stdout
+    drained = log.find(f"Drain it in the gateways first: {removed}")
+    put_back = log.find(f"Put it back in the gateways: {replaced}")
+    assert drained > put_back, "the surplus replica was not drained after the replacement"
+    assert log.find(f"Remove it: {removed}") > drained
+    assert host.run(f"docker inspect {removed}").rc != 0, f"{removed} is still there"
+    after = container_ids(host, [replaced, CONTAINERS[2]])
+    assert after[CONTAINERS[2]] == before[CONTAINERS[2]], "the unchanged model restarted"
+    assert after[replaced] != before[replaced]
     assert_no_failures(loop, streams)
-    inspect = json.loads(host.check_output(f"docker inspect cortex-{MODEL}-0"))[0]
+    inspect = json.loads(host.check_output(f"docker inspect {replaced}"))[0]
     assert "6144" in inspect["Config"]["Cmd"]
