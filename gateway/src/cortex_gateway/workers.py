@@ -209,6 +209,8 @@ class Supervisor:
         # a restart changes stays as the gateway started.
         self.config = dataclasses.replace(config, **{f: getattr(self.config, f) for f in RESTART_FIELDS})
         self._accept(text)
+        log.info("config from %s accepted: %d model(s); every worker reloads it", self.config_path,
+                 len(config.models))  # fmt: skip
         self._forward(signal.SIGHUP)
 
     def _on_drains_changed(self, _sig: int, _frame: object) -> None:
