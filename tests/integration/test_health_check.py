@@ -112,9 +112,11 @@ def test_an_unhealthy_container_is_restarted_as_configured_and_a_loading_one_lef
     config_path.write_text(json.dumps(config))
     first_start = {e["container"]: started_at(e["container"]) for e in engines}
 
-    # The runs' own clock, stepped by the test (no sleeping through backoffs):
-    # it starts past every container's start time, as the system clock would.
-    clock = {"now": time.time() + 1000}
+    # The runs' own clock, stepped by the test (no sleeping through backoffs).
+    # Ahead of the system clock by more than the test takes, so that it stays
+    # past every container's start (restarts included), and less than the
+    # loading engine's start period, which must still hold at the end.
+    clock = {"now": time.time() + 120}
 
     def step() -> tuple[bool, subprocess.CompletedProcess]:
         before = started_at(sick["container"])
