@@ -22,7 +22,7 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 CONTAINERS = [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1", f"cortex-{EMBEDDING_MODEL}-0"]
 
 
-def container_ids(host, names: list[str] = CONTAINERS) -> dict[str, str]:
+def container_ids(host, names: tuple[str, ...] = tuple(CONTAINERS)) -> dict[str, str]:
     return {name: json.loads(host.check_output(f"docker inspect {name}"))[0]["Id"] for name in names}
 
 
@@ -43,7 +43,7 @@ def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(ho
     assert drained > put_back, "the surplus replica was not drained after the replacement"
     assert log.find(f"Remove it: {removed}") > drained
     assert host.run(f"docker inspect {removed}").rc != 0, f"{removed} is still there"
-    after = container_ids(host, [replaced, CONTAINERS[2]])
+    after = container_ids(host, (replaced, CONTAINERS[2]))
     assert after[CONTAINERS[2]] == before[CONTAINERS[2]], "the unchanged model restarted"
     assert after[replaced] != before[replaced]
     assert_no_failures(loop, streams)
