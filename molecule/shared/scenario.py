@@ -56,15 +56,19 @@ def journal(host, unit: str) -> str:
 def changed_models(
     tmp_path: Path, model: str, section: str, option: str, value: object, **fields: object
 ) -> Path:
-    """The scenario's cortex_models with one engine option of one model changed
-    (and any of its own ``fields``, e.g. replicas), as an extra-vars file."""
+    """The scenario's cortex_models as last changed by a test (or as its
+    group_vars have them), with one engine option of one model changed (and
+    any of its own ``fields``, e.g. replicas), as an extra-vars file. It
+    becomes the state later changes start from: the tests converge it."""
     group_vars = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "group_vars" / "all.yml"
-    models = yaml.safe_load(group_vars.read_text())["cortex_models"]
+    last = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "changed-models.yml"
+    models = yaml.safe_load((last if last.exists() else group_vars).read_text())["cortex_models"]
     entry = next(m for m in models if m["name"] == model)
     entry[section][option] = value
     entry.update(fields)
     path = tmp_path / "changed.yml"
     path.write_text(yaml.safe_dump({"cortex_models": models}))
+    last.write_text(path.read_text())
     return path
 
 

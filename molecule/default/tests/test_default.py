@@ -1,6 +1,6 @@
-"""Two models on one host, converged: services, sockets, engine hardening, and
-real chat completions and embeddings through nginx and the gateway with the
-openai client."""
+"""The llama.cpp models on one host, converged: services, sockets, engine
+hardening, and real chat completions and embeddings through nginx and the
+gateway with the openai client (the vLLM models beside them: test_vllm.py)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,10 @@ def client(client_key):
     return openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=120, max_retries=0)
 
 
-def test_models_lists_both_models(client):
-    assert sorted(m.id for m in client.models.list().data) == sorted([MODEL, EMBEDDING_MODEL])
+def test_models_lists_every_model(client):
+    listed = sorted(m.id for m in client.models.list().data)
+    vllm = ["smollm2-135m-vllm", "all-minilm-l6-v2-vllm"]
+    assert listed == sorted([MODEL, EMBEDDING_MODEL, *vllm])
 
 
 def test_each_replica_is_its_own_container_and_port(host):
@@ -256,13 +258,14 @@ def test_health_check_timer_writes_metrics_for_every_engine_and_the_gateway(host
     host.run_expect([0], "systemctl start cortex-healthcheck.service")
     metrics = host.file("/var/lib/prometheus/node-exporter/cortex_health.prom").content_string
     containers = json.loads(host.check_output("cat /etc/cortex-healthcheck/config.json"))["engines"]
-    assert len(containers) == 3  # two chat replicas and the embedding model
+    # Two chat replicas and the embedding model on each engine.
+    assert sorted(e["engine"] for e in containers) == ["llamacpp"] * 3 + ["vllm"] * 3
     for engine in containers:
-        labels = f'model="{engine["name"]}",engine="llamacpp",container="{engine["container"]}"'
+        labels = f'model="{engine["name"]}",engine="{engine["engine"]}",container="{engine["container"]}"'
         assert f"cortex_model_up{{{labels}}} 1" in metrics
     assert 'cortex_gateway_healthz_up{url="http://127.0.0.1:80/healthz"} 1' in metrics
     assert "cortex_nginx_up 1" in metrics
-    assert "all 3 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
+    assert "all 6 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
 
 
 # The public nginx site, as clients reach it.

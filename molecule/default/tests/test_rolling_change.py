@@ -20,6 +20,12 @@ from scenario import (
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 CONTAINERS = [f"cortex-{MODEL}-0", f"cortex-{MODEL}-1", f"cortex-{EMBEDDING_MODEL}-0"]
+# The vLLM models beside them are not touched either.
+VLLM_CONTAINERS = [
+    "cortex-smollm2-135m-vllm-0",
+    "cortex-smollm2-135m-vllm-1",
+    "cortex-all-minilm-l6-v2-vllm-0",
+]
 
 
 def container_ids(host, names: tuple[str, ...] = tuple(CONTAINERS)) -> dict[str, str]:
@@ -30,7 +36,7 @@ def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(ho
     """Its option changed and its replicas 2 -> 1 in one converge: replica 0 is
     drained, replaced and put back; then replica 1, no longer planned, is
     drained and removed. The clients see no failure through either."""
-    before = container_ids(host)
+    before = container_ids(host, (*CONTAINERS, *VLLM_CONTAINERS))
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
     result, loop, streams = converge_under_load(
         client, MODEL, changed_models(tmp_path, MODEL, "llamacpp", "ctx_size", 6144, replicas=1), "site.yml"
@@ -43,8 +49,9 @@ def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(ho
     assert drained > put_back, "the surplus replica was not drained after the replacement"
     assert log.find(f"Remove it: {removed}") > drained
     assert host.run(f"docker inspect {removed}").rc != 0, f"{removed} is still there"
-    after = container_ids(host, (replaced, CONTAINERS[2]))
-    assert after[CONTAINERS[2]] == before[CONTAINERS[2]], "the unchanged model restarted"
+    after = container_ids(host, (replaced, CONTAINERS[2], *VLLM_CONTAINERS))
+    for name in (CONTAINERS[2], *VLLM_CONTAINERS):
+        assert after[name] == before[name], f"{name} of an unchanged model restarted"
     assert after[replaced] != before[replaced]
     assert_no_failures(loop, streams)
     inspect = json.loads(host.check_output(f"docker inspect {replaced}"))[0]
