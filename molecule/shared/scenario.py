@@ -49,6 +49,34 @@ def client_key() -> str:
     return credential("gateway-api-key", "default")
 
 
+def admin_key() -> str:
+    return credential("gateway-admin-key", "admin")
+
+
+def admin_get(host, url: str, key: str) -> tuple[int, str]:
+    """GET on the host itself (the admin API is not on the public site): the status and the body."""
+    answer = host.check_output(f"curl -sk -w '\\n%{{http_code}}' -H 'Authorization: Bearer {key}' '{url}'")
+    body, _newline, status = answer.rpartition("\n")
+    return int(status), body
+
+
+def streamed_chat(client, model: str, max_tokens: int) -> tuple[list, list[str]]:
+    """A greedy streamed chat through the gateway: every chunk, and the text
+    pieces, which must be more than one (a stream, not one answer)."""
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+        )
+    )
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1, "a stream should arrive in several chunks"
+    return chunks, pieces
+
+
 def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} --no-pager -n 40").stdout
 

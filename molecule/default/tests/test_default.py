@@ -13,7 +13,14 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from scenario import GATEWAY_URL, assert_real_sentence_embeddings, journal
+from scenario import (
+    GATEWAY_URL,
+    admin_get,
+    admin_key,
+    assert_real_sentence_embeddings,
+    journal,
+    streamed_chat,
+)
 
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -135,15 +142,7 @@ def test_chat_completion_through_nginx(client):
 
 
 def test_streamed_chat_completion_through_nginx(client):
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Name three colours."}],
-        max_tokens=32,
-        temperature=0,
-        stream=True,
-    )
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1, "a stream should arrive in several chunks"
+    _chunks, pieces = streamed_chat(client, MODEL, 32)
     assert "".join(pieces).strip()
 
 
@@ -178,13 +177,6 @@ def test_reload_keeps_the_gateway_process(host):
             break
         time.sleep(0.5)
     assert [line for line in wanted if line not in log] == []
-
-
-def admin_get(host, url: str, key: str) -> tuple[int, str]:
-    """GET on the host itself (the admin API is not on the public site): the status and the body."""
-    answer = host.check_output(f"curl -sk -w '\\n%{{http_code}}' -H 'Authorization: Bearer {key}' '{url}'")
-    body, _newline, status = answer.rpartition("\n")
-    return int(status), body
 
 
 def test_usage_is_recorded_and_reported_to_admins_only(host, client, client_key):
@@ -239,11 +231,6 @@ def test_streamed_completion_through_nginx(client):
     )
     pieces = [c.choices[0].text for c in stream if c.choices]
     assert "".join(pieces).strip()
-
-
-def admin_key() -> str:
-    inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
-    return (inventory / ".credentials" / "gateway-admin-key" / "admin").read_text().strip()
 
 
 def test_the_gateway_runs_one_worker_per_core(host):

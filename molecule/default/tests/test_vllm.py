@@ -13,7 +13,14 @@ from pathlib import Path
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scenario import GATEWAY_URL, assert_real_sentence_embeddings, credential, journal
+from scenario import (
+    GATEWAY_URL,
+    admin_get,
+    admin_key,
+    assert_real_sentence_embeddings,
+    journal,
+    streamed_chat,
+)
 
 CHAT = "smollm2-135m-vllm"
 EMBED = "all-minilm-l6-v2-vllm"
@@ -110,27 +117,15 @@ def test_vllm_and_llamacpp_give_the_same_answer_from_the_same_weights(client):
 
 
 def usage_of(host, model: str) -> dict:
-    admin = credential("gateway-admin-key", "admin")
-    out = host.check_output(
-        f"curl -s -H 'Authorization: Bearer {admin}' 'http://127.0.0.1:8001/admin/usage?group_by=model'"
-    )
-    rows = [r for r in json.loads(out)["data"] if r["model"] == model]
+    status, body = admin_get(host, "http://127.0.0.1:8001/admin/usage?group_by=model", admin_key())
+    assert status == 200, body
+    rows = [r for r in json.loads(body)["data"] if r["model"] == model]
     return rows[0] if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def test_a_streamed_vllm_chat_ends_with_a_usage_event_that_the_gateway_records(host, client):
     before = usage_of(host, CHAT)
-    chunks = list(
-        client.chat.completions.create(
-            model=CHAT,
-            messages=[{"role": "user", "content": "Name three colours."}],
-            max_tokens=24,
-            temperature=0,
-            stream=True,
-        )
-    )
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1, "a stream should arrive in several chunks"
+    chunks, pieces = streamed_chat(client, CHAT, 24)
     # The client did not ask for usage; the gateway asked vLLM for it.
     usage = chunks[-1].usage
     assert usage is not None, chunks[-1]
