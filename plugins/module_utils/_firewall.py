@@ -1,0 +1,104 @@
+# -*- coding: utf-8 -*-
+# Copyright: cortex.serving contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What the engine_firewall role guards, from inventory values: the engine
+ports a host publishes, the address they are published on, and the addresses
+that may reach them (the gateway hosts and what the operator adds).
+
+Everything is checked here, on the controller, so that a bad address fails
+the play before any host changes, with the host and value named."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ipaddress
+
+
+class FirewallError(ValueError):
+    """Inventory values the firewall cannot be built from; args[0] lists every problem."""
+
+
+def _network(value):
+    """An address or a CIDR network, as nft writes it; None when it is neither."""
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def engine_ports(models, port_base, port_span):
+    """Port intervals ("lo-hi" or "port") covering every port an engine of
+    these models can be published on: the automatic range, and explicit ports
+    (one per replica) outside it. Guarding the range, not today's ports, means
+    an engine started later is never reachable before the firewall knows it."""
+    base, span = int(port_base), int(port_span)
+    intervals = [(base, base + span - 1)]
+    for model in models or []:
+        port = model.get("port") if isinstance(model, dict) else None
+        if isinstance(port, int) and not isinstance(port, bool):
+            replicas = model.get("replicas", 1)
+            replicas = replicas if isinstance(replicas, int) and replicas > 0 else 1
+            intervals.append((port, port + replicas - 1))
+    merged = []
+    for low, high in sorted(intervals):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return ["%d" % low if low == high else "%d-%d" % (low, high) for low, high in merged]
+
+
+def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
+    """The role's plan. sources: (host, address) pairs of the hosts allowed by
+    group; extra: addresses or CIDRs the operator allows besides them.
+
+    Returns active (whether a ruleset is wanted), family and daddr (the
+    published address, None for all addresses), ports, ipv4 and ipv6."""
+    problems = []
+    bind = str(bind_address).strip()
+    try:
+        published = ipaddress.ip_address(bind)
+    except ValueError:
+        published = None
+        problems.append(
+            "model_servers_bind_address: %r is not an IP address (the engines' ports are published on it)"
+            % bind
+        )
+    if enabled not in ("auto", True, False):
+        problems.append("engine_firewall_enabled: must be auto, true or false, got %r" % (enabled,))
+    networks = []
+    for host, address in sources:
+        network = _network(address)
+        if network is None:
+            problems.append(
+                "host %s: address %r is not an IP address; set engine_firewall_address for it "
+                "(the address its requests to the engines come from)" % (host, address)
+            )
+        else:
+            networks.append(network)
+    for value in extra or []:
+        network = _network(value)
+        if network is None:
+            problems.append("engine_firewall_allow: %r is not an IP address or CIDR network" % (value,))
+        else:
+            networks.append(network)
+    if problems:
+        raise FirewallError(problems)
+
+    loopback = published.is_loopback
+    active = bool(ports) and (enabled is True or (enabled == "auto" and not loopback))
+    unspecified = published.is_unspecified
+
+    def listed(version):
+        return sorted({str(n) for n in networks if n.version == version},
+                      key=lambda text: ipaddress.ip_network(text))  # fmt: skip
+
+    return {
+        "active": active,
+        "family": "ip6" if published.version == 6 else "ip",
+        "daddr": None if unspecified else str(published),
+        "ports": list(ports),
+        "ipv4": listed(4),
+        "ipv6": listed(6),
+    }

@@ -1,0 +1,121 @@
+"""The engine firewall's plan (plugins/module_utils/_firewall.py) and its
+ruleset, rendered from the role's template and checked by the real nft."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+from ansible_collections.cortex.serving.plugins.module_utils._firewall import (
+    FirewallError,
+    engine_ports,
+    firewall_rules,
+)
+
+ROLE = Path(__file__).resolve().parents[3] / "roles" / "engine_firewall"
+GATEWAYS = [("gw-a", "10.20.0.51"), ("gw-b", "10.20.0.52")]
+# Engines published on every address (the tests are about that value, not a bind).
+EVERY_ADDRESS = "0.0.0.0"  # noqa: S104
+
+
+def test_the_port_range_and_explicit_ports_outside_it_are_guarded():
+    models = [
+        {"name": "a", "port": 18100, "replicas": 2},  # inside the range
+        {"name": "b", "port": 30000, "replicas": 3},
+        {"name": "c", "port": 30003},  # next to b's: one interval
+        {"name": "d"},  # automatic port: in the range
+    ]
+    assert engine_ports(models, 18080, 2000) == ["18080-20079", "30000-30003"]
+    assert engine_ports([], 9000, 1) == ["9000"]
+
+
+def test_the_example_fleet_allows_its_gateways_only():
+    plan = firewall_rules("10.20.0.11", GATEWAYS, ["10.20.0.90/32", "fd00::/64"], ["18080-20079"])
+    assert plan == {
+        "active": True,
+        "family": "ip",
+        "daddr": "10.20.0.11",
+        "ports": ["18080-20079"],
+        "ipv4": ["10.20.0.51/32", "10.20.0.52/32", "10.20.0.90/32"],
+        "ipv6": ["fd00::/64"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("bind", "enabled", "active"),
+    [("127.0.0.1", "auto", False), ("::1", "auto", False), ("127.0.0.1", True, True),
+     ("10.20.0.11", False, False), (EVERY_ADDRESS, "auto", True)],
+)  # fmt: skip
+def test_loopback_needs_no_rules_unless_asked(bind, enabled, active):
+    assert firewall_rules(bind, GATEWAYS, [], ["18080-20079"], enabled)["active"] is active
+
+
+def test_engines_on_every_address_match_any_destination():
+    plan = firewall_rules(EVERY_ADDRESS, GATEWAYS, [], ["18080-20079"])
+    assert plan["daddr"] is None
+
+
+def test_every_bad_value_is_named_at_once():
+    with pytest.raises(FirewallError) as info:
+        firewall_rules("gpu-a.internal", [("gw-a", "gw-a.internal"), ("gw-b", "10.20.0.52")],
+                       ["10.0.0.0/33"], ["18080-20079"], enabled="yes")  # fmt: skip
+    problems = info.value.args[0]
+    assert len(problems) == 4, problems
+    assert "model_servers_bind_address: 'gpu-a.internal' is not an IP address" in problems[0]
+    assert "engine_firewall_enabled" in problems[1]
+    assert (
+        "host gw-a: address 'gw-a.internal' is not an IP address; set engine_firewall_address" in problems[2]
+    )
+    assert "engine_firewall_allow: '10.0.0.0/33'" in problems[3]
+
+
+def render(plan: dict) -> str:
+    # An nft ruleset, not HTML: nothing to escape.
+    environment = jinja2.Environment(  # noqa: S701
+        loader=jinja2.FileSystemLoader(ROLE / "templates"), keep_trailing_newline=True
+    )
+    return environment.get_template("engine-firewall.nft.j2").render(
+        _engine_firewall_plan=plan, ansible_managed="Ansible managed"
+    )
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        firewall_rules("10.20.0.11", GATEWAYS, ["fd00::1"], ["18080-20079", "30000-30003"]),
+        firewall_rules("fd00::11", GATEWAYS, [], ["18080-20079"]),
+        firewall_rules(EVERY_ADDRESS, [], [], ["18100"]),  # nothing allowed: empty sets
+    ],
+    ids=["ipv4", "ipv6-bind", "no-one-allowed"],
+)
+def test_the_rendered_ruleset_is_accepted_by_nft(plan, tmp_path):
+    assert shutil.which("nft"), "nft is missing: scripts/bootstrap installs Debian's nftables"
+    text = render(plan)
+    ruleset = tmp_path / "engine-firewall.nft"
+    ruleset.write_text(text)
+    checked = subprocess.run(
+        ["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr + text
+    assert "jump engine_access" in text
+    if plan["daddr"]:
+        assert (
+            f"ct original {plan['family']} daddr {plan['daddr']} ct original proto-dst @engine_ports" in text
+        )
+
+
+def test_a_broken_ruleset_is_refused_by_the_same_check(tmp_path):
+    """The role's template task validates with this command: it does catch errors."""
+    ruleset = tmp_path / "broken.nft"
+    ruleset.write_text(
+        render(firewall_rules("10.20.0.11", GATEWAYS, [], ["18080-20079"])).replace(
+            "@engine_ports", "@no_such_set"
+        )
+    )
+    checked = subprocess.run(
+        ["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode != 0
