@@ -21,29 +21,53 @@ from ..unit.gateway.conftest import AUTH, FakeEngine, free_port, make_config
 from ..unit.gateway.test_resilience import wait_ready
 
 
+class PostgresCluster:
+    """A throwaway real PostgreSQL cluster on loopback, owned by the postgres user."""
+
+    def __init__(self) -> None:
+        binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        assert binaries, "PostgreSQL is not installed: scripts/bootstrap installs Debian's postgresql"
+        self.bin_dir = binaries[-1]
+        # Outside pytest's private temp folder, which the postgres user cannot enter.
+        self.data = Path(tempfile.mkdtemp(prefix="cortex-pg-"))
+        self.port = free_port()
+        # initdb refuses to run as root: the cluster belongs to the postgres user.
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.user:
+            shutil.chown(self.data, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> None:
+        subprocess.run(
+            [*self.user, f"{self.bin_dir}/{tool}", *args], check=check, capture_output=True, timeout=120
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-w", "-l", str(self.data / "log"), "start")
+
+    def stop(self, check: bool = True) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=check)
+
+    def remove(self) -> None:
+        self.stop(check=False)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def postgres_dsn():
-    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    assert binaries, "PostgreSQL is not installed: scripts/bootstrap installs Debian's postgresql"
-    bin_dir = binaries[-1]
-    # Outside pytest's private temp folder, which the postgres user cannot enter.
-    data = Path(tempfile.mkdtemp(prefix="cortex-pg-"))
-    port = free_port()
-    # initdb refuses to run as root: the cluster belongs to the postgres user.
-    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if user:
-        shutil.chown(data, "postgres", "postgres")
-    subprocess.run([*user, f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    start = [f"{bin_dir}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(data / "log"), "start"]
-    subprocess.run([*user, *start], check=True, capture_output=True, timeout=120)
+def postgres_cluster():
+    cluster = PostgresCluster()
+    cluster.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield cluster
     finally:
-        subprocess.run([*user, f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"],
-                       check=False, capture_output=True, timeout=120)  # fmt: skip
-        shutil.rmtree(data, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn(postgres_cluster):
+    return postgres_cluster.dsn
 
 
 async def test_two_gateways_share_one_postgres_usage_table(engine_server, postgres_dsn):

@@ -219,12 +219,17 @@ class Forwarder:
                 try:
                     whole = await relay_whole(upstream, timeouts.idle, self.gateway.config.max_answer_bytes)
                 except UpstreamAnswerError as exc:
-                    # The status line came, so the request is not sent again.
-                    if exc.engine_fault:
-                        backend.record_failure(self.gateway.config.unhealthy_after)
-                        backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
                     log.warning("backend %s (%s): %s", backend.name, model, exc)
-                    return error_response(502, str(exc), code=exc.code)
+                    if not exc.engine_fault:
+                        return error_response(502, str(exc), code=exc.code)
+                    backend.record_failure(self.gateway.config.unhealthy_after)
+                    backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
+                    # Nothing of a whole answer has reached the client: the
+                    # next replica may give it (at the cost of generating twice).
+                    failures.append(f"{backend.name}: {exc}")
+                    if not self._has_untried(model, tried):
+                        return error_response(502, str(exc), code=exc.code)
+                    continue
                 timing.upstream_ended = self.gateway.clock()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)

@@ -140,6 +140,24 @@ class ClientGone(Exception):
         self.response = response
 
 
+# An event this large without its end is no event an engine sends.
+MAX_EVENT_BYTES = 1 << 20
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last whole server-sent event in ``data`` ends (0: none yet)."""
+    return max(data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0,
+               data.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 0)  # fmt: skip
+
+
+async def _relay_events(
+    response: web.StreamResponse, data: bytes, tap: Callable[[bytes], None] | None
+) -> None:
+    await response.write(data)
+    if tap is not None:
+        tap(data)
+
+
 def sse_error_event(message: str) -> bytes:
     body = error_body(502, message, code="upstream_stream_broken")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -153,11 +171,12 @@ async def relay_stream(
     headers: dict[str, str] | None = None,
     tap: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Relay server-sent events as they arrive.
+    """Relay server-sent events as they arrive, each one whole.
 
-    A stream that breaks midway ends with an SSE error event and a closed
-    connection, so the client sees an error rather than a hang or a silent cut.
-    ``tap`` sees every chunk after it was written (timing, usage).
+    A stream that breaks midway, or sends no whole event for ``idle`` seconds,
+    ends with an SSE error event and a closed connection, so the client sees
+    an error rather than a hang or a silent cut. ``tap`` sees the events after
+    they were written (timing, usage).
     """
     response = web.StreamResponse(
         status=upstream.status,
@@ -171,23 +190,42 @@ async def relay_stream(
     )
     await response.prepare(request)
     completed = client_gone = False
+    # Events go out whole. The idle bound counts whole events, not bytes: an
+    # engine that trickles a byte now and then never completes one, and is
+    # cut like an engine that has stopped; and an error event never lands in
+    # the middle of a half-sent one, where a client could not parse either.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle
+    pending = b""
     try:
         while True:
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout_at(deadline):
                     chunk = await upstream.content.readany()
             except TimeoutError:
-                await response.write(sse_error_event(f"the model server sent nothing for {idle:g}s"))
+                await response.write(
+                    sse_error_event(f"the model server sent no complete event for {idle:g}s")
+                )
                 break
             except aiohttp.ClientError as exc:
                 await response.write(sse_error_event(f"the model server broke off the stream: {exc}"))
                 break
             if not chunk:
+                if pending:  # the last event, without its blank line
+                    await _relay_events(response, pending, tap)
                 completed = True
                 break
-            await response.write(chunk)
-            if tap is not None:
-                tap(chunk)
+            pending += chunk
+            end = _events_end(pending)
+            if end:
+                await _relay_events(response, pending[:end], tap)
+                pending = pending[end:]
+                deadline = loop.time() + idle
+            if len(pending) > MAX_EVENT_BYTES:
+                await response.write(
+                    sse_error_event(f"the model server sent an event over {MAX_EVENT_BYTES} bytes")
+                )
+                break
         if completed:
             await response.write_eof()
     except ConnectionResetError:

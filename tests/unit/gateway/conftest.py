@@ -44,6 +44,8 @@ class FakeEngine:
     cut_answer: bool = False
     # Streams hold their usage tail and [DONE] until this event is set (when given).
     stream_gate: asyncio.Event | None = None
+    # Streamed events written one byte at a time, this many seconds apart.
+    trickle: float | None = None
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -103,7 +105,12 @@ class FakeEngine:
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
             }
-            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            data = b"data: " + json.dumps(event).encode() + b"\n\n"
+            if self.trickle is None:
+                await response.write(data)
+            for byte in data if self.trickle is not None else b"":
+                await response.write(bytes([byte]))
+                await asyncio.sleep(self.trickle)
             await asyncio.sleep(self.chunk_delay)
         if self.stream_gate is not None:
             await self.stream_gate.wait()
@@ -186,11 +193,16 @@ def listeners(port: int) -> int:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    config: dict[str, Any], folder: Path, ready_model: str = "chat", env: dict[str, str] | None = None
+    config: dict[str, Any],
+    folder: Path,
+    ready_model: str = "chat",
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ):
-    """A real `cortex-gateway serve` process on a free loopback port, once it
-    serves `ready_model`; stopped (SIGTERM, then SIGKILL) when the block ends."""
-    config["listen"]["port"] = free_port()
+    """A real `cortex-gateway serve` process on a free loopback port (or
+    ``port``), once it serves `ready_model`; stopped (SIGTERM, then SIGKILL)
+    when the block ends."""
+    config["listen"]["port"] = port or free_port()
     config["admin_listen"] = {"host": "127.0.0.1", "port": free_port()}
     path = folder / "config.yml"
     path.write_text(yaml.safe_dump(config))

@@ -73,6 +73,51 @@ async def test_stream_broken_midway_ends_with_an_error_event(engine_server, gate
     assert json.loads(events[-1])["error"]["code"] == "upstream_stream_broken"
 
 
+async def read_cut_stream(resp) -> list[str]:
+    body = b""
+    # The gateway closes the connection on purpose after the error event.
+    with contextlib.suppress(aiohttp.ClientPayloadError):
+        async for chunk in resp.content.iter_any():
+            body += chunk
+    return [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+
+
+async def test_a_stream_that_stalls_ends_with_an_error_event_after_idle(engine_server, gateway_client):
+    engine = FakeEngine(chunks=3, chunk_delay=5)
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}, timeouts={"idle": 0.5}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    events = await read_cut_stream(resp)
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "t0"
+    assert json.loads(events[-1])["error"]["message"] == "the model server sent no complete event for 0.5s"
+
+
+async def test_a_stream_that_trickles_bytes_is_cut_like_a_stalled_one(engine_server, gateway_client):
+    """A byte every 0.1 s never lets the connection idle for 0.5 s, but no
+    whole event comes in 0.5 s: the idle bound counts events, not bytes."""
+    engine = FakeEngine(chunks=3, trickle=0.1)
+    client = await gateway_client(make_config({"m": [await engine_server(engine)]}, timeouts={"idle": 0.5}))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    events = await read_cut_stream(resp)
+    assert json.loads(events[-1])["error"]["code"] == "upstream_stream_broken"
+    assert "no complete event for 0.5s" in json.loads(events[-1])["error"]["message"]
+
+
+async def test_a_whole_answer_broken_midway_is_asked_of_the_next_replica(engine_server, gateway_client):
+    """Nothing of a non-streamed answer reaches the client before it is whole:
+    a replica that breaks it off (or trickles it past the bound) costs a retry, not a 502."""
+    broken = FakeEngine(cut_answer=True, answer_bytes=200_000)
+    good = FakeEngine()
+    urls = [await engine_server(broken), await engine_server(good)]
+    client = await gateway_client(make_config({"m": urls}))
+    for _attempt in range(4):
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
+    assert len(good.received) == 4
+    # The broken replica was tried and then left by its breaker.
+    assert 1 <= len(broken.received) <= 2
+
+
 async def test_refused_replica_is_skipped_for_the_next(engine_server, gateway_client):
     engine = FakeEngine()
     good = await engine_server(engine)
