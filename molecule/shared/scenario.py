@@ -154,12 +154,12 @@ def assert_replaced_one_at_a_time(
     assert log.count(f"{host}: routes to it again") == len(replicas), log[-4000:]
 
 
-def assert_no_failures(loop: RequestLoop, streams: RequestLoop) -> None:
-    assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
+def assert_no_failures(loop: RequestLoop, streams: RequestLoop, minimum: int = 10) -> None:
+    assert len(loop.outcomes) >= minimum, f"the load loop made only {len(loop.outcomes)} requests"
     assert loop.failures == [], (
         f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:5]}"
     )
-    assert len(streams.outcomes) >= 10, f"the stream loop made only {len(streams.outcomes)} streams"
+    assert len(streams.outcomes) >= minimum, f"the stream loop made only {len(streams.outcomes)} streams"
     assert streams.failures == [], (
         f"{len(streams.failures)} of {len(streams.outcomes)} streams failed: {streams.failures[:5]}"
     )

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -95,8 +96,8 @@ def engines(llamacpp_image, smollm2_gguf, tmp_path_factory):  # noqa: F811
         for letter in "ab":
             engine = Engine(f"cortex-fault-{letter}-{secrets.token_hex(3)}", free_port())
             docker(
-                "run", "-d", "--name", engine.name, "--user", "10001:10001", "--read-only", "--cap-drop", "ALL",
-                "--security-opt", "no-new-privileges", "-p", f"127.0.0.1:{engine.port}:8080",
+                "run", "-d", "--name", engine.name, "--user", "10001:10001", "--read-only",
+                "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-p", f"127.0.0.1:{engine.port}:8080",
                 "-v", f"{smollm2_gguf.parent}:/models:ro", "-v", f"{key_file}:{API_KEY_FILE}:ro",
                 llamacpp_image, *llamacpp_command(model),
             )  # fmt: skip
@@ -117,8 +118,18 @@ def healthy_engines(engines):
 
 
 @pytest.fixture(scope="session")
-def gateway_port() -> int:
-    return free_port()
+def gateway_socket():
+    """The gateway's listener, held as systemd's socket unit holds it: every
+    gateway process of the suite is given it, and it outlives them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4096)
+        yield sock
+
+
+@pytest.fixture(scope="session")
+def gateway_port(gateway_socket) -> int:
+    return gateway_socket.getsockname()[1]
 
 
 @dataclass
@@ -165,7 +176,8 @@ def nginx(gateway_port, tmp_path_factory):
         "http {\n"
         f"  access_log {prefix}/logs/access.log;\n"
         f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
-        f"  fastcgi_temp_path {prefix}/fastcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n  scgi_temp_path {prefix}/scgi;\n"
+        f"  fastcgi_temp_path {prefix}/fastcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
+        f"  scgi_temp_path {prefix}/scgi;\n"
         f"  include {prefix}/site.conf;\n"
         "}\n"
     )

@@ -28,6 +28,10 @@ class Tally:
     """Every outcome of a load, and how many the gateway itself answered."""
 
     outcomes: Counter = field(default_factory=Counter)
+    # Requests sent once more because a kept-alive connection closed before
+    # any answer came (as the openai client does; nginx closes idle
+    # connections on a reload): each is counted once, by its final outcome.
+    resent: int = 0
     # Answers that came from the gateway (JSON or a stream), not from nginx alone.
     gateway_answers: int = 0
     samples: dict[str, str] = field(default_factory=dict)
@@ -63,7 +67,14 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, model: str, s
     # What a stream showed before it ended, however it ended.
     seen = {"error_event": False}
     try:
-        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
+        try:
+            response = await session.post(url, json=body, headers=headers, timeout=timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection at all: not a kept-alive one that closed
+            tally.resent += 1
+            response = await session.post(url, json=body, headers=headers, timeout=timeout)
+        async with response:
             kind = response.headers.get("Content-Type", "")
             if response.status != 200:
                 text = await response.text()

@@ -4,18 +4,21 @@ loopback, two gateways writing to it, and reports that add both up."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cortex_gateway.app import Gateway
 from cortex_gateway.config import ConfigError, parse_config
-from cortex_gateway.usage import PostgresStore
+from cortex_gateway.usage import PostgresStore, UsageRecord
 
 from ..unit.gateway.conftest import AUTH, FakeEngine, free_port, make_config
 from ..unit.gateway.test_resilience import wait_ready
@@ -43,9 +46,10 @@ class PostgresCluster:
             [*self.user, f"{self.bin_dir}/{tool}", *args], check=check, capture_output=True, timeout=120
         )
 
-    def start(self) -> None:
+    def start(self, check: bool = True) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-w", "-l", str(self.data / "log"), "start")
+        start = ("-D", str(self.data), "-o", options, "-w", "-l", str(self.data / "log"), "start")
+        self._run("pg_ctl", *start, check=check)
 
     def stop(self, check: bool = True) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=check)
@@ -112,3 +116,32 @@ def test_a_dsn_is_checked_and_never_echoed():
                 usage={"postgres_dsn": "postgresql://h/db", "sqlite": "/x.db"},
             )
         )
+
+
+def usage_record(key: str) -> UsageRecord:
+    return UsageRecord(
+        ts=time.time(), key_name=key, model="chat", engine="llamacpp", backend="b", stream=False,
+        status=200, prompt_tokens=3, completion_tokens=1, ttft_ms=None, latency_ms=5.0,
+    )  # fmt: skip
+
+
+def test_the_store_writes_again_after_postgresql_restarts(postgres_cluster):
+    """Its connection breaks with the restart: the write that meets it fails
+    (the recorder keeps that batch), and the next one connects again."""
+    store = PostgresStore(postgres_cluster.dsn)
+    store.open()
+    try:
+        store.write([usage_record("before")])
+        postgres_cluster.stop()
+        with pytest.raises(psycopg.OperationalError):
+            store.write([usage_record("while-away")])
+        postgres_cluster.start()
+        with contextlib.suppress(psycopg.OperationalError):
+            store.write([usage_record("first-after")])  # may meet the broken connection once
+        store.write([usage_record("after")])
+    finally:
+        store.close()
+        postgres_cluster.start(check=False)
+    keys = {row["key"] for row in PostgresStore(postgres_cluster.dsn).report(["key"])}
+    assert {"before", "after"} <= keys
+    assert "while-away" not in keys

@@ -174,8 +174,8 @@ async def relay_stream(
     """Relay server-sent events as they arrive, each one whole.
 
     A stream that breaks midway, or sends no whole event for ``idle`` seconds,
-    ends with an SSE error event and a closed connection, so the client sees
-    an error rather than a hang or a silent cut. ``tap`` sees the events after
+    ends with an SSE error event (and no [DONE]), so the client sees an error
+    rather than a hang or a silent cut. ``tap`` sees the events after
     they were written (timing, usage).
     """
     response = web.StreamResponse(
@@ -226,8 +226,10 @@ async def relay_stream(
                     sse_error_event(f"the model server sent an event over {MAX_EVENT_BYTES} bytes")
                 )
                 break
-        if completed:
-            await response.write_eof()
+        # Ended properly even after an error event: a proxy in between (nginx)
+        # drops what came in the same read as a broken chunked body, and the
+        # client would get the cut without the event that says why.
+        await response.write_eof()
     except ConnectionResetError:
         # The client hung up: nobody is left to tell. Not an error of ours.
         completed, client_gone = False, True
@@ -240,6 +242,4 @@ async def relay_stream(
             upstream.close()
     if client_gone:
         raise ClientGone(response)
-    if not completed and request.transport is not None:
-        request.transport.close()
     return response

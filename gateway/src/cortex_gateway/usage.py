@@ -139,18 +139,31 @@ class PostgresStore(_Store):
         return psycopg
 
     def open(self) -> None:
-        psycopg = self._driver()
-        self._db = psycopg.connect(self.dsn, autocommit=True)
-        with self._db.transaction():
+        self._db = self._connect()
+
+    def _connect(self):
+        db = self._driver().connect(self.dsn, autocommit=True)
+        with db.transaction():
             for statement in POSTGRES_SCHEMA:
-                self._db.execute(statement)
+                db.execute(statement)
+        return db
 
     def write(self, records: list[UsageRecord]) -> None:
+        """Insert the records in one transaction. A connection that broke
+        (PostgreSQL restarted, a network cut) is dropped, and the next write
+        connects again: the recorder keeps the batch and tries it then."""
+        psycopg = self._driver()
         with self._lock:
             if self._db is None:
                 raise RuntimeError("the usage database is closed")
-            with self._db.transaction(), self._db.cursor() as cursor:
-                cursor.executemany(_insert_sql("%s"), [astuple(r) for r in records])
+            if self._db.closed or self._db.broken:
+                self._db = self._connect()
+            try:
+                with self._db.transaction(), self._db.cursor() as cursor:
+                    cursor.executemany(_insert_sql("%s"), [astuple(r) for r in records])
+            except psycopg.OperationalError:
+                self._db.close()
+                raise
 
     def report(self, group_by: Iterable[str] = GROUPS, since: float | None = None) -> list[dict]:
         _groups, sql = report_sql(

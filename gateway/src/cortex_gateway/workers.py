@@ -20,6 +20,11 @@ one dies. What the workers share:
 
 What they do not share: each worker checks backend health and keeps its own
 circuit breakers and queues (a queue's bound applies per worker).
+
+Started by systemd with socket activation (cortex-gateway.socket), the
+workers accept on the listening socket systemd passed instead of binding
+their own: the socket outlives the process, so while the gateway restarts,
+new connections wait in its backlog instead of being refused.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -49,11 +55,47 @@ DRAIN_SECONDS = 30
 MAX_RESTARTS_PER_MINUTE = 5
 
 
+# The first file descriptor systemd passes (sd_listen_fds(3)).
+LISTEN_FDS_START = 3
+
+
+def inherited_listener(config: GatewayConfig) -> socket.socket | None:
+    """The public listening socket systemd passed this process, if it passed
+    one (LISTEN_PID is this process and LISTEN_FDS at least 1)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS") or 0)
+    # Not for the workers or anything else this process starts.
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    listener = socket.socket(fileno=LISTEN_FDS_START)
+    if listener.type != socket.SOCK_STREAM or not listener.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        raise ConfigError("the socket systemd passed is not a listening TCP socket")
+    port = listener.getsockname()[1]
+    if port != config.port:
+        raise ConfigError(
+            f"the socket systemd passed listens on port {port}, but listen.port is {config.port}: "
+            "the socket unit and the config must name the same address"
+        )
+    return listener
+
+
 def serve(config: GatewayConfig, config_path: str | None) -> int:
+    try:
+        listener = inherited_listener(config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    if listener is not None:
+        log.info("serving on the socket systemd passed (%s:%d)", *listener.getsockname()[:2])
     if config.workers == 1:
-        _run_worker(config, config_path, table_path=None, reuse_port=False)
+        _run_worker(config, config_path, table_path=None, reuse_port=False, listener=listener)
         return 0
-    return Supervisor(config, config_path).run()
+    return Supervisor(config, config_path, listener).run()
 
 
 def _run_worker(
@@ -62,6 +104,7 @@ def _run_worker(
     table_path: str | None,
     reuse_port: bool,
     drains_path: str | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
     # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
     # prometheus_client decides where values live when it is first imported.
@@ -78,10 +121,10 @@ def _run_worker(
     app.cleanup_ctx.append(
         admin_listener(AdminApi(gateway), config.admin_host, config.admin_port, reuse_port=reuse_port)
     )
+    where = {"sock": listener} if listener is not None else {"host": config.host, "port": config.port}
     web.run_app(
         app,
-        host=config.host,
-        port=config.port,
+        **where,
         reuse_port=reuse_port,
         access_log=None,
         shutdown_timeout=DRAIN_SECONDS,
@@ -90,9 +133,13 @@ def _run_worker(
 
 
 class Supervisor:
-    def __init__(self, config: GatewayConfig, config_path: str | None) -> None:
+    def __init__(
+        self, config: GatewayConfig, config_path: str | None, listener: socket.socket | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # Kept open here for workers started again later.
+        self.listener = listener
         self.children: dict[int, int] = {}  # pid -> worker number
         self.stopping = False
         self.deaths: list[float] = []
@@ -171,7 +218,7 @@ class Supervisor:
         code = 0
         try:
             accepted = None if self.config_path is None else str(self.accepted_path)
-            _run_worker(self.config, accepted, self.table_path, True, self.drains_path)
+            _run_worker(self.config, accepted, self.table_path, True, self.drains_path, self.listener)
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)
             code = 1

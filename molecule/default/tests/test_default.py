@@ -13,10 +13,12 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from loads import RequestLoop
 from scenario import (
     GATEWAY_URL,
     admin_get,
     admin_key,
+    assert_no_failures,
     assert_real_sentence_embeddings,
     journal,
     streamed_chat,
@@ -27,7 +29,7 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 ENGINE_PORT = 18100
 
 
-@pytest.mark.parametrize("unit", ["docker", "cortex-gateway", "nginx"])
+@pytest.mark.parametrize("unit", ["docker", "cortex-gateway", "cortex-gateway.socket", "nginx"])
 def test_unit_is_active_and_enabled(host, unit):
     service = host.service(unit)
     assert service.is_running, journal(host, unit)
@@ -177,6 +179,22 @@ def test_reload_keeps_the_gateway_process(host):
             break
         time.sleep(0.5)
     assert [line for line in wanted if line not in log] == []
+
+
+def test_a_systemd_restart_under_load_fails_no_request(host, client):
+    """`systemctl restart cortex-gateway` while requests and streams run: the
+    streams in flight finish (the stop drains them), and the socket unit keeps
+    the listener open, so what nginx sends meanwhile waits for the new process."""
+    before = host.check_output("systemctl show -p MainPID --value cortex-gateway")
+    with (
+        RequestLoop(client, MODEL, threads=2, max_seconds=120) as loop,
+        RequestLoop(client, MODEL, threads=2, max_seconds=120, stream=True) as streams,
+    ):
+        time.sleep(3)
+        host.run_expect([0], "systemctl restart cortex-gateway")
+        time.sleep(5)
+    assert host.check_output("systemctl show -p MainPID --value cortex-gateway") != before
+    assert_no_failures(loop, streams, minimum=4)
 
 
 def test_usage_is_recorded_and_reported_to_admins_only(host, client, client_key):

@@ -191,6 +191,17 @@ def listeners(port: int) -> int:
     return sum(1 for row in rows if row.split()[1] == f"0100007F:{port:04X}" and row.split()[3] == "0A")
 
 
+def socket_activated(command: list[str], fd: int) -> list[str]:
+    """``command`` started as systemd's socket activation starts it: the
+    socket ``fd`` as fd 3, LISTEN_FDS=1, and its own pid in LISTEN_PID
+    (exec keeps the pid)."""
+    shim = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    return [sys.executable, "-c", shim, str(fd), *command]
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(
     config: dict[str, Any],
@@ -198,34 +209,46 @@ async def gateway_process(
     ready_model: str = "chat",
     env: dict[str, str] | None = None,
     port: int | None = None,
+    listener: socket.socket | None = None,
 ):
     """A real `cortex-gateway serve` process on a free loopback port (or
     ``port``), once it serves `ready_model`; stopped (SIGTERM, then SIGKILL)
-    when the block ends."""
-    config["listen"]["port"] = port or free_port()
+    when the block ends. With ``listener``, the process is given that
+    listening socket as systemd's socket activation gives it (fd 3,
+    LISTEN_FDS, LISTEN_PID), and serves on it."""
+    config["listen"]["port"] = listener.getsockname()[1] if listener else port or free_port()
     config["admin_listen"] = {"host": "127.0.0.1", "port": free_port()}
     path = folder / "config.yml"
     path.write_text(yaml.safe_dump(config))
     log = (folder / "gateway.log").open("wb")  # read it when a test fails
+    command = [sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path)]
+    passed: dict[str, Any] = {}
+    if listener is not None:
+        command = socket_activated(command, listener.fileno())
+        passed["pass_fds"] = (listener.fileno(),)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
-        stdout=log, stderr=log,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
+        *command, stdout=log, stderr=log,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}, **passed,
     )  # fmt: skip
     base = f"http://127.0.0.1:{config['listen']['port']}"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             for _attempt in range(100):  # up to 10 s to listen and see its backend
                 try:
                     async with session.get(base + "/healthz") as response:
                         if (await response.json())["ready_backends"].get(ready_model):
                             break
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     pass
                 await asyncio.sleep(0.1)
             # With several workers, wait until every one of them listens.
             for _attempt in range(100):
-                ports = (config["listen"]["port"], config["admin_listen"]["port"])
+                # A passed socket is one listener, however many workers accept on it.
+                ports = (
+                    (config["admin_listen"]["port"],)
+                    if listener
+                    else (config["listen"]["port"], config["admin_listen"]["port"])
+                )
                 if all(listeners(port) >= config.get("workers", 1) for port in ports):
                     break
                 await asyncio.sleep(0.1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +16,7 @@ from cortex_gateway.auth import hash_key
 from cortex_gateway.limits import CounterTable, KeyPolicy, Limiter, Refusal
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import AUTH, CLIENT_KEY, FakeEngine, gateway_process, listeners, make_config
+from .conftest import AUTH, CLIENT_KEY, FakeEngine, gateway_process, listeners, make_config, socket_activated
 
 WORKERS = 3
 
@@ -200,3 +202,49 @@ async def test_a_worker_started_again_serves_the_config_the_last_reload_accepted
                     gateway.base + "/v1/models", headers={"Authorization": "Bearer lister-key"}
                 ) as response:
                     assert {m["id"] for m in (await response.json())["data"]} == {"chat", "embed"}
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+async def test_a_restart_on_a_passed_socket_refuses_no_connection(engine_server, tmp_path):
+    """Socket activation, as systemd does it: the gateway's workers accept on
+    the socket they were given. A request sent while no gateway process runs
+    at all waits in the socket's backlog and is answered by the next one."""
+    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=2)
+    with listening_socket() as sock:
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with gateway_process(config, tmp_path, listener=sock) as first:
+            assert len(children(first.process.pid)) == 2
+            # Bounded: a gateway that does not accept on the socket leaves the connection waiting.
+            assert [(await asyncio.wait_for(ask(base), 15))[0] for _request in range(6)] == [200] * 6
+            assert "serving on the socket systemd passed" in (tmp_path / "gateway.log").read_text()
+        assert first.process.returncode == 0  # stopped: nothing of the gateway runs now
+        waiting = asyncio.create_task(ask(base))  # connects at once: the kernel holds it
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        async with gateway_process(dict(config), tmp_path, listener=sock):
+            assert (await asyncio.wait_for(waiting, 30))[0] == 200
+
+
+async def test_a_passed_socket_on_another_port_than_the_config_is_refused(engine_server, tmp_path):
+    config = make_config({"chat": [await engine_server(FakeEngine())]})
+    config["listen"]["port"] = 1  # not the socket's
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    with listening_socket() as sock:
+        command = socket_activated(
+            [sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path)], sock.fileno()
+        )
+        process = await asyncio.create_subprocess_exec(
+            *command, stderr=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+        port = sock.getsockname()[1]
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert f"the socket systemd passed listens on port {port}, but listen.port is 1" in err.decode()
