@@ -97,7 +97,8 @@ def engines(llamacpp_image, smollm2_gguf, tmp_path_factory):  # noqa: F811
             engine = Engine(f"cortex-fault-{letter}-{secrets.token_hex(3)}", free_port())
             docker(
                 "run", "-d", "--name", engine.name, "--user", "10001:10001", "--read-only",
-                "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-p", f"127.0.0.1:{engine.port}:8080",
+                "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                "-p", f"127.0.0.1:{engine.port}:8080",
                 "-v", f"{smollm2_gguf.parent}:/models:ro", "-v", f"{key_file}:{API_KEY_FILE}:ro",
                 llamacpp_image, *llamacpp_command(model),
             )  # fmt: skip
