@@ -91,8 +91,7 @@ def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
     unspecified = published.is_unspecified
 
     def listed(version):
-        return sorted({str(n) for n in networks if n.version == version},
-                      key=lambda text: ipaddress.ip_network(text))  # fmt: skip
+        return sorted({str(n) for n in networks if n.version == version}, key=ipaddress.ip_network)
 
     return {
         "active": active,

@@ -143,5 +143,7 @@ async def run_load(
             while not stop.is_set() and tally.sent < max_requests and time.monotonic() < deadline:
                 await _one(session, url, key, model, stream, tally, hang_seconds, max_tokens)
 
-    await asyncio.gather(*(client(False) for _ in range(plain)), *(client(True) for _ in range(streams)))
+    await asyncio.gather(
+        *(client(False) for _plain in range(plain)), *(client(True) for _stream in range(streams))
+    )
     return tally
