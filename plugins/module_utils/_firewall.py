@@ -68,15 +68,6 @@ def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
     if enabled not in ("auto", True, False):
         problems.append("engine_firewall_enabled: must be auto, true or false, got %r" % (enabled,))
     networks = []
-    for host, address in sources:
-        network = _network(address)
-        if network is None:
-            problems.append(
-                "host %s: address %r is not an IP address; set engine_firewall_address for it "
-                "(the address its requests to the engines come from)" % (host, address)
-            )
-        else:
-            networks.append(network)
     for value in extra or []:
         network = _network(value)
         if network is None:
@@ -85,9 +76,20 @@ def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
             networks.append(network)
     if problems:
         raise FirewallError(problems)
+    # Engines on loopback need no rules, and the allowed hosts no IP address.
+    active = bool(ports) and (enabled is True or (enabled == "auto" and not published.is_loopback))
+    for host, address in sources if active else []:
+        network = _network(address)
+        if network is None:
+            problems.append(
+                "host %s: address %r is not an IP address; set engine_firewall_address for it "
+                "(the address its requests to the engines come from)" % (host, address)
+            )
+        else:
+            networks.append(network)
+    if problems:
+        raise FirewallError(problems)
 
-    loopback = published.is_loopback
-    active = bool(ports) and (enabled is True or (enabled == "auto" and not loopback))
     unspecified = published.is_unspecified
 
     def listed(version):

@@ -60,16 +60,27 @@ def test_engines_on_every_address_match_any_destination():
 
 def test_every_bad_value_is_named_at_once():
     with pytest.raises(FirewallError) as info:
-        firewall_rules("gpu-a.internal", [("gw-a", "gw-a.internal"), ("gw-b", "10.20.0.52")],
-                       ["10.0.0.0/33"], ["18080-20079"], enabled="yes")  # fmt: skip
+        firewall_rules("gpu-a.internal", GATEWAYS, ["10.0.0.0/33"], ["18080-20079"], enabled="yes")
     problems = info.value.args[0]
-    assert len(problems) == 4, problems
+    assert len(problems) == 3, problems
     assert "model_servers_bind_address: 'gpu-a.internal' is not an IP address" in problems[0]
     assert "engine_firewall_enabled" in problems[1]
-    assert (
-        "host gw-a: address 'gw-a.internal' is not an IP address; set engine_firewall_address" in problems[2]
-    )
-    assert "engine_firewall_allow: '10.0.0.0/33'" in problems[3]
+    assert "engine_firewall_allow: '10.0.0.0/33'" in problems[2]
+
+
+def test_an_allowed_host_without_an_ip_address_is_named():
+    with pytest.raises(FirewallError) as info:
+        firewall_rules("10.20.0.11", [("gw-a", "gw-a.internal"), ("gw-b", "10.20.0.52")], [], ["18080-20079"])
+    assert info.value.args[0] == [
+        "host gw-a: address 'gw-a.internal' is not an IP address; set engine_firewall_address for it "
+        "(the address its requests to the engines come from)"
+    ]
+
+
+def test_engines_on_loopback_need_no_address_for_the_gateways():
+    """The local default: one host named in the inventory, engines on loopback."""
+    plan = firewall_rules("127.0.0.1", [("cortex-local", "cortex-local")], [], ["18080-20079"])
+    assert plan["active"] is False
 
 
 def render(plan: dict) -> str:
