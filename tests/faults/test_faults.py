@@ -113,6 +113,14 @@ def assert_only_streams_on_the_broken_replica_were_cut(row: dict, tally: Tally) 
     assert row["health_ok"], row
 
 
+def assert_nothing_failed(row: dict, tally: Tally) -> None:
+    """No request failed or hung, no usage record was lost, /healthz always answered."""
+    assert tally.failed == 0, row
+    assert row["hung"] == 0, row
+    assert row["lost"] == 0, row
+    assert row["health_ok"], row
+
+
 async def run_fault(
     name: str,
     urls: list[str],
@@ -176,9 +184,7 @@ async def test_an_engine_that_answers_500(healthy_engines, nginx, gateway_socket
     row, tally = await run_fault(
         "engine answers 500", [url, b.url], nginx, gateway_socket, tmp_path, break_it
     )
-    assert tally.failed == 0, row
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_an_engine_that_trickles(healthy_engines, nginx, gateway_socket, tmp_path, fault_proxy):
@@ -227,9 +233,7 @@ async def test_nginx_reloaded_during_streams(healthy_engines, nginx, gateway_soc
     row, tally = await run_fault(
         "nginx reloaded during streams", [a.url, b.url], nginx, gateway_socket, tmp_path, reload
     )
-    assert tally.failed == 0, row
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_the_whole_gateway_restarted_during_streams(healthy_engines, nginx, gateway_socket, tmp_path):
@@ -259,9 +263,7 @@ async def test_the_whole_gateway_restarted_during_streams(healthy_engines, nginx
     row = report("whole gateway restarted during streams", tally, misses, lost)
     # Streams in flight at the stop run to their end (the stop drains them);
     # what comes while no process runs waits in the held socket's backlog.
-    assert tally.failed == 0, row
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_sqlite_disk_full(healthy_engines, nginx, gateway_socket, tmp_path):
@@ -293,10 +295,8 @@ async def test_sqlite_disk_full(healthy_engines, nginx, gateway_socket, tmp_path
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=False, timeout=30)
     row["buffered_while_full"] = buffered[0]
-    assert tally.failed == 0, row
     assert buffered[0] > 0, "records were not held while the disk was full"
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def metric(base: str, name: str) -> float:
@@ -337,10 +337,8 @@ async def test_postgres_stopped_and_started(
     )
     row["lost"] = max(0, tally.gateway_answers - (pg_count(postgres_dsn) - before))
     row["buffered_while_stopped"] = held[0]
-    assert tally.failed == 0, row
     assert held[0] > 0, "records were not held while PostgreSQL was away"
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 def pg_count(dsn: str) -> int:
@@ -389,9 +387,7 @@ async def test_a_client_that_reads_a_stream_very_slowly(healthy_engines, nginx, 
         "a client reads a stream very slowly", [a.url, b.url], nginx, gateway_socket, tmp_path, slow_reader
     )
     assert sum(read) > 0, "the slow client got nothing at all"
-    assert tally.failed == 0, row
-    assert row["hung"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_a_client_that_sends_its_body_one_byte_a_second(
@@ -422,9 +418,7 @@ async def test_a_client_that_sends_its_body_one_byte_a_second(
         tmp_path,
         slow_body,
     )
-    assert tally.failed == 0, row
-    assert row["hung"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_200_idle_keep_alive_connections(healthy_engines, nginx, gateway_socket, tmp_path):
@@ -450,9 +444,7 @@ async def test_200_idle_keep_alive_connections(healthy_engines, nginx, gateway_s
         "200 idle keep-alive connections", [a.url, b.url], nginx, gateway_socket, tmp_path, idle_connections
     )
     assert sum(answered) == 200
-    assert tally.failed == 0, row
-    assert row["hung"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 def gateway_log(folder: Path) -> str:
@@ -473,9 +465,7 @@ async def test_a_reload_with_a_broken_config(healthy_engines, nginx, gateway_soc
         "reload with a broken config file", [a.url, b.url], nginx, gateway_socket, tmp_path, broken_reload
     )
     assert "config reload failed, every worker keeps the running config" in gateway_log(tmp_path)
-    assert tally.failed == 0, row
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
 
 
 async def test_a_reload_during_a_drain(healthy_engines, nginx, gateway_socket, tmp_path):
@@ -508,6 +498,4 @@ async def test_a_reload_during_a_drain(healthy_engines, nginx, gateway_socket, t
         "reload during a drain", [a.url, b.url], nginx, gateway_socket, tmp_path, drain_then_reload
     )
     assert states == [True], "the drain did not outlive the reload"
-    assert tally.failed == 0, row
-    assert row["lost"] == 0, row
-    assert row["health_ok"], row
+    assert_nothing_failed(row, tally)
