@@ -90,13 +90,17 @@ def test_good_inventory_passes(tmp_path):
          "only to the addresses in gateway_nginx_admin_allow (0 given)"),
         ({"cortex_models": [GOOD_MODEL], "gateway_admin_listen_port": 8000},
          "gateway_admin_listen_host:gateway_admin_listen_port must differ from gateway_listen_host:gateway_listen_port"),
+        ({"cortex_models": [GOOD_MODEL], "model_servers_bind_address": "10.20.0.11"},
+         "host gpu1: address 'gpu1' is not an IP address; set engine_firewall_address for it"),
+        ({"cortex_models": [GOOD_MODEL], "engine_firewall_allow": ["10.0.0.300"]},
+         "engine_firewall_allow: '10.0.0.300' is not an IP address or CIDR network"),
     ],
     ids=["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
          "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
          "gpu-not-on-host", "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-tp-without-gpu",
          "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
          "gateway-port-not-int", "port-base-not-int", "admin-over-http", "admin-to-everyone",
-         "admin-on-the-public-port"],
+         "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow"],
 )  # fmt: skip
 def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
     result = run_validate(tmp_path, host_vars)
