@@ -127,22 +127,37 @@ def run_level(concurrency: int, requests: int, n_predict: int, prompt_words: int
     }
 
 
-def gpu_memory_of(pid: int) -> int | None:
+def gpu_memory_per_gpu(pid: int) -> dict[int, int] | None:
+    """NVML's memory of this process on each GPU (NVML's index), in bytes."""
     try:
         import pynvml
     except ImportError:
         return None
     pynvml.nvmlInit()
     try:
-        total = 0
+        used: dict[int, int] = {}
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == pid and proc.usedGpuMemory:
-                    total += int(proc.usedGpuMemory)
-        return total
+                    used[index] = used.get(index, 0) + int(proc.usedGpuMemory)
+        return used
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_memory_of(pid: int) -> int | None:
+    used = gpu_memory_per_gpu(pid)
+    return None if used is None else sum(used.values())
+
+
+def visible_gpus() -> int:
+    """How many GPUs llama-server sees (CUDA_VISIBLE_DEVICES, else every GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return len([d for d in visible.split(",") if d.strip()])
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return max(1, len([line for line in out.splitlines() if line.startswith("GPU ")]))
 
 
 BUFFER = re.compile(r"(CUDA\d+|CPU)\w*\s+(model|KV|compute|RS) buffer size =\s+([\d.]+) MiB")
@@ -160,8 +175,8 @@ def parse_log(log: Path) -> dict:
     return {"buffers_mib": buffers, "n_ctx": contexts[-1] if contexts else None}
 
 
-def plan_estimate(model: str, args: list[str], collections: str | None) -> dict | None:
-    """model_plan's estimate for this command line (one GPU), in bytes."""
+def plan_estimate(model: str, args: list[str], collections: str | None) -> list[dict] | None:
+    """model_plan's estimate for this command line, one row per visible GPU, in bytes."""
     if not collections:
         return None
     sys.path.insert(0, collections)
@@ -181,13 +196,15 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> dict 
         ("-ngl", "--n-gpu-layers"),
         ("-ctk", "--cache-type-k"),
         ("-ctv", "--cache-type-v"),
+        ("-sm", "--split-mode"),
+        ("-ts", "--tensor-split"),
     ):
         if short in command:
             command[command.index(short)] = long
     if "--n-gpu-layers" not in command:
         command += ["--n-gpu-layers", "999"]
-    rows = llamacpp_estimate({"model": "bench", "command": command, "gpus": [0]}, shape)
-    return rows[0] if rows else None
+    gpus = list(range(visible_gpus()))
+    return llamacpp_estimate({"model": "bench", "command": command, "gpus": gpus}, shape) or None
 
 
 def serve(server: str, model: str, extra: list[str], log: Path):
@@ -254,6 +271,7 @@ def main() -> None:
         try:
             run_level(2, 2, 16, args.prompt_words, seed=1)  # warm-up
             idle_mem = gpu_memory_of(proc.pid)
+            idle_per_gpu = gpu_memory_per_gpu(proc.pid)
             levels = []
             for level in [int(x) for x in args.levels.split(",")]:
                 requests = max(4, 2 * level)
@@ -278,7 +296,9 @@ def main() -> None:
             "levels": levels,
             "gpu_memory_idle": idle_mem,
             "gpu_memory_busy": busy_mem,
-            "plan": estimate,
+            "gpu_memory_idle_per_gpu": idle_per_gpu,
+            "plan": estimate[0] if estimate else None,
+            "plan_per_gpu": estimate,
             "server_log": logged,
         }
         out.write_text(json.dumps(results, indent=1))

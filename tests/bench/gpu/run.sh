@@ -10,6 +10,9 @@
 # models         random-weight GGUFs of real shapes (tests/bench/gpu/make_random_gguf.py)
 # serve          llama-server flag sets side by side (tests/bench/gpu/bench_llamacpp.py)
 # plan           a second model shape served, for model_plan's estimate against measured memory
+# multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
+#                command line the role renders for gpus [0, 1], per split mode (layer, row,
+#                tensor where this llama.cpp has it), then on one GPU at a context that fits it
 #
 # Without arguments it runs every step. Steps resume: what is built or written
 # is kept under CORTEX_GPU_WORK (default /tmp/cortex-gpu); results go to $OUT
@@ -98,6 +101,26 @@ for step in "${steps[@]}"; do
         --collections "$work/collections" --deadline "$deadline" --levels 8 \
         --config "p8_ctx32k=--parallel 8 -c 32768 -fa on --cache-ram 0" \
         --config "p4_ctx16k_q8kv=--parallel 4 -c 16384 -fa on -ctk q8_0 -ctv q8_0 --cache-ram 0" >/dev/null
+      ;;
+    multi)
+      file="$work/models/llama3-70b-Q8_0.gguf"
+      mkdir -p "$work/models"
+      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-70b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      # What the role renders for gpus [0, 1] with the GPU defaults: 32 slots in
+      # one KV pool of 32 x 8192 tokens, every layer on the GPUs.
+      role="--parallel 32 -c 262144 -ngl 999 -fa on -b 512 -ub 512 --cache-ram 0 -kvu"
+      modes=(layer row)
+      "$server" --help 2>/dev/null | grep -q -- '--split-mode.*tensor\|tensor.*split' && modes+=(tensor)
+      configs=()
+      for mode in "${modes[@]}"; do configs+=(--config "two_gpus_$mode=$role -sm $mode"); done
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
+        --out "$out/serve-llama3-70b-q8_0-2gpu.json" --collections "$work/collections" \
+        --deadline "$deadline" --n-predict 64 "${configs[@]}" >/dev/null
+      # One GPU of the two: the largest power-of-two context that fits it.
+      CUDA_VISIBLE_DEVICES=0 python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" \
+        --model "$file" --out "$out/serve-llama3-70b-q8_0-1gpu.json" --collections "$work/collections" \
+        --deadline "$deadline" --n-predict 64 \
+        --config "one_gpu=--parallel 32 -c 131072 -ngl 999 -fa on -b 512 -ub 512 --cache-ram 0 -kvu" >/dev/null
       ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac
