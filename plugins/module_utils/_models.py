@@ -63,6 +63,9 @@ BUILTIN_DEFAULTS = {
     "llamacpp": {"parallel": 2, "metrics": True},
     # Applied over "llamacpp" to instances that have GPUs (see docs/llamacpp-tuning.md).
     "llamacpp_gpu": {"n_gpu_layers": 999},
+    # And over that, to instances split across two or more GPUs: tensor
+    # parallelism, measured fastest on two H200s (docs/llamacpp-tuning.md).
+    "llamacpp_multi_gpu": {"split_mode": "tensor"},
     "vllm": {},
     # Applied over "vllm" to instances with GPUs, and to those without.
     "vllm_gpu": {},
@@ -430,10 +433,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                 taken[host_port] = name
             engine_options = dict(options)
             if engine == "llamacpp" and gpus:
-                engine_options = _merge(
-                    _merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {}),
-                    model.get("llamacpp") or {},
-                )
+                engine_options = _merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {})
+                if len(gpus) > 1:
+                    engine_options = _merge(engine_options, cfg.get("llamacpp_multi_gpu") or {})
+                engine_options = _merge(engine_options, model.get("llamacpp") or {})
             elif engine == "vllm":
                 engine_options = _merge(
                     _merge(cfg.get("vllm") or {}, cfg.get("vllm_gpu" if gpus else "vllm_cpu") or {}),

@@ -86,6 +86,18 @@ def test_gpus_get_offload_defaults_and_cpu_models_do_not():
     assert embed["command"][embed["command"].index("--n-gpu-layers") + 1] == "0"
 
 
+def test_a_model_on_several_gpus_is_split_by_tensor_unless_it_says_otherwise():
+    result = plan(
+        [{**SMOLLM, "gpus": [0, 1]}, {**SMOLLM, "name": "one", "gpus": [2]},
+         {**SMOLLM, "name": "layered", "gpus": [3, 4], "llamacpp": {"split_mode": "layer"}}],
+        gpu_count=5,
+    )  # fmt: skip
+    split, single, layered = result["instances"]
+    assert split["command"][split["command"].index("--split-mode") + 1] == "tensor"
+    assert "--split-mode" not in single["command"]
+    assert layered["command"][layered["command"].index("--split-mode") + 1] == "layer"
+
+
 def test_models_share_a_gpu_with_fractions():
     models = [{**VLLM, "gpu_memory_fraction": 0.5}, {**SMOLLM, "gpus": [0], "gpu_memory_fraction": 0.4}]
     result = plan(models, gpu_count=1)
