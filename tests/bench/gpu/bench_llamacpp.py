@@ -266,7 +266,15 @@ def main() -> None:
         log = out.with_name(f"server-{name}.log")
         print("[bench] {}: llama-server {}".format(name, flags or "(stock flags)"), file=sys.stderr)
         started = time.perf_counter()
-        proc = serve(args.server, args.model, extra, log)
+        try:
+            proc = serve(args.server, args.model, extra, log)
+        except RuntimeError as exc:
+            # A flag set this llama-server refuses (row split here) is a result too.
+            errors = [line for line in log.read_text(errors="replace").splitlines() if " E " in line]
+            results["configs"][name] = {"flags": flags, "error": str(exc), "server_errors": errors[:5]}
+            out.write_text(json.dumps(results, indent=1))
+            print(f"[bench]   {name} did not start: {errors[:1]}", file=sys.stderr)
+            continue
         load_s = time.perf_counter() - started
         try:
             run_level(2, 2, 16, args.prompt_words, seed=1)  # warm-up
