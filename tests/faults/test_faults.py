@@ -28,6 +28,7 @@ import yaml
 from cortex_gateway.auth import hash_key
 
 from ..unit.gateway.conftest import AUTH, CLIENT_KEY, gateway_process, make_config
+from ..unit.gateway.test_workers import children, metric
 from .conftest import MODEL, ROWS, Nginx
 from .load import CUT_CLOSED, CUT_WITH_ERROR_EVENT, OK, Tally, run_load
 
@@ -201,16 +202,11 @@ async def test_an_engine_that_trickles(healthy_engines, nginx, gateway_socket, t
     assert_only_streams_on_the_broken_replica_were_cut(row, tally)
 
 
-def worker_pids(supervisor: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True, check=False).stdout
-    return [int(pid) for pid in out.split()]
-
-
 async def test_a_gateway_worker_killed(healthy_engines, nginx, gateway_socket, tmp_path):
     a, b = healthy_engines
 
     async def kill_worker(gateway):
-        os.kill(worker_pids(gateway.process.pid)[0], signal.SIGKILL)
+        os.kill(min(children(gateway.process.pid)), signal.SIGKILL)
 
     row, tally = await run_fault(
         "gateway worker killed (SIGKILL)", [a.url, b.url], nginx, gateway_socket, tmp_path, kill_worker
@@ -297,19 +293,6 @@ async def test_sqlite_disk_full(healthy_engines, nginx, gateway_socket, tmp_path
     row["buffered_while_full"] = buffered[0]
     assert buffered[0] > 0, "records were not held while the disk was full"
     assert_nothing_failed(row, tally)
-
-
-async def metric(base: str, name: str) -> float:
-    """A gateway-wide series; a missing one is an error, not 0."""
-    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as answer:
-        text = await answer.text()
-    values = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    ]
-    assert values, f"{name} is not exported"
-    return sum(values)
 
 
 async def test_postgres_stopped_and_started(

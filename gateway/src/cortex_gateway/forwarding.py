@@ -185,10 +185,7 @@ class Forwarder:
                     upstream = await open_upstream(session, backend, request.path, sent, timeouts)
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
-                    backend.record_failure(self.gateway.config.unhealthy_after)
-                    backend.breaker.record_failure(
-                        exc.kind, retry_after=exc.retry_after, last_ready=self._last_usable(backend)
-                    )
+                    self._count_failure(backend, exc.kind, exc.retry_after)
                     failures.append(f"{backend.name}: {exc}")
                     log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
                     if not self._has_untried(model, tried):
@@ -222,8 +219,7 @@ class Forwarder:
                     log.warning("backend %s (%s): %s", backend.name, model, exc)
                     if not exc.engine_fault:
                         return error_response(502, str(exc), code=exc.code)
-                    backend.record_failure(self.gateway.config.unhealthy_after)
-                    backend.breaker.record_failure(Failure.REFUSED, last_ready=self._last_usable(backend))
+                    self._count_failure(backend, Failure.REFUSED)
                     # Nothing of a whole answer has reached the client: the
                     # next replica may give it (at the cost of generating twice).
                     failures.append(f"{backend.name}: {exc}")
@@ -261,6 +257,11 @@ class Forwarder:
             if backend.breaker.allows():
                 return backend
         return None
+
+    def _count_failure(self, backend: Backend, kind: Failure, retry_after: float | None = None) -> None:
+        """A failed attempt on ``backend``: its health count and its breaker."""
+        backend.record_failure(self.gateway.config.unhealthy_after)
+        backend.breaker.record_failure(kind, retry_after=retry_after, last_ready=self._last_usable(backend))
 
     def _has_untried(self, model: str, tried: set[int]) -> bool:
         return any(id(b) not in tried for b in self.gateway.router.ready(model))
