@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .affinity import PrefixIndex
 from .auth import KeyRing
 from .backends import Backend, HealthMonitor
 from .config import RESTART_FIELDS, ConfigError, GatewayConfig, load_config
@@ -46,6 +47,7 @@ class Gateway:
         limits_table: CounterTable | None = None,
         drains_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        prefix_index_path: str | None = None,
     ) -> None:
         self.config = config
         # What the request path reads its times from (tests give their own).
@@ -62,6 +64,10 @@ class Gateway:
             for backend in model.backends
         ]
         self.router = Router(self.backends)
+        # Prefix affinity: its settings as started (the index is sized by them),
+        # and the index, in a file the workers share or, alone, a private one.
+        self.affinity = config.affinity
+        self.prefix_index = PrefixIndex(prefix_index_path, config.affinity.index_entries)
         # Worker processes share one drains file; alone, the gateway keeps them in memory.
         self.drains = DrainBook(drains_path)
         self.started = time.time()

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .affinity import POLICIES, AffinitySettings, RoutingPolicy
 from .breaker import BreakerPolicy
 from .limits import KeyPolicy
 from .queueing import QueuePolicy
@@ -59,6 +60,9 @@ class ModelConfig:
     # This model's own timeouts, over the gateway's (a big model's first byte
     # can take minutes; an embedding model's should not).
     timeouts: Mapping[str, float] = field(default_factory=dict)
+    # How a chat or completion request picks a replica (embeddings always go
+    # to the least loaded one: there is no prompt to reuse).
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,8 @@ class GatewayConfig:
     # Worker processes sharing the port (SO_REUSEPORT); "auto" in the file means
     # one per CPU this process may run on.
     workers: int = 1
+    # Prefix affinity's index and keys, for every model whose policy uses it.
+    affinity: AffinitySettings = field(default_factory=AffinitySettings)
 
     def timeouts_for(self, model: str) -> Timeouts:
         """The gateway's timeouts with the model's own over them."""
@@ -158,7 +164,7 @@ def _backend(raw: Any, where: str) -> BackendConfig:
 
 def _model(raw: Any, where: str) -> ModelConfig:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts"}, where)
+    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts", "routing"}, where)
     name = _expect(raw.get("name"), str, f"{where}.name")
     if not name:
         raise ConfigError(f"{where}.name: must not be empty")
@@ -173,7 +179,51 @@ def _model(raw: Any, where: str) -> ModelConfig:
     timeouts_raw = _expect(raw.get("timeouts", {}), dict, f"{where}.timeouts")
     _no_unknown(timeouts_raw, {"connect", "first_byte", "idle"}, f"{where}.timeouts")
     timeouts = {k: _positive(v, f"{where}.timeouts.{k}") for k, v in timeouts_raw.items()}
-    return ModelConfig(name=name, engine=engine, owned_by=owned_by, backends=backends, timeouts=timeouts)
+    return ModelConfig(
+        name=name,
+        engine=engine,
+        owned_by=owned_by,
+        backends=backends,
+        timeouts=timeouts,
+        routing=_routing_policy(raw.get("routing", {}), f"{where}.routing"),
+    )
+
+
+def _routing_policy(raw: Any, where: str) -> RoutingPolicy:
+    _expect(raw, dict, where)
+    _no_unknown(raw, {"policy", "spill_absolute", "spill_relative"}, where)
+    defaults = RoutingPolicy()
+    policy = _expect(raw.get("policy", defaults.policy), str, f"{where}.policy")
+    if policy not in POLICIES:
+        raise ConfigError(f"{where}.policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
+    absolute = _expect(raw.get("spill_absolute", defaults.spill_absolute), int, f"{where}.spill_absolute")
+    if absolute < 1:
+        raise ConfigError(f"{where}.spill_absolute: must be at least 1, got {absolute}")
+    relative = _positive(raw.get("spill_relative", defaults.spill_relative), f"{where}.spill_relative")
+    if relative < 1:
+        raise ConfigError(f"{where}.spill_relative: must be at least 1, got {relative}")
+    return RoutingPolicy(policy=policy, spill_absolute=absolute, spill_relative=relative)
+
+
+def _affinity(raw: Any) -> AffinitySettings:
+    _expect(raw, dict, "routing")
+    _no_unknown(raw, {"index_entries", "prefix_bytes", "block_bytes", "session_header"}, "routing")
+    defaults = AffinitySettings()
+    values: dict[str, Any] = {}
+    for name, low in (("index_entries", 1024), ("prefix_bytes", 64), ("block_bytes", 16)):
+        value = _expect(raw.get(name, getattr(defaults, name)), int, f"routing.{name}")
+        if value < low:
+            raise ConfigError(f"routing.{name}: must be at least {low}, got {value}")
+        values[name] = value
+    if values["block_bytes"] > values["prefix_bytes"]:
+        raise ConfigError(
+            f"routing.block_bytes: must not exceed routing.prefix_bytes ({values['prefix_bytes']}),"
+            f" got {values['block_bytes']}"
+        )
+    header = _expect(raw.get("session_header", defaults.session_header), str, "routing.session_header")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        raise ConfigError(f"routing.session_header: must be an HTTP header name, got {header!r}")
+    return AffinitySettings(session_header=header, **values)
 
 
 def _keys(
@@ -245,6 +295,7 @@ def parse_config(raw: Any) -> GatewayConfig:
             "breaker",
             "queue",
             "usage",
+            "routing",
         },
         "",
     )
@@ -357,6 +408,7 @@ def parse_config(raw: Any) -> GatewayConfig:
             )
 
     return GatewayConfig(
+        affinity=_affinity(raw.get("routing", {})),
         key_policies=key_policies,
         admin_keys=admin_keys,
         usage_path=usage_path,
@@ -406,4 +458,6 @@ RESTART_FIELDS = (
     "workers",
     "usage_path",
     "usage_postgres_dsn",
+    # The shared prefix index is sized when the workers start.
+    "affinity",
 )

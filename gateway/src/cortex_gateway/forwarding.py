@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .affinity import PREFIX_AFFINITY, request_chain
 from .backends import Backend
 from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
@@ -133,7 +134,7 @@ class Forwarder:
         parsed = _model_and_stream(body)
         if isinstance(parsed, web.Response):
             return parsed
-        model, stream = parsed
+        payload, model, stream = parsed
         timing.model = model
         timing.stream = stream
         if not self.gateway.router.knows(model):
@@ -157,12 +158,15 @@ class Forwarder:
         admission = self._admission(model)
         timeouts = self.gateway.config.timeouts_for(model)
         session = self.gateway.session
+        router = self.gateway.router
+        chain = self._affinity_chain(request, payload, model)
+        home = router.home(model, chain, self.gateway.prefix_index) if chain else None
         tried: set[int] = set()
         failures: list[str] = []
         while True:
             try:
                 backend, waited = await admission.acquire(
-                    lambda: self._pick(model, tried), self.gateway.router.backends(model)
+                    lambda: self._pick(model, tried, home), router.backends(model)
                 )
             except QueueFull as exc:
                 if failures:
@@ -174,6 +178,11 @@ class Forwarder:
                     headers={"Retry-After": str(exc.retry_after)},
                 )
             tried.add(id(backend))
+            if chain:
+                # Whatever the reason it went elsewhere, the prefix is there now.
+                router.learn(chain, backend, self.gateway.prefix_index)
+                decision = "new" if home is None else "affinity" if backend is home else "spill"
+                self.gateway.metrics.routing.labels(model, decision).inc()
             timing.waited += waited
             if waited:
                 self.gateway.metrics.queue_wait.labels(model).observe(waited)
@@ -211,7 +220,7 @@ class Forwarder:
                     timing.upstream_ended = self.gateway.clock()
                     timing.first_chunk = tap.first_chunk
                     timing.usage = tap.usage.usage()
-                    self.gateway.metrics.count_usage(model, engine, timing.usage)
+                    self.gateway.metrics.count_usage(model, engine, timing.usage, backend.name)
                     return response
                 try:
                     whole = await relay_whole(upstream, timeouts.idle, self.gateway.config.max_answer_bytes)
@@ -229,7 +238,7 @@ class Forwarder:
                 timing.upstream_ended = self.gateway.clock()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)
-                    self.gateway.metrics.count_usage(model, engine, timing.usage)
+                    self.gateway.metrics.count_usage(model, engine, timing.usage, backend.name)
                 whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(self.gateway.clock()) * 1000:.3f}"
                 return whole
             finally:
@@ -249,11 +258,26 @@ class Forwarder:
             admission = self.admissions[model] = Admission(self.gateway.config.queue)
         return admission
 
-    def _pick(self, model: str, tried: set[int]) -> Backend | None:
-        """The least loaded ready replica with a free slot whose breaker lets it through."""
-        for backend in self.gateway.router.candidates(model):
-            if id(backend) in tried or backend.outstanding >= backend.max_concurrency:
-                continue
+    def _affinity_chain(self, request: web.Request, payload: dict, model: str) -> list[int]:
+        """The request's prefix-affinity chain, or [] when its model routes by load alone."""
+        if request.path == "/v1/embeddings":
+            return []  # no prompt for an engine to reuse
+        if self.gateway.config.models[model].routing.policy != PREFIX_AFFINITY:
+            return []
+        settings = self.gateway.affinity
+        return request_chain(model, payload, request.headers.get(settings.session_header), settings)
+
+    def _pick(self, model: str, tried: set[int], home: Backend | None = None) -> Backend | None:
+        """A ready replica with a free slot whose breaker lets it through: the
+        home of the request's prefix if it has one and is not too busy, else the
+        least loaded."""
+        router = self.gateway.router
+        usable = [
+            b for b in router.candidates(model) if id(b) not in tried and b.outstanding < b.max_concurrency
+        ]
+        if home is not None:
+            usable = router.prefer(usable, home, self.gateway.config.models[model].routing)
+        for backend in usable:
             if backend.breaker.allows():
                 return backend
         return None
@@ -321,8 +345,8 @@ def _with_stream_usage(body: bytes) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
-    """Read only `model` and `stream` from a request body."""
+def _model_and_stream(body: bytes) -> tuple[dict, str, bool] | web.Response:
+    """The request's JSON object, its `model` and its `stream`."""
     payload = json_object(body)
     if isinstance(payload, web.Response):
         return payload
@@ -332,4 +356,4 @@ def _model_and_stream(body: bytes) -> tuple[str, bool] | web.Response:
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         return error_response(400, "'stream' must be a boolean", param="stream")
-    return model, stream
+    return payload, model, stream

@@ -81,6 +81,21 @@ class Metrics:
             registry=self.registry,
         )
         backend_labels = ["model", "engine", "backend"]
+        # What prefix affinity earns: the engines' own count of prompt tokens
+        # they took from their cache, per backend (hit rate = hit / (hit + miss)).
+        self.prompt_cache = Counter(
+            "cortex_gateway_prompt_cache_tokens",
+            "Prompt tokens the engine reused from its cache (hit) or computed (miss), per backend",
+            [*backend_labels, "result"],
+            registry=self.registry,
+        )
+        self.routing = Counter(
+            "cortex_gateway_routing_decisions",
+            "Replica choices of prefix-affinity models: affinity (the replica holding the prefix),"
+            " spill (another one: that replica was too busy or unusable), new (no replica held it)",
+            ["model", "decision"],
+            registry=self.registry,
+        )
         self.backend_up = Gauge(
             "cortex_gateway_backend_up", "1 when the backend is ready and not draining", backend_labels,
             registry=self.registry, multiprocess_mode="livemin",
@@ -153,25 +168,47 @@ class Metrics:
         MultiProcessCollector(merged, path=self.multiprocess_dir)
         return merged
 
-    def count_usage(self, model: str, engine: str, usage: dict | None) -> None:
+    def count_usage(self, model: str, engine: str, usage: dict | None, backend: str | None = None) -> None:
         if not usage:
             return
         for kind in ("prompt_tokens", "completion_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value >= 0:
                 self.tokens.labels(model, engine, kind.removesuffix("_tokens")).inc(value)
+        prompt, cached = usage.get("prompt_tokens"), cached_tokens(usage)
+        if backend is not None and cached is not None and isinstance(prompt, int) and prompt >= 0:
+            hit = min(cached, prompt)
+            self.prompt_cache.labels(model, engine, backend, "hit").inc(hit)
+            self.prompt_cache.labels(model, engine, backend, "miss").inc(prompt - hit)
 
     def exposition(self) -> bytes:
         return generate_latest(self.collect_registry())
 
 
 def usage_of(body: bytes) -> dict | None:
-    """The `usage` object of a whole JSON answer, if it has one."""
+    """The `usage` object of a whole JSON answer (or of one stream event), if
+    it has one; llama.cpp's `timings.cache_n` stands in for
+    `prompt_tokens_details.cached_tokens` when only it is there."""
     try:
-        usage = json.loads(body).get("usage")
+        answer = json.loads(body)
+        usage = answer.get("usage")
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
-    return usage if isinstance(usage, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    timings = answer.get("timings")
+    if cached_tokens(usage) is None and isinstance(timings, dict):
+        cache_n = timings.get("cache_n")
+        if isinstance(cache_n, int) and cache_n >= 0:
+            usage = {**usage, "prompt_tokens_details": {"cached_tokens": cache_n}}
+    return usage
+
+
+def cached_tokens(usage: dict) -> int | None:
+    """Prompt tokens the engine reported taking from its cache, if it reported them."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0 else None
 
 
 class StreamUsage:

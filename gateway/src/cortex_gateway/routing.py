@@ -1,10 +1,13 @@
-"""Choosing a backend for a model: least outstanding requests, round-robin ties."""
+"""Choosing a backend for a model: least outstanding requests with round-robin
+ties, and, for models with prefix affinity, the replica that holds the
+request's prefix first unless it is too busy (affinity.py)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
 
+from .affinity import PrefixIndex, RoutingPolicy, replica_ids
 from .backends import Backend
 
 
@@ -14,6 +17,13 @@ class Router:
         for backend in backends:
             self._by_model.setdefault(backend.model, []).append(backend)
         self._turns = {model: itertools.count() for model in self._by_model}
+        # Each replica's id in the prefix index: from its URL, so the same in
+        # every worker and for the replicas a reload keeps.
+        self._ids: dict[str, dict[int, Backend]] = {}
+        for model, replicas in self._by_model.items():
+            ids = replica_ids(b.url for b in replicas)
+            self._ids[model] = {ids[b.url]: b for b in replicas}
+        self._id_of = {id(b): number for table in self._ids.values() for number, b in table.items()}
 
     def knows(self, model: str) -> bool:
         return model in self._by_model
@@ -38,3 +48,28 @@ class Router:
         turn = next(self._turns[model]) % len(ready)
         rotated = ready[turn:] + ready[:turn]
         return sorted(rotated, key=lambda b: b.outstanding)
+
+    # --- prefix affinity -----------------------------------------------------
+
+    def home(self, model: str, chain: list[int], index: PrefixIndex) -> Backend | None:
+        """The replica of ``model`` that last took the longest known prefix of ``chain``."""
+        ids = self._ids.get(model)
+        if not ids or not chain:
+            return None
+        number, _matched = index.lookup(chain, ids)
+        return ids.get(number)
+
+    def learn(self, chain: list[int], backend: Backend, index: PrefixIndex) -> None:
+        number = self._id_of.get(id(backend))
+        if number is not None and chain:
+            index.learn(chain, number)
+
+    @staticmethod
+    def prefer(usable: list[Backend], home: Backend | None, policy: RoutingPolicy) -> list[Backend]:
+        """``usable`` (least loaded first) with the home replica moved to the
+        front, unless it is not usable or is too busy beside the least loaded."""
+        if home is None or not usable or usable[0] is home or not any(b is home for b in usable):
+            return usable
+        if policy.spills(home.outstanding, usable[0].outstanding):
+            return usable
+        return [home, *(b for b in usable if b is not home)]

@@ -31,13 +31,16 @@ def page() -> bytes:
 
 
 def _gauges(registry: CollectorRegistry) -> Gauges:
-    """Gauge values by metric name and (model, backend) or (model,)."""
+    """Gauge values by metric name and (model, backend) or (model,); the
+    prompt cache counter too, by name and result (cache_hit, cache_miss)."""
     values: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
     for family in registry.collect():
         for sample in family.samples:
+            key = (sample.labels.get("model", ""), sample.labels.get("backend", ""))
             if sample.name.startswith("cortex_gateway_") and family.type == "gauge":
-                key = (sample.labels.get("model", ""), sample.labels.get("backend", ""))
                 values[sample.name][key] = sample.value
+            elif sample.name == "cortex_gateway_prompt_cache_tokens_total":
+                values["cache_" + sample.labels["result"]][key] = sample.value
     return values
 
 
@@ -65,9 +68,20 @@ def _backend_rows(backends: Iterable[Any], gauges: Gauges) -> list[dict[str, Any
                 "breaker": BREAKER_NAMES.get(int(gauges["cortex_gateway_breaker_state"].get(key, 0)), "?"),
                 "in_flight": int(gauges["cortex_gateway_in_flight"].get(key, 0)),
                 "slots": backend.max_concurrency,
+                **_cache_figures(gauges["cache_hit"].get(key, 0), gauges["cache_miss"].get(key, 0)),
             }
         )
     return rows
+
+
+def _cache_figures(hit: float, miss: float) -> dict[str, Any]:
+    """Prompt tokens the backend's engine took from its cache, of all it was sent."""
+    total = int(hit + miss)
+    return {
+        "cached_prompt_tokens": int(hit),
+        "prompt_tokens": total,
+        "cache_hit_rate": round(hit / total, 4) if total else None,
+    }
 
 
 def snapshot(
@@ -96,6 +110,7 @@ def snapshot(
             {
                 "name": name,
                 "engine": model.engine,
+                "routing": model.routing.policy,
                 "replicas": replicas,
                 "ready": sum(1 for r in replicas if r["ready"]),
                 "queued": int(gauges["cortex_gateway_queue_depth"].get((name, ""), 0)),

@@ -7,6 +7,9 @@ one dies. What the workers share:
 
 - per-key limits: one counter table in a memory-mapped file (limits.CounterTable),
   so a key's requests per minute are the gateway's, not each worker's;
+- the prefix-affinity index: a fixed-size table in a memory-mapped file
+  (affinity.PrefixIndex), so a conversation's next turn finds the replica
+  its last turn went to, whichever worker took either;
 - drains: one small JSON file (drains.py); a worker that changes it sends the
   supervisor SIGUSR1, which passes it to every worker;
 - metrics: prometheus_client's multiprocess files, so /metrics on any worker
@@ -105,6 +108,7 @@ def _run_worker(
     reuse_port: bool,
     drains_path: str | None = None,
     listener: socket.socket | None = None,
+    prefix_index_path: str | None = None,
 ) -> None:
     # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
     # prometheus_client decides where values live when it is first imported.
@@ -115,7 +119,13 @@ def _run_worker(
     from .limits import CounterTable
 
     table = CounterTable(table_path) if table_path else None
-    gateway = Gateway(config, config_path=config_path, limits_table=table, drains_path=drains_path)
+    gateway = Gateway(
+        config,
+        config_path=config_path,
+        limits_table=table,
+        drains_path=drains_path,
+        prefix_index_path=prefix_index_path,
+    )
     app = gateway.build_app()
     # The admin API on its own address, up while the public app is.
     app.cleanup_ctx.append(
@@ -154,6 +164,10 @@ class Supervisor:
         table_path = runtime / "limits"
         table_path.unlink(missing_ok=True)
         self.table_path = str(table_path)
+        # A new table each start: replicas' ids and the index's size may have changed.
+        prefix_index_path = runtime / "prefix-index"
+        prefix_index_path.unlink(missing_ok=True)
+        self.prefix_index_path = str(prefix_index_path)
         if self.config_path is not None:
             self.accepted_path = runtime / "config.yml"
             self._accept(read_config(self.config_path)[1])
@@ -218,7 +232,15 @@ class Supervisor:
         code = 0
         try:
             accepted = None if self.config_path is None else str(self.accepted_path)
-            _run_worker(self.config, accepted, self.table_path, True, self.drains_path, self.listener)
+            _run_worker(
+                self.config,
+                accepted,
+                self.table_path,
+                True,
+                self.drains_path,
+                self.listener,
+                prefix_index_path=self.prefix_index_path,
+            )
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)
             code = 1
