@@ -59,6 +59,11 @@ LLAMACPP_OPTIONS = {
     "split_mode": ("--split-mode", "str", SPLIT_MODES),
     "main_gpu": ("--main-gpu", "int"),
     "cache_ram": ("--cache-ram", "int"),
+    # Prompt reuse: the least chunk of a cached prompt shifted into place
+    # instead of computed again (0: off), and how similar a slot's last prompt
+    # must be to a request's for the request to take that slot.
+    "cache_reuse": ("--cache-reuse", "int"),
+    "slot_prompt_similarity": ("--slot-prompt-similarity", "float"),
     "threads": ("--threads", "int"),
     "threads_batch": ("--threads-batch", "int"),
     "cont_batching": ("--cont-batching", "negatable"),
@@ -101,6 +106,14 @@ VLLM_OPTIONS = {
     # The KV cache's size in bytes, instead of a share of the memory: how
     # vLLM on CPU is sized (its --gpu-memory-utilization is a share of RAM).
     "kv_cache_memory_bytes": ("--kv-cache-memory-bytes", "int"),
+    # Answers report the prompt tokens taken from the prefix cache
+    # (usage.prompt_tokens_details.cached_tokens): the gateway counts them.
+    "enable_prompt_tokens_details": (
+        "--enable-prompt-tokens-details",
+        "negatable",
+        None,
+        "--disable-prompt-tokens-details",
+    ),
     # Each health check would be a log line.
     "uvicorn_access_log": ("--enable-uvicorn-access-log", "negatable", None, "--disable-uvicorn-access-log"),
 }
@@ -112,6 +125,7 @@ VLLM_OWN = ("extra_args",)
 VLLM_CPU_BOOLEANS = {
     "enable_prefix_caching": ("--enable-prefix-caching", "--no-enable-prefix-caching"),
     "enable_chunked_prefill": ("--enable-chunked-prefill", "--no-enable-chunked-prefill"),
+    "enable_prompt_tokens_details": ("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details"),
     "uvicorn_access_log": ("--no-disable-uvicorn-access-log", "--disable-uvicorn-access-log"),
 }
 

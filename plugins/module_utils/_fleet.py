@@ -32,6 +32,7 @@ def routing_table(host_endpoints):
                     "name": name,
                     "engine": endpoint["engine"],
                     "timeouts": endpoint.get("timeouts") or {},
+                    "routing": endpoint.get("routing") or {},
                     "backends": [],
                 },
             )

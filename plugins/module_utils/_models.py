@@ -498,6 +498,8 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "max_concurrency": concurrency,
                     # The gateway's timeouts for this model, over its own defaults.
                     "timeouts": dict(model.get("timeouts") or {}),
+                    # How the gateway picks a replica for it (over its own default).
+                    "routing": dict(model.get("routing") or {}),
                     # Tensor parallelism talks through shared memory; vLLM's
                     # processes pass their inputs there (on CPU, in buffers of
                     # a few hundred MiB).
@@ -563,6 +565,7 @@ def instance_endpoints(instances):
             "url": i["url"],
             "max_concurrency": i["max_concurrency"],
             "timeouts": i.get("timeouts") or {},
+            "routing": i.get("routing") or {},
             # For the health-check timer of the host.
             "container": i["container"],
             "start_period": i["health_timeout"],

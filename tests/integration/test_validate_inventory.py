@@ -94,13 +94,18 @@ def test_good_inventory_passes(tmp_path):
          "host gpu1: address 'gpu1' is not an IP address; set engine_firewall_address for it"),
         ({"cortex_models": [GOOD_MODEL], "engine_firewall_allow": ["10.0.0.300"]},
          "engine_firewall_allow: '10.0.0.300' is not an IP address or CIDR network"),
+        ({"cortex_models": [{**GOOD_MODEL, "routing": {"policy": "random"}}]},
+         "value of policy must be one of: prefix_affinity, least_outstanding, got: random"),
+        ({"cortex_models": [GOOD_MODEL], "gateway_routing": {"index_entries": "many"}},
+         "argument 'index_entries' is of type str found in 'gateway_routing'"),
     ],
     ids=["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
          "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
          "gpu-not-on-host", "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-tp-without-gpu",
          "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
          "gateway-port-not-int", "port-base-not-int", "admin-over-http", "admin-to-everyone",
-         "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow"],
+         "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow",
+         "bad-routing-policy", "routing-index-not-int"],
 )  # fmt: skip
 def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
     result = run_validate(tmp_path, host_vars)

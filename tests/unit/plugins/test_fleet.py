@@ -62,6 +62,13 @@ def test_a_models_gateway_timeouts_reach_the_routing_table():
     assert table[1]["timeouts"] == {}
 
 
+def test_a_models_routing_policy_reaches_the_routing_table():
+    pinned = {**CHAT, "routing": {"policy": "least_outstanding"}}
+    table = routing_table([("gpu-a", endpoints([pinned, EMBED], "10.0.0.1"))])
+    assert table[0]["routing"] == {"policy": "least_outstanding"}
+    assert table[1]["routing"] == {}  # the gateway's default
+
+
 def inspected(model, replica, status="running", health="healthy", devices=None):
     info = {
         "Name": f"/cortex-{model}-{replica}",

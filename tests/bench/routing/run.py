@@ -1,0 +1,495 @@
+"""Cache-aware routing against least-outstanding, side by side, on real engines.
+
+Starts real llama-server replicas of SmolLM2-135M on CPU (the project's
+engine image, one core each) and a real gateway in front of them, then, for
+each workload, runs the same requests under each routing policy, in
+alternating order, each run with documents of its own (so no run finds
+another's prompts in the engines' caches):
+
+- multi-turn: users with a long document each, several turns each, all users at once;
+- shared prefix: one long system prompt, a different short question per request;
+- unique: long prompts that share nothing (the control).
+
+Per workload and policy it prints time to first token p50/p90, end-to-end
+latency p50, generated tokens/s, the engines' cache hit rate (prompt tokens
+they took from their cache, from the gateway's counters) and the balance
+(the busiest replica's share of the requests against the mean), and the
+ratios of prefix affinity to least-outstanding.
+
+    python tests/bench/routing/run.py [--quick] [--out results.json] [--plot routing.png]
+
+Every loop is bounded by a request count and a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+# As pytest's pythonpath has them (pyproject.toml).
+for _path in (ROOT, ROOT / "gateway" / "src", ROOT / ".cache" / "collections"):
+    sys.path.insert(0, str(_path))
+
+from cortex_gateway.auth import hash_key  # noqa: E402
+
+from tests.integration.conftest import docker, ensure_llamacpp_image, fetch_smollm2_gguf  # noqa: E402
+
+KEY = "sk-bench-routing-0123456789abcdef"
+ENGINE_KEY = "engine-bench-key"
+MODEL = "smollm2"
+POLICIES = ("least_outstanding", "prefix_affinity")
+# A vocabulary for documents that tokenize like prose.
+_VOCABULARY = (
+    "account budget customer delivery engine forecast growth harbour invoice journey kernel ledger "
+    "market network order partner quarter region schedule supplier target update vendor warehouse "
+    "yield analysis balance capacity demand estimate factory margin product revenue service storage "
+    "transport volume weather contract research station battery circuit voltage signal channel"
+)
+WORDS = _VOCABULARY.split()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def document(rng: random.Random, words: int) -> str:
+    sentences, sentence = [], []
+    for _word in range(words):
+        sentence.append(rng.choice(WORDS))
+        if len(sentence) >= rng.randint(8, 16):
+            sentences.append(" ".join(sentence).capitalize() + ".")
+            sentence = []
+    return " ".join(sentences)
+
+
+# --- workloads: lists of conversations, each a list of turns ---------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    # Each conversation: its turns' messages, sent one after the other.
+    conversations: list[list[list[dict]]]
+    concurrency: int
+    # Seconds a user takes between turns (read, type), on average: without
+    # it, every answer frees the slot the user's next turn then takes, and
+    # any policy looks sticky.
+    think: float = 0.0
+    # Seconds between the users' first requests: arrivals spread over time,
+    # as a service sees them, rather than all at the same instant.
+    stagger: float = 1.0
+
+
+def multi_turn(salt: str, users: int, turns: int, words: int, think: float) -> Workload:
+    rng = random.Random(salt)
+    conversations = []
+    for user in range(users):
+        system = f"[{salt}-{user}] You answer questions about this report.\n" + document(rng, words)
+        history = [{"role": "system", "content": system}]
+        convo = []
+        for turn in range(turns):
+            history = [
+                *history,
+                {"role": "user", "content": f"Question {turn}: what about the {rng.choice(WORDS)}?"},
+            ]
+            convo.append(list(history))
+            history = [*history, {"role": "assistant", "content": f"The {rng.choice(WORDS)} is on schedule."}]
+        conversations.append(convo)
+    return Workload("multi-turn", conversations, concurrency=users, think=think)
+
+
+def shared_prefix(salt: str, groups: int, questions: int, words: int, concurrency: int) -> Workload:
+    """Groups of users that share a long system prompt, each asking its own question, shuffled."""
+    rng = random.Random(salt)
+    systems = [
+        f"[{salt}-{g}] You are help desk {g} of a logistics firm. Policies:\n" + document(rng, words)
+        for g in range(groups)
+    ]
+    conversations = [
+        [
+            [
+                {"role": "system", "content": systems[g]},
+                {"role": "user", "content": f"Ticket {n}: {document(rng, 12)}"},
+            ]
+        ]
+        for g in range(groups)
+        for n in range(questions)
+    ]
+    rng.shuffle(conversations)
+    return Workload("shared prefix", conversations, concurrency)
+
+
+def unique(salt: str, requests: int, words: int, concurrency: int) -> Workload:
+    rng = random.Random(salt)
+    conversations = [
+        [[{"role": "user", "content": f"[{salt}-{n}] Summarise: " + document(rng, words)}]]
+        for n in range(requests)
+    ]
+    return Workload("unique", conversations, concurrency)
+
+
+# --- the deployment ----------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_engines(count: int, options: dict, folder: Path) -> list[Engine]:
+    from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
+        API_KEY_FILE,
+        llamacpp_command,
+    )
+
+    image, model = ensure_llamacpp_image(), fetch_smollm2_gguf()
+    key_file = folder / "api-key"
+    key_file.write_text(ENGINE_KEY)
+    key_file.chmod(0o644)
+    # The role's CPU defaults (parallel 2, metrics), one thread each.
+    role_defaults = yaml.safe_load((ROOT / "roles" / "model_servers" / "defaults" / "main.yml").read_text())
+    settings = {**role_defaults["model_servers_llamacpp_defaults"], "threads": 1, "seed": 7, **options}
+    command = llamacpp_command(
+        {"name": MODEL, "model_file": model.name, "llamacpp": settings}, context_length=8192
+    )
+    cpus = os.cpu_count() or 1
+    engines = []
+    for number in range(count):
+        engine = Engine(f"cortex-bench-routing-{number}-{secrets.token_hex(3)}", free_port())
+        docker(
+            "run", "-d", "--name", engine.name, "--cpuset-cpus", str(number % cpus),
+            "-p", f"127.0.0.1:{engine.port}:8080",
+            "-v", f"{model.parent}:/models:ro", "-v", f"{key_file}:{API_KEY_FILE}:ro",
+            image, *command,
+        )  # fmt: skip
+        engines.append(engine)
+    print(f"engines: {count} x llama-server {' '.join(command[2:])}", flush=True)
+    return engines
+
+
+def stop_engines(engines: list[Engine]) -> None:
+    for engine in engines:
+        docker("rm", "-f", engine.name, check=False)
+
+
+@contextlib.asynccontextmanager
+async def gateway(engines: list[Engine], policy: str, folder: Path):
+    port = free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin_listen": {"host": "127.0.0.1", "port": free_port()},
+        "workers": 1,
+        "auth": {"require_api_key": True, "api_keys": [{"name": "bench", "sha256": hash_key(KEY)}]},
+        "models": [
+            {
+                "name": MODEL,
+                "engine": "llamacpp",
+                "routing": {"policy": policy},
+                "backends": [{"url": e.url, "api_key": ENGINE_KEY, "max_concurrency": 2} for e in engines],
+            }
+        ],
+        "queue": {"per_slot": 64, "max_wait": 600},
+        "timeouts": {"first_byte": 600, "idle": 600},
+        "health": {"interval": 1.0},
+    }
+    path = folder / f"gateway-{policy}.yml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "gateway" / "src")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
+        env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"gateway-{policy}.log").open("wb"),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _attempt in range(1200):  # the engines may still be loading: up to 2 minutes
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(base + "/healthz") as response:
+                        ready = (await response.json())["ready_backends"].get(MODEL, 0)
+                        if ready == len(engines):
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"the gateway never saw {len(engines)} ready engines")
+        yield base
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+async def counters(base: str) -> dict[tuple[str, str], float]:
+    """(metric, label) -> value: requests and prompt cache tokens per backend."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
+        text = await response.text()
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cortex_gateway_requests_total":
+                key = ("requests", sample.labels["backend"])
+            elif sample.name == "cortex_gateway_prompt_cache_tokens_total":
+                key = ("cache_" + sample.labels["result"], sample.labels["backend"])
+            else:
+                continue
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+# --- one run -------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    ttft: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+async def one_request(
+    session: aiohttp.ClientSession, base: str, messages: list[dict], max_tokens: int, out: Outcome
+):
+    body = {
+        "model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    started = time.perf_counter()
+    first = None
+    try:
+        async with session.post(
+            base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as response:
+            if response.status != 200:
+                kind = f"status {response.status}"
+                out.failures[kind] = out.failures.get(kind, 0) + 1
+                await response.read()
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                event = json.loads(line[6:])
+                if first is None and any(
+                    (c.get("delta") or {}).get("content") for c in event.get("choices", [])
+                ):
+                    first = time.perf_counter()
+                if event.get("usage"):
+                    out.completion_tokens += int(event["usage"].get("completion_tokens") or 0)
+    except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded, by kind
+        kind = type(exc).__name__
+        out.failures[kind] = out.failures.get(kind, 0) + 1
+        return
+    ended = time.perf_counter()
+    out.ttft.append((first or ended) - started)
+    out.latency.append(ended - started)
+
+
+async def run(base: str, workload: Workload, max_tokens: int, limit: float) -> dict:
+    out = Outcome()
+    queue: asyncio.Queue[list[list[dict]]] = asyncio.Queue()
+    for conversation in workload.conversations:
+        queue.put_nowait(conversation)
+    before = await counters(base)
+
+    async def worker(session: aiohttp.ClientSession, number: int) -> None:
+        pauses = random.Random(number)
+        await asyncio.sleep(number * workload.stagger)
+        while not queue.empty():
+            for count, turn in enumerate(queue.get_nowait()):
+                if count:
+                    await asyncio.sleep(workload.think * pauses.uniform(0.5, 1.5))
+                await one_request(session, base, turn, max_tokens, out)
+
+    started = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=limit)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(session, n) for n in range(workload.concurrency))), limit
+        )
+    wall = time.perf_counter() - started
+    after = await counters(base)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    hit = sum(v for (kind, _b), v in delta.items() if kind == "cache_hit")
+    miss = sum(v for (kind, _b), v in delta.items() if kind == "cache_miss")
+    per_backend = [v for (kind, _b), v in delta.items() if kind == "requests"]
+    requests = sum(len(c) for c in workload.conversations)
+    return {
+        "requests": requests,
+        "failures": out.failures,
+        "ttft_p50": pct(out.ttft, 50),
+        "ttft_p90": pct(out.ttft, 90),
+        "latency_p50": pct(out.latency, 50),
+        "tokens_per_s": out.completion_tokens / wall,
+        "wall_s": wall,
+        "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
+        "prompt_tokens": hit + miss,
+        "max_load_over_mean": max(per_backend) / statistics.mean(per_backend) if per_backend else 0.0,
+    }
+
+
+def pct(values: list[float], p: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# --- the whole benchmark ---------------------------------------------------------------
+
+
+def workloads(salt: str, quick: bool) -> list[Workload]:
+    # On one core llama-server computes about 180 prompt tokens/s of SmolLM2
+    # (a word of these documents is about one token) and reuses a cached
+    # prompt about 30 times faster.
+    scale = 1 if quick else 2
+    return [
+        multi_turn(salt, users=6 if quick else 8, turns=4, words=1500, think=2.0),
+        shared_prefix(salt, groups=2 * scale, questions=4, words=1500, concurrency=4),
+        unique(salt, requests=4 * scale, words=600, concurrency=4),
+    ]
+
+
+async def bench(args) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="cortex-bench-routing-"))
+    results: dict[str, dict[str, list[dict]]] = {}
+    options = json.loads(args.engine_options)
+    order = list(POLICIES)
+    for repeat in range(args.repeats):
+        for policy in order if repeat % 2 == 0 else order[::-1]:
+            # Fresh engines for every run, so that no run finds what another left
+            # in the engines' caches, and documents of this run only.
+            engines = start_engines(args.replicas, options, folder)
+            try:
+                async with gateway(engines, policy, folder) as base:
+                    for workload in workloads(f"{policy}-{repeat}-{secrets.token_hex(2)}", args.quick):
+                        row = await run(base, workload, args.max_tokens, args.limit)
+                        results.setdefault(workload.name, {}).setdefault(policy, []).append(row)
+                        print(
+                            f"  {workload.name:14} {policy:18} ttft p50 {row['ttft_p50']:.3f}s "
+                            f"hit {row['hit_rate']:.0%} balance {row['max_load_over_mean']:.2f} "
+                            f"failures {row['failures'] or 0}",
+                            flush=True,
+                        )
+            finally:
+                stop_engines(engines)
+    merged = {name: {p: merge(rows) for p, rows in by_policy.items()} for name, by_policy in results.items()}
+    return {"replicas": args.replicas, "engine_options": options, "results": merged}
+
+
+def merge(rows: list[dict]) -> dict:
+    """Repeats: the median of each figure; failures added up."""
+    merged = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "failures"}
+    failures: dict[str, int] = {}
+    for row in rows:
+        for kind, count in row["failures"].items():
+            failures[kind] = failures.get(kind, 0) + count
+    merged["failures"] = failures
+    return merged
+
+
+FIGURES = (
+    ("ttft_p50", "TTFT p50 s", "lower"),
+    ("ttft_p90", "TTFT p90 s", "lower"),
+    ("latency_p50", "latency p50 s", "lower"),
+    ("tokens_per_s", "gen tok/s", "higher"),
+    ("hit_rate", "cache hit", "higher"),
+    ("max_load_over_mean", "max/mean load", "lower"),
+)
+
+
+def table(data: dict) -> str:
+    lines = [
+        f"replicas: {data['replicas']}, engine options: {data['engine_options'] or 'the role defaults'}",
+        "",
+    ]
+    header = f"| workload | figure | {' | '.join(POLICIES)} | affinity / least |"
+    lines += [header, "|" + "---|" * (len(POLICIES) + 3)]
+    for name, by_policy in data["results"].items():
+        for key, label, _better in FIGURES:
+            a, b = by_policy["least_outstanding"][key], by_policy["prefix_affinity"][key]
+            ratio = f"{b / a:.2f}x" if a else "-"
+            fmt = "{:.0%}" if key == "hit_rate" else "{:.2f}" if key != "tokens_per_s" else "{:.1f}"
+            lines.append(f"| {name} | {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        fails = {p: by_policy[p]["failures"] for p in POLICIES}
+        lines.append(
+            f"| {name} | failed requests | {fails['least_outstanding'] or 0} | {fails['prefix_affinity'] or 0} | |"
+        )
+    return "\n".join(lines)
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(data["results"])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (key, label) in zip(
+        axes,
+        (
+            ("ttft_p50", "TTFT p50 (s)"),
+            ("tokens_per_s", "generated tokens/s"),
+            ("hit_rate", "cache hit rate"),
+        ),
+        strict=True,
+    ):
+        width = 0.38
+        for i, policy in enumerate(POLICIES):
+            values = [data["results"][n][policy][key] for n in names]
+            axis.bar(
+                [x + i * width for x in range(len(names))], values, width, label=policy.replace("_", " ")
+            )
+        axis.set_xticks([x + width / 2 for x in range(len(names))], names)
+        axis.set_title(label)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="half the requests")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per policy, in alternating order")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=float, default=900, help="seconds one workload may take")
+    parser.add_argument("--engine-options", default="{}", help="llamacpp settings over the role's, as JSON")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    data = asyncio.run(bench(args))
+    print(table(data))
+    if args.out:
+        args.out.write_text(json.dumps(data, indent=2))
+    if args.plot:
+        plot(data, args.plot)
+
+
+if __name__ == "__main__":
+    main()
