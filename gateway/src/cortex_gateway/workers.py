@@ -32,6 +32,7 @@ new connections wait in its backlog instead of being refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -89,6 +90,7 @@ def inherited_listener(config: GatewayConfig) -> socket.socket | None:
 
 def serve(config: GatewayConfig, config_path: str | None) -> int:
     try:
+        log.info("event loop: %s", event_loop_choice())
         listener = inherited_listener(config)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -134,12 +136,34 @@ def _run_worker(
     where = {"sock": listener} if listener is not None else {"host": config.host, "port": config.port}
     web.run_app(
         app,
+        loop=new_event_loop(),
         **where,
         reuse_port=reuse_port,
         access_log=None,
         shutdown_timeout=DRAIN_SECONDS,
         print=lambda *_: None,
     )
+
+
+# The event loop the workers run: uvloop (libuv) unless this says "asyncio".
+EVENT_LOOP_VARIABLE = "CORTEX_GATEWAY_EVENT_LOOP"
+
+
+def event_loop_choice() -> str:
+    """uvloop by default: it takes CPU time off every request (tests/bench/gateway).
+    CORTEX_GATEWAY_EVENT_LOOP=asyncio runs asyncio's own, to compare or to rule uvloop out."""
+    choice = os.environ.get(EVENT_LOOP_VARIABLE, "uvloop")
+    if choice not in ("uvloop", "asyncio"):
+        raise ConfigError(f"{EVENT_LOOP_VARIABLE}: must be uvloop or asyncio, got {choice!r}")
+    return choice
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    if event_loop_choice() == "asyncio":
+        return asyncio.new_event_loop()
+    import uvloop
+
+    return uvloop.new_event_loop()
 
 
 class Supervisor:

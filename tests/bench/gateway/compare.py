@@ -1,8 +1,10 @@
 """cortex-gateway against LiteLLM's proxy, side by side, on this machine.
 
-Starts a fixed-latency OpenAI-compatible backend, the gateway and LiteLLM's
-proxy in front of it (each one process), and drives all three and the
-backend alone with the same load generator, in one run:
+Starts a fixed-latency OpenAI-compatible backend, the gateway, nginx alone
+(the gateway role's own site, proxying straight to the backend: the floor of
+one proxy hop) and LiteLLM's proxy in front of it (each one process, nginx
+one worker), and drives all of them and the backend alone with the same load
+generator, in one run:
 
 - added latency p50/p99 at concurrency 1 (non-streaming), against the backend alone;
 - maximum requests/s at concurrency 64;
@@ -157,6 +159,34 @@ async def run_load(url: str, headers: dict, concurrency: int, count: int, limit:
     }
 
 
+def start_nginx(backend_port: int, work: Path) -> tuple[subprocess.Popen, int]:
+    """nginx in the foreground with the gateway role's site template, passing
+    requests straight to the backend."""
+    import jinja2
+
+    prefix, port = work / "nginx", free_port()
+    (prefix / "logs").mkdir(parents=True)
+    templates = jinja2.Environment(  # noqa: S701 - an nginx config, not HTML
+        loader=jinja2.FileSystemLoader(ROOT / "roles" / "gateway" / "templates"), keep_trailing_newline=True
+    )
+    templates.filters["bool"] = bool  # the one Ansible filter the site template uses
+    site = templates.get_template("nginx-site.conf.j2").render(
+        ansible_managed="benchmark", gateway_listen_host="127.0.0.1", gateway_listen_port=backend_port,
+        gateway_nginx_admin_expose=False, gateway_nginx_listen_port=f"127.0.0.1:{port}",
+        gateway_nginx_tls="none", gateway_nginx_server_name="_", gateway_max_body_bytes="8m",
+        _gateway_proxy_timeout=120,
+    )  # fmt: skip
+    (prefix / "site.conf").write_text(site)
+    (prefix / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log warn;\n"
+        "events { worker_connections 4096; }\nhttp {\n"
+        f"  access_log {prefix}/logs/access.log;\n  client_body_temp_path {prefix}/body;\n"
+        f"  proxy_temp_path {prefix}/proxy;\n  fastcgi_temp_path {prefix}/fastcgi;\n"
+        f"  uwsgi_temp_path {prefix}/uwsgi;\n  scgi_temp_path {prefix}/scgi;\n  include {prefix}/site.conf;\n}}\n"
+    )
+    return start(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]), port
+
+
 def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -234,6 +264,17 @@ async def main_async(args) -> dict:
         gateway = start([sys.executable, "-m", "cortex_gateway", "serve", "--config", str(work / "gateway.yml")],
                         {"PYTHONPATH": str(ROOT / "gateway" / "src")})  # fmt: skip
         procs.append(gateway)
+        nginx, nginx_port = start_nginx(backend_port, work)
+        procs.append(nginx)
+        # The same gateway on asyncio's own event loop, to show what uvloop gives.
+        asyncio_port = free_port()
+        asyncio_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": asyncio_port}}
+        (work / "gateway-asyncio.yml").write_text(yaml.safe_dump(asyncio_config))
+        gateway_asyncio = start(
+            [sys.executable, "-m", "cortex_gateway", "serve", "--config", str(work / "gateway-asyncio.yml")],
+            {"PYTHONPATH": str(ROOT / "gateway" / "src"), "CORTEX_GATEWAY_EVENT_LOOP": "asyncio"},
+        )
+        procs.append(gateway_asyncio)
         gateway_workers = None
         if args.gateway_workers > 1:
             gateway_workers = start(
@@ -255,7 +296,10 @@ async def main_async(args) -> dict:
                             {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"})  # fmt: skip
             procs.append(litellm)
         targets = [("backend alone", f"http://127.0.0.1:{backend_port}/v1/chat/completions", backend.pid),
-                   ("cortex-gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", gateway.pid)]  # fmt: skip
+                   ("nginx alone", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", nginx.pid),
+                   ("cortex-gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", gateway.pid),
+                   ("cortex-gateway, asyncio loop", f"http://127.0.0.1:{asyncio_port}/v1/chat/completions",
+                    gateway_asyncio.pid)]  # fmt: skip
         if gateway_workers:
             targets.append((f"cortex-gateway, {args.gateway_workers} workers",
                             f"http://127.0.0.1:{workers_port}/v1/chat/completions", gateway_workers.pid))  # fmt: skip
@@ -318,6 +362,23 @@ def table(data: dict) -> str:
             if added else f"| {r['stream']['ttft_p50_ms']:.2f} | - "
         )  # fmt: skip
         lines[-1] += f"| {r['stream']['gap_mean_ms']:.3f} |"
+    if "nginx alone" in rows:
+        ours, floor = rows["cortex-gateway"], rows["nginx alone"]
+        lines.append("")
+        lines.append(
+            f"cortex-gateway (prefix affinity on) vs nginx alone: added p50 at concurrency 1 "
+            f"{ours['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} ms vs {floor['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} ms, "
+            f"CPU per request {ours['cpu_ms_per_request']:.3f} ms = "
+            f"{ours['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.1f}x nginx's {floor['cpu_ms_per_request']:.3f} ms."
+        )  # fmt: skip
+        if "cortex-gateway, asyncio loop" in rows:
+            plain = rows["cortex-gateway, asyncio loop"]
+            lines.append(
+                f"uvloop vs asyncio's loop: CPU per request {ours['cpu_ms_per_request']:.3f} vs "
+                f"{plain['cpu_ms_per_request']:.3f} ms ({ours['cpu_ms_per_request'] / plain['cpu_ms_per_request']:.2f}x), "
+                f"added p50 {ours['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} vs "
+                f"{plain['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} ms."
+            )  # fmt: skip
     if "litellm proxy" in rows:
         ours, theirs = rows["cortex-gateway"], rows["litellm proxy"]
         lines.append("")
