@@ -78,6 +78,9 @@ class RoutingPolicy:
     spill_absolute: int = 2
     # ... and more than this many times as many.
     spill_relative: float = 1.5
+    # When the preferred replica has no free slot but need not spill, a
+    # request waits up to this many seconds for one there, then takes any.
+    home_wait: float = 5.0
 
     def spills(self, preferred: int, least: int) -> bool:
         """Is the preferred replica, with ``preferred`` in flight, too busy

@@ -191,7 +191,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
 
 def _routing_policy(raw: Any, where: str) -> RoutingPolicy:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"policy", "spill_absolute", "spill_relative"}, where)
+    _no_unknown(raw, {"policy", "spill_absolute", "spill_relative", "home_wait"}, where)
     defaults = RoutingPolicy()
     policy = _expect(raw.get("policy", defaults.policy), str, f"{where}.policy")
     if policy not in POLICIES:
@@ -202,7 +202,10 @@ def _routing_policy(raw: Any, where: str) -> RoutingPolicy:
     relative = _positive(raw.get("spill_relative", defaults.spill_relative), f"{where}.spill_relative")
     if relative < 1:
         raise ConfigError(f"{where}.spill_relative: must be at least 1, got {relative}")
-    return RoutingPolicy(policy=policy, spill_absolute=absolute, spill_relative=relative)
+    home_wait = float(_expect(raw.get("home_wait", defaults.home_wait), (int, float), f"{where}.home_wait"))
+    if home_wait < 0:
+        raise ConfigError(f"{where}.home_wait: must be 0 or more, got {home_wait}")
+    return RoutingPolicy(policy=policy, spill_absolute=absolute, spill_relative=relative, home_wait=home_wait)
 
 
 def _affinity(raw: Any) -> AffinitySettings:

@@ -161,12 +161,16 @@ class Forwarder:
         router = self.gateway.router
         chain = self._affinity_chain(request, payload, model)
         home = router.home(model, chain, self.gateway.prefix_index) if chain else None
+        # A request waits at most this long for a slot on its home, then takes any.
+        clock = self.gateway.clock
+        home_until = clock() + self.gateway.config.models[model].routing.home_wait
         tried: set[int] = set()
         failures: list[str] = []
         while True:
             try:
                 backend, waited = await admission.acquire(
-                    lambda: self._pick(model, tried, home), router.backends(model)
+                    lambda: self._pick(model, tried, home if clock() < home_until else None),
+                    router.backends(model),
                 )
             except QueueFull as exc:
                 if failures:
@@ -269,14 +273,14 @@ class Forwarder:
 
     def _pick(self, model: str, tried: set[int], home: Backend | None = None) -> Backend | None:
         """A ready replica with a free slot whose breaker lets it through: the
-        home of the request's prefix if it has one and is not too busy, else the
-        least loaded."""
+        least loaded, or, for a request with a home (the replica holding its
+        prefix), the home unless the router says to spill; a home without a
+        free slot is waited for (None) while spilling is not called for."""
         router = self.gateway.router
-        usable = [
-            b for b in router.candidates(model) if id(b) not in tried and b.outstanding < b.max_concurrency
-        ]
+        ready = [b for b in router.candidates(model) if id(b) not in tried]
+        usable = [b for b in ready if b.outstanding < b.max_concurrency]
         if home is not None:
-            usable = router.prefer(usable, home, self.gateway.config.models[model].routing)
+            usable = router.prefer(ready, usable, home, self.gateway.config.models[model].routing)
         for backend in usable:
             if backend.breaker.allows():
                 return backend

@@ -80,4 +80,6 @@ class Admission:
     async def release(self, backend: Backend) -> None:
         backend.outstanding -= 1
         async with self._changed:
-            self._changed.notify()
+            # Every waiter looks: with prefix affinity a freed slot suits only
+            # the requests that may take that replica (the queue is bounded).
+            self._changed.notify_all()

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from .affinity import PrefixIndex, RoutingPolicy, replica_ids
 from .backends import Backend
+from .breaker import BreakerState
 
 
 class Router:
@@ -65,11 +66,22 @@ class Router:
             index.learn(chain, number)
 
     @staticmethod
-    def prefer(usable: list[Backend], home: Backend | None, policy: RoutingPolicy) -> list[Backend]:
-        """``usable`` (least loaded first) with the home replica moved to the
-        front, unless it is not usable or is too busy beside the least loaded."""
-        if home is None or not usable or usable[0] is home or not any(b is home for b in usable):
+    def prefer(
+        ready: list[Backend], usable: list[Backend], home: Backend, policy: RoutingPolicy
+    ) -> list[Backend]:
+        """The replicas to try, in order, for a request whose prefix ``home`` holds.
+
+        ``ready`` are the replicas that may take requests, ``usable`` those of
+        them with a free slot, least loaded first. The home goes first unless it
+        is not ready, its breaker is not closed, or it is busy enough beside the
+        least loaded usable replica to spill; a home without a free slot that
+        need not spill is waited for (an empty list), since a prompt computed
+        again elsewhere costs more than the wait for a slot where it is cached.
+        """
+        if not any(b is home for b in ready) or home.breaker.state is not BreakerState.CLOSED:
             return usable
-        if policy.spills(home.outstanding, usable[0].outstanding):
+        if usable and policy.spills(home.outstanding, usable[0].outstanding):
             return usable
+        if home.outstanding >= home.max_concurrency:
+            return []
         return [home, *(b for b in usable if b is not home)]

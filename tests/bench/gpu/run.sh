@@ -10,6 +10,9 @@
 # models         random-weight GGUFs of real shapes (tests/bench/gpu/make_random_gguf.py)
 # serve          llama-server flag sets side by side (tests/bench/gpu/bench_llamacpp.py)
 # plan           a second model shape served, for model_plan's estimate against measured memory
+# prefix         llama-server's prompt-cache flags (--cache-ram, --cache-reuse) with the role's
+#                GPU line, under the multi-turn traffic prefix affinity sends one replica
+#                (tests/bench/gpu/prefix_cache.py)
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
 #                tensor where this llama.cpp has it), then on one GPU at a context that fits it
@@ -101,6 +104,18 @@ for step in "${steps[@]}"; do
         --collections "$work/collections" --deadline "$deadline" --levels 8 \
         --config "p8_ctx32k=--parallel 8 -c 32768 -fa on --cache-ram 0" \
         --config "p4_ctx16k_q8kv=--parallel 4 -c 16384 -fa on -ctk q8_0 -ctv q8_0 --cache-ram 0" >/dev/null
+      ;;
+    prefix)
+      file="$work/models/llama3-8b-Q8_0.gguf"
+      mkdir -p "$work/models"
+      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-8b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      # The role's GPU line (model_servers_llamacpp_gpu_defaults), then the prompt cache on.
+      role="--parallel 32 -c 262144 -kvu -fa on -b 512 -ub 512"
+      python3 "$repo/tests/bench/gpu/prefix_cache.py" --server "$server" --model "$file" \
+        --out "$out/prefix-cache-llama3-8b-q8_0.json" --conversations 128 --words 1000 \
+        --config "cache_ram_0=$role --cache-ram 0" \
+        --config "cache_ram_8g=$role --cache-ram 8192" \
+        --config "cache_ram_8g_reuse_256=$role --cache-ram 8192 --cache-reuse 256"
       ;;
     multi)
       file="$work/models/llama3-70b-Q8_0.gguf"

@@ -255,6 +255,8 @@ async def counters(base: str) -> dict[tuple[str, str], float]:
                 key = ("requests", sample.labels["backend"])
             elif sample.name == "cortex_gateway_prompt_cache_tokens_total":
                 key = ("cache_" + sample.labels["result"], sample.labels["backend"])
+            elif sample.name == "cortex_gateway_routing_decisions_total":
+                key = ("decision", sample.labels["decision"])
             else:
                 continue
             values[key] = values.get(key, 0.0) + sample.value
@@ -349,6 +351,8 @@ async def run(base: str, workload: Workload, max_tokens: int, limit: float) -> d
         "hit_rate": hit / (hit + miss) if hit + miss else 0.0,
         "prompt_tokens": hit + miss,
         "max_load_over_mean": max(per_backend) / statistics.mean(per_backend) if per_backend else 0.0,
+        # Prefix affinity's choices: the prefix's replica, another (spill), none known (new).
+        "decisions": {name: int(v) for (kind, name), v in delta.items() if kind == "decision" and v},
     }
 
 
@@ -392,7 +396,7 @@ async def bench(args) -> dict:
                         print(
                             f"  {workload.name:14} {policy:18} ttft p50 {row['ttft_p50']:.3f}s "
                             f"hit {row['hit_rate']:.0%} balance {row['max_load_over_mean']:.2f} "
-                            f"failures {row['failures'] or 0}",
+                            f"failures {row['failures'] or 0} decisions {row['decisions']}",
                             flush=True,
                         )
             finally:
@@ -403,7 +407,11 @@ async def bench(args) -> dict:
 
 def merge(rows: list[dict]) -> dict:
     """Repeats: the median of each figure; failures added up."""
-    merged = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "failures"}
+    merged = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("failures", "decisions")}
+    merged["decisions"] = {}
+    for row in rows:
+        for name, count in row["decisions"].items():
+            merged["decisions"][name] = merged["decisions"].get(name, 0) + count
     failures: dict[str, int] = {}
     for row in rows:
         for kind, count in row["failures"].items():

@@ -235,6 +235,41 @@ async def test_one_more_request_in_flight_does_not_move_a_conversation(engine_se
     assert served_by(engines, "Question 1") == [home]
 
 
+async def test_a_full_home_is_waited_for_while_the_others_are_busy_too(engine_server, gateway_client):
+    engines, config = await start_replicas(engine_server, 2)
+    client = await gateway_client(config)
+    assert await chat(client, conversation(0, 1)) == 200
+    home = served_by(engines, "Question 0")[0]
+    backends = client.gateway.router.backends("chat")
+    # The home's slots are taken; the other has one free but is busy too (no spill).
+    backends[home].outstanding, backends[1 - home].outstanding = 2, 1
+    turn = asyncio.create_task(chat(client, conversation(0, 2)))
+    for _look in range(5):
+        await asyncio.sleep(0.05)
+        assert not turn.done()  # waiting in the queue, not sent to the other replica
+    assert served_by(engines, "Question 1") == []
+    backends[home].outstanding = 1  # a slot frees at the home
+    assert await turn == 200
+    assert served_by(engines, "Question 1") == [home]
+
+
+async def test_a_request_waits_for_its_home_no_longer_than_home_wait(engine_server, gateway_client):
+    engines, config = await start_replicas(engine_server, 2, routing={"home_wait": 5})
+    client = await gateway_client(config)
+    now = [1000.0]
+    client.gateway.clock = lambda: now[0]
+    assert await chat(client, conversation(0, 1)) == 200
+    home = served_by(engines, "Question 0")[0]
+    backends = client.gateway.router.backends("chat")
+    backends[home].outstanding, backends[1 - home].outstanding = 2, 1
+    turn = asyncio.create_task(chat(client, conversation(0, 2)))
+    await asyncio.sleep(0.1)
+    assert not turn.done()
+    now[0] += 6  # past home_wait: the next look takes the free slot elsewhere
+    assert await turn == 200
+    assert served_by(engines, "Question 1") == [1 - home]
+
+
 @pytest.mark.parametrize("trouble", ["draining", "unhealthy", "breaker open", "no free slot"])
 async def test_a_home_that_cannot_take_requests_is_never_chosen(engine_server, gateway_client, trouble):
     engines, config = await start_replicas(engine_server, 2)

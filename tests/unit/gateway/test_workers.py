@@ -248,3 +248,21 @@ async def test_a_passed_socket_on_another_port_than_the_config_is_refused(engine
         _out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert f"the socket systemd passed listens on port {port}, but listen.port is 1" in err.decode()
+
+
+def test_workers_run_on_uvloop_unless_told_otherwise(monkeypatch):
+    import uvloop
+    from cortex_gateway.config import ConfigError
+    from cortex_gateway.workers import EVENT_LOOP_VARIABLE, new_event_loop
+
+    monkeypatch.delenv(EVENT_LOOP_VARIABLE, raising=False)
+    loop = new_event_loop()
+    assert isinstance(loop, uvloop.Loop)
+    loop.close()
+    monkeypatch.setenv(EVENT_LOOP_VARIABLE, "asyncio")
+    loop = new_event_loop()
+    assert not isinstance(loop, uvloop.Loop)
+    loop.close()
+    monkeypatch.setenv(EVENT_LOOP_VARIABLE, "trio")
+    with pytest.raises(ConfigError, match="CORTEX_GATEWAY_EVENT_LOOP: must be uvloop or asyncio, got 'trio'"):
+        new_event_loop()
