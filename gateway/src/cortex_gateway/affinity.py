@@ -73,14 +73,15 @@ class RoutingPolicy:
     """One model's routing: the policy, and when a busy preferred replica spills."""
 
     policy: str = PREFIX_AFFINITY
-    # The preferred replica is passed over when it has at least this many more
-    # requests in flight than the least loaded one ...
-    spill_absolute: int = 2
-    # ... and more than this many times as many.
+    # The preferred replica is passed over when its load (requests in flight
+    # there and waiting for it) is at least this much above the least loaded
+    # usable replica's ...
+    spill_absolute: int = 4
+    # ... and more than this many times as much.
     spill_relative: float = 1.5
     # When the preferred replica has no free slot but need not spill, a
     # request waits up to this many seconds for one there, then takes any.
-    home_wait: float = 5.0
+    home_wait: float = 10.0
 
     def spills(self, preferred: int, least: int) -> bool:
         """Is the preferred replica, with ``preferred`` in flight, too busy

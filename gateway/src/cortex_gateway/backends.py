@@ -45,6 +45,9 @@ class Backend:
     max_concurrency: int
     health: Health = Health.STARTING
     outstanding: int = 0
+    # Requests of this worker that prefer this replica (prefix affinity) and
+    # are waiting for a slot, or about to look for one.
+    affine_waiting: int = 0
     consecutive_failures: int = 0
     last_change: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)

@@ -167,6 +167,8 @@ class Forwarder:
         tried: set[int] = set()
         failures: list[str] = []
         while True:
+            if home is not None:
+                home.affine_waiting += 1
             try:
                 backend, waited = await admission.acquire(
                     lambda: self._pick(model, tried, home if clock() < home_until else None),
@@ -181,6 +183,9 @@ class Forwarder:
                     code="queue_full",
                     headers={"Retry-After": str(exc.retry_after)},
                 )
+            finally:
+                if home is not None:
+                    home.affine_waiting -= 1
             tried.add(id(backend))
             if chain:
                 # Whatever the reason it went elsewhere, the prefix is there now.

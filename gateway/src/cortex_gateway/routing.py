@@ -73,14 +73,18 @@ class Router:
 
         ``ready`` are the replicas that may take requests, ``usable`` those of
         them with a free slot, least loaded first. The home goes first unless it
-        is not ready, its breaker is not closed, or it is busy enough beside the
-        least loaded usable replica to spill; a home without a free slot that
-        need not spill is waited for (an empty list), since a prompt computed
-        again elsewhere costs more than the wait for a slot where it is cached.
+        is not ready, its breaker is not closed, or its load (in flight plus
+        waiting for it) is enough above the least loaded usable replica's to
+        spill; a home without a free slot that need not spill is waited for (an
+        empty list), since a prompt computed again elsewhere costs more than a
+        short wait for a slot where it is cached.
         """
         if not any(b is home for b in ready) or home.breaker.state is not BreakerState.CLOSED:
             return usable
-        if usable and policy.spills(home.outstanding, usable[0].outstanding):
+        # Its load: requests in flight there and those waiting for it (the
+        # caller counts itself among them, since it is looking for a slot).
+        load = home.outstanding + max(home.affine_waiting - 1, 0)
+        if usable and policy.spills(load, usable[0].outstanding):
             return usable
         if home.outstanding >= home.max_concurrency:
             return []

@@ -40,7 +40,7 @@ def _chat(messages: list[dict], max_tokens: int, timeout: float) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
     body = json.dumps(
         {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-         "stream_options": {"include_usage": True}}
+         "stream_options": {"include_usage": True}, "ignore_eos": True}
     )  # fmt: skip
     started = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -78,9 +78,13 @@ def _words(rng: random.Random, count: int) -> str:
 
 
 def multi_turn(conversations: int, turns: int, words: int, concurrency: int, limit: float) -> dict:
+    """Every conversation's turn 1, then every conversation's turn 2, and so on
+    (many users, each thinking between turns): a server with fewer slots than
+    conversations must keep the others' prompts somewhere to reuse them."""
     rng = random.Random(11)
-    docs = [_words(rng, words) for _c in range(conversations)]
-    queue = list(range(conversations))
+    histories = [[{"role": "system", "content": _words(rng, words)}] for _c in range(conversations)]
+    done = [[threading.Event() for _t in range(turns)] for _c in range(conversations)]
+    work = [(turn, number) for turn in range(turns) for number in range(conversations)]
     lock = threading.Lock()
     later: list[dict] = []
     first_turns: list[dict] = []
@@ -90,21 +94,23 @@ def multi_turn(conversations: int, turns: int, words: int, concurrency: int, lim
     def user() -> None:
         while time.monotonic() < deadline:
             with lock:
-                if not queue:
+                if not work:
                     return
-                number = queue.pop()
-            messages = [{"role": "system", "content": docs[number]}]
-            for turn in range(turns):
-                messages.append({"role": "user", "content": f"question {turn}: {_words(rng, 8)}"})
-                try:
-                    result = _chat(messages, 16, timeout=300)
-                except Exception as exc:  # noqa: BLE001 - recorded, not raised
-                    with lock:
-                        errors.append(type(exc).__name__)
-                    break
+                turn, number = work.pop(0)
+            if turn and not done[number][turn - 1].wait(timeout=max(deadline - time.monotonic(), 0)):
+                return
+            messages = [*histories[number], {"role": "user", "content": f"question {turn}: {_words(rng, 8)}"}]
+            try:
+                result = _chat(messages, 16, timeout=300)
+            except Exception as exc:  # noqa: BLE001 - recorded, not raised
                 with lock:
-                    (later if turn else first_turns).append(result)
-                messages.append({"role": "assistant", "content": result["text"]})
+                    errors.append(type(exc).__name__)
+                continue
+            finally:
+                done[number][turn].set()
+            with lock:
+                (later if turn else first_turns).append(result)
+                histories[number] = [*messages, {"role": "assistant", "content": result["text"]}]
 
     threads = [threading.Thread(target=user) for _t in range(concurrency)]
     started = time.perf_counter()
@@ -144,7 +150,7 @@ def unique(requests: int, words: int, concurrency: int, limit: float) -> dict:
                     return
                 prompt = prompts.pop()
             try:
-                result = _chat([{"role": "user", "content": prompt}], 128, timeout=300)
+                result = _chat([{"role": "user", "content": prompt}], 64, timeout=300)
             except Exception as exc:  # noqa: BLE001 - recorded, not raised
                 with lock:
                     errors.append(type(exc).__name__)
@@ -207,7 +213,9 @@ def main() -> None:
             row = {
                 "name": name,
                 "flags": flags,
-                "multi_turn": multi_turn(args.conversations, args.turns, args.words, args.concurrency, args.limit),
+                "multi_turn": multi_turn(
+                    args.conversations, args.turns, args.words, args.concurrency, args.limit
+                ),
                 "unique": unique(args.unique_requests, args.words, 32, args.limit),
             }
         finally:

@@ -112,7 +112,7 @@ for step in "${steps[@]}"; do
       # The role's GPU line (model_servers_llamacpp_gpu_defaults), then the prompt cache on.
       role="--parallel 32 -c 262144 -kvu -fa on -b 512 -ub 512"
       python3 "$repo/tests/bench/gpu/prefix_cache.py" --server "$server" --model "$file" \
-        --out "$out/prefix-cache-llama3-8b-q8_0.json" --conversations 128 --words 1000 \
+        --out "$out/prefix-cache-llama3-8b-q8_0.json" --conversations 64 --words 800 --limit 60 --unique-requests 64 \
         --config "cache_ram_0=$role --cache-ram 0" \
         --config "cache_ram_8g=$role --cache-ram 8192" \
         --config "cache_ram_8g_reuse_256=$role --cache-ram 8192 --cache-reuse 256"

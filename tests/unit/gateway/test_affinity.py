@@ -172,6 +172,7 @@ def test_two_processes_see_one_index(tmp_path):
 
 
 def test_spill_needs_both_the_absolute_and_the_relative_margin():
+    assert (RoutingPolicy().spill_absolute, RoutingPolicy().spill_relative) == (4, 1.5)
     policy = RoutingPolicy(spill_absolute=2, spill_relative=1.5)
     assert not policy.spills(1, 0)
     assert policy.spills(2, 0)
@@ -211,7 +212,7 @@ async def test_least_outstanding_scatters_the_same_conversations(engine_server, 
 
 
 async def test_a_busy_home_spills_and_the_index_learns_the_new_home(engine_server, gateway_client):
-    engines, config = await start_replicas(engine_server, 2)
+    engines, config = await start_replicas(engine_server, 2, routing={"spill_absolute": 2})
     client = await gateway_client(config)
     assert await chat(client, conversation(0, 1)) == 200
     home = served_by(engines, "Question 0")[0]
@@ -253,6 +254,26 @@ async def test_a_full_home_is_waited_for_while_the_others_are_busy_too(engine_se
     assert served_by(engines, "Question 1") == [home]
 
 
+async def test_requests_waiting_for_a_home_count_as_its_load(engine_server, gateway_client):
+    """Default spill: 4 above the least loaded. A full home (2 in flight) with
+    the other replica idle is waited for; with 2 more waiting for it, it spills."""
+    engines, config = await start_replicas(engine_server, 2)
+    client = await gateway_client(config)
+    assert await chat(client, conversation(0, 1)) == 200
+    home = served_by(engines, "Question 0")[0]
+    backends = client.gateway.router.backends("chat")
+    backends[home].outstanding = 2
+    turn = asyncio.create_task(chat(client, conversation(0, 2)))
+    await asyncio.sleep(0.2)
+    assert not turn.done()
+    assert served_by(engines, "Question 1") == []
+    backends[home].affine_waiting += 2  # two more requests queue for it: 2 + 2 = 4 above 0
+    assert await turn == 200
+    assert served_by(engines, "Question 1") == [1 - home]
+    backends[home].affine_waiting -= 2
+    assert backends[home].affine_waiting == 0  # the request's own count is gone with it
+
+
 async def test_a_request_waits_for_its_home_no_longer_than_home_wait(engine_server, gateway_client):
     engines, config = await start_replicas(engine_server, 2, routing={"home_wait": 5})
     client = await gateway_client(config)
@@ -265,14 +286,16 @@ async def test_a_request_waits_for_its_home_no_longer_than_home_wait(engine_serv
     turn = asyncio.create_task(chat(client, conversation(0, 2)))
     await asyncio.sleep(0.1)
     assert not turn.done()
-    now[0] += 6  # past home_wait: the next look takes the free slot elsewhere
+    now[0] += 6  # past home_wait (5 s here): the next look takes the free slot elsewhere
     assert await turn == 200
     assert served_by(engines, "Question 1") == [1 - home]
 
 
 @pytest.mark.parametrize("trouble", ["draining", "unhealthy", "breaker open", "no free slot"])
 async def test_a_home_that_cannot_take_requests_is_never_chosen(engine_server, gateway_client, trouble):
-    engines, config = await start_replicas(engine_server, 2)
+    # A full home is waited for up to home_wait (tested above); here not at all.
+    routing = {"home_wait": 0} if trouble == "no free slot" else {}
+    engines, config = await start_replicas(engine_server, 2, routing=routing)
     client = await gateway_client(config)
     assert await chat(client, conversation(0, 1)) == 200
     home = served_by(engines, "Question 0")[0]
