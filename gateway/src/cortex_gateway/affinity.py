@@ -81,7 +81,11 @@ class RoutingPolicy:
     spill_relative: float = 1.5
     # When the preferred replica has no free slot but need not spill, a
     # request waits up to this many seconds for one there, then takes any.
-    home_wait: float = 10.0
+    # Engines that finish requests often (many slots, fast prompts) free one
+    # long before; it bounds the wait on a slow engine, or a stuck one, and
+    # stays below the queue's max_wait so that the request then spills
+    # rather than times out.
+    home_wait: float = 20.0
 
     def spills(self, preferred: int, least: int) -> bool:
         """Is the preferred replica, with ``preferred`` in flight, too busy

@@ -382,7 +382,8 @@ async def bench(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="cortex-bench-routing-"))
     results: dict[str, dict[str, list[dict]]] = {}
     options = json.loads(args.engine_options)
-    order = list(POLICIES)
+    order = [p for p in POLICIES if p in args.policies.split(",")]
+    wanted = set(args.workloads.split(","))
     for repeat in range(args.repeats):
         for policy in order if repeat % 2 == 0 else order[::-1]:
             # Fresh engines for every run, so that no run finds what another left
@@ -391,6 +392,8 @@ async def bench(args) -> dict:
             try:
                 async with gateway(engines, policy, folder) as base:
                     for workload in workloads(f"{policy}-{repeat}-{secrets.token_hex(2)}", args.quick):
+                        if workload.name not in wanted:
+                            continue
                         row = await run(base, workload, args.max_tokens, args.limit)
                         results.setdefault(workload.name, {}).setdefault(policy, []).append(row)
                         print(
@@ -438,6 +441,14 @@ def table(data: dict) -> str:
     header = f"| workload | figure | {' | '.join(POLICIES)} | affinity / least |"
     lines += [header, "|" + "---|" * (len(POLICIES) + 3)]
     for name, by_policy in data["results"].items():
+        if set(by_policy) != set(POLICIES):  # one policy only: its figures
+            for policy, row in by_policy.items():
+                lines.append(
+                    f"| {name} | {policy} | "
+                    + ", ".join(f"{label} {row[key]:.2f}" for key, label, _b in FIGURES)
+                    + " | | |"
+                )
+            continue
         for key, label, _better in FIGURES:
             a, b = by_policy["least_outstanding"][key], by_policy["prefix_affinity"][key]
             ratio = f"{b / a:.2f}x" if a else "-"
@@ -488,6 +499,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--limit", type=float, default=900, help="seconds one workload may take")
     parser.add_argument("--engine-options", default="{}", help="llamacpp settings over the role's, as JSON")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated, of " + ", ".join(POLICIES)
+    )
+    parser.add_argument(
+        "--workloads", default="multi-turn,shared prefix,unique", help="comma-separated workload names"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()

@@ -377,6 +377,12 @@ def test_bad_routing_settings_name_the_field():
     config["routing"] = {"session_header": "X Session"}
     with pytest.raises(ConfigError, match=r"routing\.session_header: must be an HTTP header name"):
         parse_config(config)
+    config["routing"] = {}
+    config["models"][0]["routing"] = {"home_wait": 30}
+    with pytest.raises(
+        ConfigError, match=r"models\[0\]\.routing\.home_wait: must be below queue\.max_wait \(30\), got 30"
+    ):
+        parse_config(config)
 
 
 # --- cached prompt tokens ----------------------------------------------------

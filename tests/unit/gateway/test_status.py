@@ -74,6 +74,9 @@ async def test_status_json_is_for_admins_and_adds_up_over_workers(engine_server,
         assert chat["requests_last_minute"] == 5
         assert chat["errors_last_minute"] == 0
         assert chat["tokens_per_second"] == round(5 / 60, 2)  # FakeEngine: 1 completion token each
+        assert chat["routing"] == "prefix_affinity"
+        # FakeEngine reports no cached tokens: no hit rate, not a made-up 0%.
+        assert [(r["cache_hit_rate"], r["prompt_tokens"]) for r in chat["replicas"]] == [(None, 0), (None, 0)]
         assert embed["errors_last_minute"] == 2
         assert [(e["model"], e["key"]) for e in data["recent_errors"]] == [("embed", "tests")] * 2
         assert all(e["status"] >= 500 for e in data["recent_errors"])
@@ -99,6 +102,9 @@ async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
         assert ">down</span>" in dom
         assert ">closed</span>" in dom
         assert "<b>2 / 3</b><span>Replicas ready</span>" in dom
+        # Each replica's prompt cache hit rate (a dash until its engine reports cached tokens).
+        assert "Prompt cache hits</th>" in dom
+        assert "prompt tokens from the engine's cache" in dom
         assert dom.count("<td>embed</td>") >= 2  # its model row and its two errors
         # Without a key the page asks for one, and shows no data.
         bare = (await asyncio.to_thread(run, "--dump-dom", f"{gateway.admin_base}/admin/status")).stdout
