@@ -234,11 +234,13 @@ async def main_async(args) -> dict:
         "models": [{"name": "bench", "engine": "vllm", "backends": [{"url": f"http://127.0.0.1:{backend_port}", "max_concurrency": 256}]}],
         "queue": {"per_slot": 4, "max_wait": 30},
         "workers": 1,
+        "admin_listen": {"host": "127.0.0.1", "port": free_port()},
     }  # fmt: skip
     (work / "gateway.yml").write_text(yaml.safe_dump(gateway_config))
     # The same gateway with several worker processes on one port (SO_REUSEPORT).
     workers_port = free_port()
     workers_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": workers_port},
+                      "admin_listen": {"host": "127.0.0.1", "port": free_port()},
                       "workers": args.gateway_workers}  # fmt: skip
     (work / "gateway-workers.yml").write_text(yaml.safe_dump(workers_config))
     litellm_config = {
@@ -268,7 +270,8 @@ async def main_async(args) -> dict:
         procs.append(nginx)
         # The same gateway on asyncio's own event loop, to show what uvloop gives.
         asyncio_port = free_port()
-        asyncio_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": asyncio_port}}
+        asyncio_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": asyncio_port},
+                          "admin_listen": {"host": "127.0.0.1", "port": free_port()}}  # fmt: skip
         (work / "gateway-asyncio.yml").write_text(yaml.safe_dump(asyncio_config))
         gateway_asyncio = start(
             [sys.executable, "-m", "cortex_gateway", "serve", "--config", str(work / "gateway-asyncio.yml")],

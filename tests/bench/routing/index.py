@@ -4,7 +4,7 @@
 
 - CPU: microseconds per request to hash a conversation's prefix, look up its
   home and learn it, for conversations of 1 to 32 blocks (the default
-  16 KiB prefix in 512-byte blocks), measured beside json.loads of the same
+  16 KiB prefix in 1 KiB blocks), measured beside json.loads of the same
   request body (which the gateway does for every request anyway);
 - memory: the share of the last 10,000 conversations (of 16 KiB each) still
   found whole, for tables of several sizes, and the bytes that makes per
@@ -62,17 +62,18 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for size in (400, 2048, 8192, 16384):
         parse, affinity = per_request_us(size)
-        blocks = max(1, size // 512)
+        blocks = max(1, size // AffinitySettings().block_bytes)
         print(f"| {size} | {blocks} | {parse:.1f} | {affinity:.1f} | {affinity / parse:.2f}x |")
     print()
     print(
         "| table entries | table MiB | 10,000 conversations of 16 KiB found whole | bytes per conversation |"
     )
     print("|---|---|---|---|")
-    for entries in (1 << 18, 1 << 19, 1 << 20):
+    for entries in (1 << 17, 1 << 18, 1 << 19, 1 << 20):
         share = retained(entries)
         mib = (entries + 1) * 8 / 2**20
-        print(f"| {entries} | {mib:.0f} | {share:.1%} | {32 * 8} |")
+        words = AffinitySettings().prefix_bytes // AffinitySettings().block_bytes
+        print(f"| {entries} | {mib:.0f} | {share:.1%} | {words * 8} |")
 
 
 if __name__ == "__main__":

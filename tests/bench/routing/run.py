@@ -374,7 +374,7 @@ def workloads(salt: str, quick: bool) -> list[Workload]:
     return [
         multi_turn(salt, users=6 if quick else 8, turns=4, words=1500, think=2.0),
         shared_prefix(salt, groups=2 * scale, questions=4, words=1500, concurrency=4),
-        unique(salt, requests=4 * scale, words=600, concurrency=4),
+        unique(salt, requests=8 * scale, words=600, concurrency=4),
     ]
 
 
