@@ -87,8 +87,8 @@ class RoutingPolicy:
     # When the preferred replica has no free slot but need not spill, a
     # request waits up to this many seconds for one there, then takes any.
     # Engines that finish requests often (many slots, fast prompts) free one
-    # long before; it bounds the wait on a slow engine, or a stuck one, and
-    # stays below the queue's max_wait so that the request then spills
+    # long before; it bounds the wait on a slow engine, or a stuck one. Half
+    # the queue's max_wait bounds it too, so that the request then spills
     # rather than times out.
     home_wait: float = 20.0
 

@@ -403,14 +403,6 @@ def parse_config(raw: Any) -> GatewayConfig:
         if usage_path is not None:
             raise ConfigError("usage: give sqlite or postgres_dsn, not both")
 
-    for name, model in models.items():
-        if model.routing.home_wait >= queue.max_wait:
-            index = list(models).index(name)
-            raise ConfigError(
-                f"models[{index}].routing.home_wait: must be below queue.max_wait ({queue.max_wait:g}),"
-                f" got {model.routing.home_wait:g}"
-            )
-
     for key_name, policy in key_policies.items():
         unknown = sorted((policy.models or frozenset()) - set(models))
         if unknown:

@@ -161,9 +161,11 @@ class Forwarder:
         router = self.gateway.router
         chain = self._affinity_chain(request, payload, model)
         home = router.home(model, chain, self.gateway.prefix_index) if chain else None
-        # A request waits at most this long for a slot on its home, then takes any.
+        # A request waits at most this long for a slot on its home, then takes
+        # any: never more than half the queue's wait, so it spills, not times out.
         clock = self.gateway.clock
-        home_until = clock() + self.gateway.config.models[model].routing.home_wait
+        config = self.gateway.config
+        home_until = clock() + min(config.models[model].routing.home_wait, config.queue.max_wait / 2)
         tried: set[int] = set()
         failures: list[str] = []
         while True:
