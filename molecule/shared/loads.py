@@ -43,9 +43,15 @@ class RequestLoop:
             except Exception as exc:  # noqa: BLE001 - every way a request can fail is an outcome
                 self.outcomes.append(f"{type(exc).__name__}: {exc}")
 
+    def _conversation(self, text: str) -> list[dict]:
+        """A new conversation for each request (numbered): new conversations go
+        to the least loaded replica, so the loop reaches every replica (one
+        repeated conversation would stay on its replica, by prefix affinity)."""
+        return [{"role": "user", "content": f"{text} (conversation {len(self.outcomes)})"}]
+
     def _ask(self) -> str:
         self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+            model=self.model, messages=self._conversation("Say hi."), max_tokens=4
         )
         return "ok"
 
@@ -53,7 +59,7 @@ class RequestLoop:
         # Long enough (about a second on CPU) to be in flight when a replica changes.
         chunks = self.client.chat.completions.create(
             model=self.model,
-            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            messages=self._conversation("Tell me about the sea."),
             max_tokens=64,
             stream=True,
         )

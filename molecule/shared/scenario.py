@@ -13,6 +13,7 @@ import pytest
 import testinfra.utils.ansible_runner
 import yaml
 from loads import RequestLoop
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _gateway_url() -> str:
@@ -184,3 +185,42 @@ def assert_real_sentence_embeddings(client, model: str) -> None:
 
     assert cosine(cat, rug) > 0.6
     assert cosine(cat, revenue) < 0.3
+
+
+def gateway_series(host, name: str, **labels: str) -> dict[str, float]:
+    """A counter of the gateway's /metrics on the host, per backend, for the
+    series whose labels match (fails when there is none: a missing series is not a 0)."""
+    text = host.check_output("curl -sf http://127.0.0.1:8000/metrics")
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                backend = sample.labels.get("backend", "")
+                values[backend] = values.get(backend, 0.0) + sample.value
+    assert values, f"no series {name}{labels} in the gateway's metrics"
+    return values
+
+
+def assert_turns_return_to_their_replica(host, client, model: str) -> None:
+    """Prefix affinity on real engines: turn 2 of a conversation goes to the
+    replica of turn 1 (each turn on a connection of its own, so whichever
+    worker takes it), and that engine reports the prompt tokens it reused."""
+    system = "You answer in one short sentence. Colours, shapes and sizes only. " * 30
+
+    def served() -> dict[str, float]:
+        return gateway_series(host, "cortex_gateway_requests_total", model=model, status="200")
+
+    before = served()
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    answer = client.chat.completions.create(model=model, messages=first, max_tokens=4, temperature=0)
+    after_first = served()
+    (home,) = [b for b, count in after_first.items() if count > before.get(b, 0)]
+    second = [*first, {"role": "assistant", "content": answer.choices[0].message.content or ""},
+              {"role": "user", "content": "And a shape?"}]  # fmt: skip
+    for _turn in range(3):
+        client.chat.completions.create(model=model, messages=second, max_tokens=4, temperature=0)
+    after = served()
+    grew = {b: after[b] - after_first.get(b, 0) for b in after if after[b] > after_first.get(b, 0)}
+    assert grew == {home: 3}, f"turn 1 went to {home}; turn 2's requests went to {grew}"
+    hits = gateway_series(host, "cortex_gateway_prompt_cache_tokens_total", model=model, result="hit")
+    assert hits.get(home, 0) > 0, f"{home}'s engine reported no cached prompt tokens: {hits}"

@@ -58,7 +58,12 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, model: str, s
                hang_seconds: float, max_tokens: int) -> None:  # fmt: skip
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        # A new conversation each time (the number sent so far makes it its
+        # own): new conversations go to the least loaded replica, so the load
+        # reaches every replica and the fault, whichever replica it breaks.
+        "messages": [
+            {"role": "user", "content": f"Tell me about the sea, question {tally.sent + tally.resent}."}
+        ],
         "max_tokens": max_tokens,
         "stream": stream,
     }

@@ -20,6 +20,7 @@ from scenario import (
     admin_key,
     assert_no_failures,
     assert_real_sentence_embeddings,
+    assert_turns_return_to_their_replica,
     journal,
     streamed_chat,
 )
@@ -319,3 +320,9 @@ def test_the_status_playbook_prints_the_fleet_table():
     rows = [line for line in result.stdout.splitlines() if "cortex-molecule" in line and "llamacpp" in line]
     assert len(rows) == 3
     assert all("running" in row and "healthy" in row and "<-" not in row for row in rows)
+
+
+def test_a_conversations_next_turn_returns_to_its_llamacpp_replica(host, client):
+    """Prefix affinity with the real gateway (one worker per core) and both
+    SmolLM2 replicas: llama-server reports the cached prompt tokens."""
+    assert_turns_return_to_their_replica(host, client, MODEL)

@@ -82,9 +82,15 @@ def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
 
     before = requests_to(host, KILLED_BACKEND)
     deadline = time.monotonic() + 60
+    asked = 0
     while requests_to(host, KILLED_BACKEND) <= before and time.monotonic() < deadline:
+        # New conversations each time: they go to the least loaded replica, in
+        # turn (one conversation would stay with its replica, by prefix affinity).
+        asked += 1
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Hi, this is conversation {asked}."}],
+            max_tokens=2,
         )
     assert requests_to(host, KILLED_BACKEND) > before, "routing never came back to the restarted replica"
     # Every worker polls health on its own (every 5 s) and the gauge is the

@@ -18,6 +18,7 @@ from scenario import (
     admin_get,
     admin_key,
     assert_real_sentence_embeddings,
+    assert_turns_return_to_their_replica,
     journal,
     streamed_chat,
 )
@@ -200,8 +201,13 @@ def test_prometheus_scrapes_vllm_metrics_with_the_monitoring_roles_targets_and_k
 
 
 def test_the_gateway_routes_both_vllm_replicas(host, client):
-    for _request in range(6):
-        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    # New conversations: they go to the least loaded replica, in turn.
+    for number in range(6):
+        client.chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": f"Hi, this is conversation {number}."}],
+            max_tokens=2,
+        )
     text = host.check_output("curl -s http://127.0.0.1:8000/metrics")
     served = {
         backend: sum(
@@ -214,3 +220,9 @@ def test_the_gateway_routes_both_vllm_replicas(host, client):
     assert all(count > 0 for count in served.values()), served
     series = [line for line in text.splitlines() if line.startswith("cortex_gateway_requests_total{")]
     assert any(f'model="{CHAT}"' in line and 'engine="vllm"' in line for line in series), series
+
+
+def test_a_conversations_next_turn_returns_to_its_vllm_replica(host, client):
+    """vLLM reports the prompt tokens its prefix cache gave (the role's
+    enable_prompt_tokens_details) and the gateway counts them per replica."""
+    assert_turns_return_to_their_replica(host, client, CHAT)
