@@ -506,9 +506,10 @@ def main() -> None:
         "--workloads", default="multi-turn,shared prefix,unique", help="comma-separated workload names"
     )
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--plot", type=Path, help="a PNG of the results (needs matplotlib)")
+    parser.add_argument("--from-results", type=Path, help="print (and plot) a results file of an earlier run")
     args = parser.parse_args()
-    data = asyncio.run(bench(args))
+    data = json.loads(args.from_results.read_text()) if args.from_results else asyncio.run(bench(args))
     print(table(data))
     if args.out:
         args.out.write_text(json.dumps(data, indent=2))
