@@ -27,13 +27,13 @@ never grows.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .sharedmap import map_file
 
 # Routing policies a model may have.
 LEAST_OUTSTANDING = "least_outstanding"
@@ -219,18 +219,9 @@ class PrefixIndex:
     ) -> None:
         self.sets = max(entries // _WAYS, 1)
         self.entries = self.sets * _WAYS
-        size = (_HEADER_WORDS + self.entries) * _WORD_BYTES
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix="cortex-gateway-prefixes-")
-            os.unlink(path)
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.path = path
-        self._fd = fd
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, 0)  # another size: what it held is of no use
-            os.ftruncate(fd, size)
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._fd, self.path, self._map = map_file(
+            path, self.size_bytes, "cortex-gateway-prefixes-", clear_if_resized=True
+        )
         self._words = memoryview(self._map).cast("Q")
 
     @property

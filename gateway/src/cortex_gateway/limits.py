@@ -14,11 +14,11 @@ import fcntl
 import hashlib
 import logging
 import math
-import mmap
 import os
-import tempfile
 import time
 from dataclasses import dataclass
+
+from .sharedmap import map_file
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,8 @@ class CounterTable:
 
     def __init__(self, path: str | None = None, slots: int = 4096) -> None:
         self.slots = slots
-        size = slots * _SLOT_WORDS * _WORD
-        if path is None:
-            # A process of its own: a private file, gone when closed.
-            fd, path = tempfile.mkstemp(prefix="cortex-gateway-limits-")
-            os.unlink(path)
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.path = path
-        self._fd = fd
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # A process of its own (no path) gets a private file, gone when closed.
+        self._fd, self.path, self._map = map_file(path, slots * _SLOT_WORDS * _WORD, "cortex-gateway-limits-")
         self._words = memoryview(self._map).cast("q")
 
     def close(self) -> None:

@@ -77,6 +77,17 @@ def _words(rng: random.Random, count: int) -> str:
     return " ".join("".join(rng.choice(letters) for _l in range(rng.randint(3, 8))) for _w in range(count))
 
 
+def _run_users(user, count: int, limit: float) -> float:
+    """``count`` threads running ``user`` (each bounded by the caller's deadline); the seconds they took."""
+    threads = [threading.Thread(target=user) for _t in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=limit + 60)
+    return time.perf_counter() - started
+
+
 def multi_turn(conversations: int, turns: int, words: int, concurrency: int, limit: float) -> dict:
     """Every conversation's turn 1, then every conversation's turn 2, and so on
     (many users, each thinking between turns): a server with fewer slots than
@@ -112,13 +123,7 @@ def multi_turn(conversations: int, turns: int, words: int, concurrency: int, lim
                 (later if turn else first_turns).append(result)
                 histories[number] = [*messages, {"role": "assistant", "content": result["text"]}]
 
-    threads = [threading.Thread(target=user) for _t in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=limit + 60)
-    wall = time.perf_counter() - started
+    wall = _run_users(user, concurrency, limit)
     ttfts = sorted(r["ttft"] for r in later) or [float("nan")]
     prompt = sum(r["prompt_tokens"] for r in later)
     return {
@@ -158,13 +163,7 @@ def unique(requests: int, words: int, concurrency: int, limit: float) -> dict:
             with lock:
                 results.append(result)
 
-    threads = [threading.Thread(target=worker) for _t in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=limit + 60)
-    wall = time.perf_counter() - started
+    wall = _run_users(worker, concurrency, limit)
     return {
         "requests": len(results),
         "errors": errors,
