@@ -57,6 +57,8 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 # What ends a role and a message in the hashed text. A client's text may hold
 # them too; a collision costs a cache miss, never a wrong answer.
 _ROLE_END = "\x1f"
+# A role is a short word; a longer one is cut here.
+_ROLE_BYTES = 32
 _MESSAGE_END = "\x1e"
 
 
@@ -119,7 +121,8 @@ def prefix_text(payload: Mapping[str, Any], limit: int) -> bytes:
         for message in messages:
             if not isinstance(message, dict):
                 break
-            piece = f"{message.get('role')}{_ROLE_END}{_content_text(message.get('content'), limit - size)}"
+            role = str(message.get("role"))[:_ROLE_BYTES]
+            piece = f"{role}{_ROLE_END}{_content_text(message.get('content'), limit - size)}"
             pieces.append(piece + _MESSAGE_END)
             size += len(piece) + 1
             if size >= limit:
@@ -136,13 +139,22 @@ def prefix_text(payload: Mapping[str, Any], limit: int) -> bytes:
 
 
 def _content_text(content: Any, limit: int) -> str:
+    """At most ``limit`` characters of a message's content: its text, or
+    its content parts' text (or type), reading no more parts than it needs."""
+    limit = max(limit, 0)
     if isinstance(content, str):
-        return content[: max(limit, 0)]
-    if isinstance(content, list):  # content parts: their text, and what else they are
-        return "".join(
-            str(part.get("text") or part.get("type")) for part in content if isinstance(part, dict)
-        )[: max(limit, 0)]
-    return "" if content is None else str(content)[: max(limit, 0)]
+        return content[:limit]
+    if isinstance(content, list):
+        pieces, size = [], 0
+        for part in content:
+            if size >= limit:
+                break
+            if isinstance(part, dict):
+                piece = str(part.get("text") or part.get("type"))[: limit - size]
+                pieces.append(piece)
+                size += len(piece)
+        return "".join(pieces)
+    return "" if content is None else str(content)[:limit]
 
 
 def prefix_chain(model: str, text: bytes, block_bytes: int) -> list[int]:

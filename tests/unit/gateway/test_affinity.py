@@ -106,6 +106,12 @@ def test_the_hashed_prefix_is_bounded():
     assert len(text) == 4096
     assert len(prefix_chain("chat", text, 512)) == 8
     assert len(prefix_text({"prompt": ["y" * 10_000, "z"]}, 1000)) == 1000
+    # Content parts and roles are read no further than the bound either.
+    parts = {
+        "messages": [{"role": "r" * 100_000, "content": [{"type": "text", "text": "p" * 1000}] * 100_000}]
+    }
+    assert len(prefix_text(parts, 4096)) == 4096
+    assert prefix_text(parts, 4096).startswith(b"r" * 32 + b"\x1fppp")
     assert prefix_text({"prompt": [1, 2, 3]}, 100) == b"1,2,3"
     assert prefix_text({"input": "no messages, no prompt"}, 100) == b""
 
