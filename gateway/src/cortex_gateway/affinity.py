@@ -13,7 +13,7 @@ affinity key is a chain of digests:
   turn N's messages, repeats turn N's digests and adds its own.
 
 At the defaults (16 KiB in 1 KiB blocks) a long conversation costs about
-25 microseconds to hash, look up and learn (tests/bench/routing/index.py).
+40 microseconds to hash, look up and learn (tests/bench/routing/index.py).
 
 The index maps digests to the replica that last took them. It is a fixed-size
 table in a shared mapping (one file in the gateway's runtime folder), so
@@ -95,7 +95,7 @@ class RoutingPolicy:
     home_wait: float = 20.0
 
     def spills(self, preferred: int, least: int) -> bool:
-        """Is the preferred replica, with ``preferred`` in flight, too busy
+        """Is the preferred replica, with a load of ``preferred``, too busy
         beside the least loaded one, with ``least``?"""
         return preferred - least >= self.spill_absolute and preferred > self.spill_relative * least
 
@@ -297,7 +297,7 @@ class PrefixIndex:
     def used(self, sample_sets: int = 4096) -> int:
         """About how many words are in use: counted in the first
         ``sample_sets`` sets and scaled (digests spread evenly over the sets),
-        so that the status page never reads megabytes."""
+        so that a look at a large table does not read all of it."""
         sets = min(sample_sets, self.sets)
         words = self._words[_HEADER_WORDS : _HEADER_WORDS + sets * _WAYS]
         in_use = sum(1 for word in words if word & _LOW16)

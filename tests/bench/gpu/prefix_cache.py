@@ -28,12 +28,12 @@ import json
 import random
 import shlex
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-PORT = 18556
+# The flag-set benchmark's server start and stop, and its port (this folder is on the path).
+from bench_llamacpp import PORT, serve, stop
 
 
 def _chat(messages: list[dict], max_tokens: int, timeout: float) -> dict:
@@ -172,24 +172,6 @@ def unique(requests: int, words: int, concurrency: int, limit: float) -> dict:
     }
 
 
-def serve(server: str, model: str, flags: list[str], log: Path) -> subprocess.Popen:
-    command = [server, "-m", model, "--host", "127.0.0.1", "--port", str(PORT), "-ngl", "999", *flags]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    for _attempt in range(600):
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return process
-        except OSError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server ended: {log.read_text(errors='replace')[-1500:]}")
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("llama-server never became healthy")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True)
@@ -218,8 +200,7 @@ def main() -> None:
                 "unique": unique(args.unique_requests, args.words, 32, args.limit),
             }
         finally:
-            process.terminate()
-            process.wait(60)
+            stop(process)
         results.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

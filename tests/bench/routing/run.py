@@ -48,7 +48,10 @@ for _path in (ROOT, ROOT / "gateway" / "src", ROOT / ".cache" / "collections"):
 
 from cortex_gateway.auth import hash_key  # noqa: E402
 
+# The fault suite's engine container (its name, port and URL) and the tests' free_port.
+from tests.faults.conftest import Engine  # noqa: E402
 from tests.integration.conftest import docker, ensure_llamacpp_image, fetch_smollm2_gguf  # noqa: E402
+from tests.unit.gateway.conftest import free_port  # noqa: E402
 
 KEY = "sk-bench-routing-0123456789abcdef"
 ENGINE_KEY = "engine-bench-key"
@@ -62,14 +65,6 @@ _VOCABULARY = (
     "transport volume weather contract research station battery circuit voltage signal channel"
 )
 WORDS = _VOCABULARY.split()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def document(rng: random.Random, words: int) -> str:
@@ -149,16 +144,6 @@ def unique(salt: str, requests: int, words: int, concurrency: int) -> Workload:
 
 
 # --- the deployment ----------------------------------------------------------------
-
-
-@dataclass
-class Engine:
-    name: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 def start_engines(count: int, options: dict, folder: Path) -> list[Engine]:
