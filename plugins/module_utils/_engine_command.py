@@ -64,6 +64,14 @@ LLAMACPP_OPTIONS = {
     # must be to a request's for the request to take that slot.
     "cache_reuse": ("--cache-reuse", "int"),
     "slot_prompt_similarity": ("--slot-prompt-similarity", "float"),
+    # Mixture of experts: keep the experts of the first N layers (or of all)
+    # in host memory, where they are run by the CPU.
+    "n_cpu_moe": ("--n-cpu-moe", "int"),
+    "cpu_moe": ("--cpu-moe", "flag"),
+    # Copy host-memory weights to the GPU for large batches (llama.cpp's default).
+    "op_offload": ("--op-offload", "negatable"),
+    # Sliding-window layers keep the whole context instead of the window.
+    "swa_full": ("--swa-full", "flag"),
     "threads": ("--threads", "int"),
     "threads_batch": ("--threads-batch", "int"),
     "cont_batching": ("--cont-batching", "negatable"),

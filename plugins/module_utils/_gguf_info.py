@@ -5,6 +5,12 @@
 
 A split model (``name-00001-of-00003.gguf``) is read as one: every part must
 be present, and tensors are counted across all of them.
+
+Beyond the attention shape, it reads what planning a mixture of experts and
+sliding-window attention needs: experts per layer and per token, the window
+and which layers use it (the file's own pattern, else the pattern llama.cpp
+gives the architecture), head sizes per layer kind, and the bytes and types
+of each tensor group, per layer where the planner places layers.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -16,6 +22,41 @@ import re
 
 GGUF_MAGIC = b"GGUF"
 _SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+# llama.cpp's expert tensors (LLM_FFN_EXPS_REGEX in its common/common.h): what
+# --cpu-moe and --n-cpu-moe keep in host memory.
+_EXPERTS = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+# Tensor groups, first match wins.
+_GROUPS = (
+    ("experts", _EXPERTS),
+    ("shared_experts", re.compile(r"_shexp\b")),
+    ("embedding", re.compile(r"^token_embd\.")),
+    ("output", re.compile(r"^output\.")),
+    ("attention", re.compile(r"\.attn_(q|k|v|qkv|output|q_a|q_b|kv_a_mqa|kv_b|k_b|v_b|sinks)\b")),
+    ("feed_forward", re.compile(r"\.ffn_(up|down|gate|gate_up)\.")),
+)
+# Sliding-window attention as llama.cpp sets it up per architecture (its
+# src/models/*.cpp): the layer pattern when the file has none (n: layer il
+# slides unless il % n == n - 1; dense first: unless il % n == 0), the window
+# when the file has none (None: the file must say), and whether the
+# architecture slides only when the file gives a window above 0.
+SWA_ARCHITECTURES = {
+    "gpt-oss": (2, False, None, False),
+    "gemma2": (2, False, 4096, False),
+    "gemma3": (6, False, None, True),
+    "gemma3n": (5, False, None, False),
+    "gemma-embedding": (6, False, None, False),
+    "cohere2": (4, False, None, False),
+    "cohere2moe": (4, True, None, False),
+    "exaone4": (4, False, None, True),
+    "exaone-moe": (4, False, 128, False),
+    "llama4": (4, False, 8192, False),
+    "olmo2": (4, False, None, True),
+    "afmoe": (4, False, None, True),
+    "mellum": (4, False, None, True),
+    "plamo3": (8, False, None, True),
+    "smallthinker": (4, True, None, True),
+}
 
 
 class GGUFInfoError(Exception):
@@ -57,6 +98,15 @@ def check_magic(path):
         raise GGUFInfoError("%s is not a GGUF file (it starts with %r, not %r)" % (path, magic, GGUF_MAGIC))
 
 
+def _version(package):
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001 - only for a message
+        return "unknown version"
+
+
 def _field(reader, key, default=None):
     field = reader.fields.get(key)
     if field is None:
@@ -65,6 +115,59 @@ def _field(reader, key, default=None):
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
+def swa_layers(arch, block_count, window, pattern):
+    """The layers llama.cpp runs with a sliding window, or [] when none does.
+
+    ``pattern`` is the file's ``attention.sliding_window_pattern``: a list of
+    per-layer flags, a period, or None for the architecture's own.
+    """
+    known = SWA_ARCHITECTURES.get(arch)
+    if not known or not block_count or not window:
+        return []
+    period, dense_first, _window, _needs_key = known
+    flags = _as_list(pattern)
+    if flags is not None:
+        return [il for il, flag in enumerate(flags[:block_count]) if flag]
+    if pattern is not None:
+        period = int(pattern)
+    if period == 0:
+        return list(range(block_count))
+    if dense_first:
+        return [il for il in range(block_count) if il % period != 0]
+    return [il for il in range(block_count) if il % period < period - 1]
+
+
+def tensor_groups(tensors, type_name):
+    """Bytes and weight types of each tensor group, and per layer bytes (all, experts)."""
+    groups = {}
+    layers = {}
+    layer_experts = {}
+    for tensor in tensors:
+        name, size = tensor.name, int(tensor.n_bytes)
+        group = next((g for g, pattern in _GROUPS if pattern.search(name)), "other")
+        entry = groups.setdefault(group, {"bytes": 0, "tensors": 0, "types": {}})
+        entry["bytes"] += size
+        entry["tensors"] += 1
+        kind = type_name(tensor.tensor_type)
+        entry["types"][kind] = entry["types"].get(kind, 0) + 1
+        match = _LAYER.match(name)
+        if match:
+            il = int(match.group(1))
+            layers[il] = layers.get(il, 0) + size
+            if group == "experts":
+                layer_experts[il] = layer_experts.get(il, 0) + size
+    count = max(layers) + 1 if layers else 0
+    return (
+        groups,
+        [layers.get(il, 0) for il in range(count)],
+        [layer_experts.get(il, 0) for il in range(count)],
+    )
 
 
 def quantization_name(gguf, file_type):
@@ -78,12 +181,30 @@ def quantization_name(gguf, file_type):
     return name[len("MOSTLY_") :] if name.startswith("MOSTLY_") else name
 
 
+def _type_name(gguf):
+    def name(tensor_type):
+        try:
+            return gguf.GGMLQuantizationType(int(tensor_type)).name
+        except ValueError:
+            return "type %s" % tensor_type
+
+    return name
+
+
 def read_gguf_info(path, gguf):
     """Architecture, size and attention shape of the model at ``path``."""
     parts = split_parts(path)
     for part in parts:
         check_magic(part)
-    readers = [gguf.GGUFReader(part) for part in parts]
+    try:
+        readers = [gguf.GGUFReader(part) for part in parts]
+    except (KeyError, ValueError) as exc:
+        # A tensor type newer than this gguf package (MXFP4 before gguf 0.18).
+        raise GGUFInfoError(
+            "cannot read %s: %s; the gguf package here (%s) may be older than the file: "
+            "install the version in the collection's requirements.txt"
+            % (path, exc, getattr(gguf, "__version__", None) or _version("gguf"))
+        ) from exc
     first = readers[0]
     arch = _field(first, "general.architecture")
     if not arch:
@@ -98,7 +219,28 @@ def read_gguf_info(path, gguf):
     token_embd_bytes = sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
     output_bytes = sum(int(t.n_bytes) for t in tensors if t.name == "output.weight")
     head_count = arch_field("attention.head_count")
+    head_count_kv = arch_field("attention.head_count_kv")
+    # Some files give a count per layer.
+    per_layer_kv = _as_list(head_count_kv)
+    if per_layer_kv is not None:
+        head_count_kv = max(per_layer_kv) if per_layer_kv else None
+    if _as_list(head_count) is not None:
+        head_count = max(head_count) if head_count else None
     embedding = arch_field("embedding_length")
+    block_count = arch_field("block_count")
+    known_swa = SWA_ARCHITECTURES.get(arch)
+    window = arch_field("attention.sliding_window")
+    if known_swa and window is None and not known_swa[3]:
+        window = known_swa[2]
+    pattern = arch_field("attention.sliding_window_pattern")
+    sliding = swa_layers(arch, block_count, window, pattern)
+    groups, layer_bytes, layer_expert_bytes = tensor_groups(tensors, _type_name(gguf))
+    key_length = arch_field("attention.key_length") or (
+        embedding // head_count if embedding and head_count else None
+    )
+    value_length = arch_field("attention.value_length") or (
+        embedding // head_count if embedding and head_count else None
+    )
     return {
         "path": path,
         "files": parts,
@@ -116,15 +258,28 @@ def read_gguf_info(path, gguf):
         "tied_output": "output.weight" not in names,
         "output_bytes": output_bytes if "output.weight" in names else token_embd_bytes,
         "context_length": arch_field("context_length"),
-        "block_count": arch_field("block_count"),
+        "block_count": block_count,
         "embedding_length": embedding,
         "feed_forward_length": arch_field("feed_forward_length"),
         "head_count": head_count,
         # Without the key, a model has as many KV heads as heads (no GQA).
-        "head_count_kv": arch_field("attention.head_count_kv") or head_count,
-        "key_length": arch_field("attention.key_length")
-        or (embedding // head_count if embedding and head_count else None),
-        "value_length": arch_field("attention.value_length")
-        or (embedding // head_count if embedding and head_count else None),
+        "head_count_kv": head_count_kv or head_count,
+        "head_count_kv_per_layer": per_layer_kv,
+        "key_length": key_length,
+        "value_length": value_length,
+        # Head sizes of the sliding-window layers, where they differ.
+        "key_length_swa": arch_field("attention.key_length_swa") or key_length,
+        "value_length_swa": arch_field("attention.value_length_swa") or value_length,
         "vocab_size": arch_field("vocab_size"),
+        "expert_count": arch_field("expert_count") or 0,
+        "expert_used_count": arch_field("expert_used_count") or 0,
+        "expert_feed_forward_length": arch_field("expert_feed_forward_length"),
+        "expert_shared_count": arch_field("expert_shared_count") or 0,
+        "sliding_window": window if sliding else 0,
+        "sliding_window_pattern": pattern if pattern is None or _as_list(pattern) is None else "per layer",
+        "swa_layers": sliding,
+        "attention_sinks": any(t.name.endswith("attn_sinks.weight") for t in tensors),
+        "tensor_groups": groups,
+        "layer_bytes": layer_bytes,
+        "layer_expert_bytes": layer_expert_bytes,
     }

@@ -72,8 +72,54 @@ def _shares(count, split):
     return [float(s) / total for s in split]
 
 
-def llamacpp_estimate(instance, shape, overhead_mib=None):
-    """Per-GPU bytes of one llama-server instance: a list of dicts, one per GPU."""
+def _flag(command, flag, negative=None, default=False):
+    """A boolean flag's value: the last of ``flag`` and ``negative`` given wins."""
+    value = default
+    for arg in command:
+        if arg == flag:
+            value = True
+        elif negative and arg == negative:
+            value = False
+    return value
+
+
+def _pad(value, to=256):
+    return -(-int(value) // to) * to
+
+
+def _layer_devices(n_layer, ngl, count, split):
+    """The GPU position (or None: host) of layers 0..n_layer, the last being the output.
+
+    llama.cpp's own placement: the last ``ngl`` of the n_layer + 1 layers go
+    to the GPUs, each GPU taking the run of layers its cumulative share of
+    ``split`` covers.
+    """
+    start = max(n_layer + 1 - ngl, 0)
+    active = min(ngl, n_layer + 1)
+    bounds = []
+    total = 0.0
+    for share in _shares(count, split):
+        total += share
+        bounds.append(total)
+    devices = []
+    for il in range(n_layer + 1):
+        if count == 0 or il < start:
+            devices.append(None)
+            continue
+        at = float(il - start) / active
+        devices.append(next((i for i, bound in enumerate(bounds) if at < bound), count - 1))
+    return devices
+
+
+def llamacpp_memory(instance, shape, overhead_mib=None):
+    """Bytes one llama-server instance needs: per GPU, and in host memory.
+
+    Weights are placed layer by layer as llama.cpp places them; experts of
+    the layers ``--n-cpu-moe`` names (all with ``--cpu-moe``) stay in host
+    memory. The KV cache of each layer holds the padded context, or on a
+    sliding-window layer only the window of each sequence plus one
+    micro-batch, unless ``--swa-full``.
+    """
     name = instance["model"]
     for key in ("tensor_bytes", "block_count", "head_count_kv", "key_length", "value_length"):
         if not shape.get(key):
@@ -83,7 +129,9 @@ def llamacpp_estimate(instance, shape, overhead_mib=None):
     command = instance["command"]
     gpus = instance.get("gpus") or []
     n_layer = int(shape["block_count"])
-    ctx = int(_arg(command, "--ctx-size", 4096))
+    ctx = _pad(int(_arg(command, "--ctx-size", 4096)))
+    parallel = max(1, int(_arg(command, "--parallel", 1)))
+    unified = _flag(command, "--kv-unified", "--no-kv-unified")
     ngl = int(_arg(command, "--n-gpu-layers", n_layer + 1 if gpus else 0))
     ubatch = int(_arg(command, "--ubatch-size", 512))
     type_k = _arg(command, "--cache-type-k", "f16")
@@ -92,59 +140,123 @@ def llamacpp_estimate(instance, shape, overhead_mib=None):
     main_gpu = int(_arg(command, "--main-gpu", 0))
     split = _arg(command, "--tensor-split")
     split = [float(s) for s in split.split(",")] if split else None
+    if "--cpu-moe" in command:
+        host_expert_layers = n_layer
+    else:
+        host_expert_layers = min(int(_arg(command, "--n-cpu-moe", 0)), n_layer)
 
     embd = int(shape.get("token_embd_bytes") or 0)
     output = int(shape.get("output_bytes") or embd)
     tied = bool(shape.get("tied_output"))
     # Everything but the input embedding (kept in host memory) and the output
-    # matrix is repeated per layer.
+    # matrix is repeated per layer: per layer as the file has it, or evenly.
     repeating = int(shape["tensor_bytes"]) - embd - (0 if tied else output)
-    layers_on_gpu = min(ngl, n_layer)
-    weights = repeating * float(layers_on_gpu) / n_layer + (output if ngl > n_layer else 0)
-    kv_per_token_layer = int(shape["head_count_kv"]) * (
-        int(shape["key_length"]) * KV_BYTES.get(type_k, 2.0)
-        + int(shape["value_length"]) * KV_BYTES.get(type_v, 2.0)
-    )
-    kv = ctx * layers_on_gpu * kv_per_token_layer
-    # One micro-batch of activations and, with the output layer on the GPU,
-    # its logits over the whole vocabulary.
+    layer_bytes = [int(b) for b in shape.get("layer_bytes") or []]
+    if len(layer_bytes) != n_layer:
+        layer_bytes = [repeating / float(n_layer)] * n_layer
+    # What is in no layer (the output norm) goes with the output layer.
+    rest = max(repeating - sum(layer_bytes), 0)
+    experts = [int(b) for b in shape.get("layer_expert_bytes") or []]
+    if len(experts) != n_layer:
+        experts = [0] * n_layer
+
+    # KV cells: llama.cpp pads the context to 256; without a unified pool each
+    # of the parallel sequences has its own stream of ctx / parallel cells.
+    streams = 1 if unified else parallel
+    cells_per_stream = ctx if unified else _pad(ctx // parallel)
+    full_cells = cells_per_stream * streams
+    window = int(shape.get("sliding_window") or 0)
+    swa = set(shape.get("swa_layers") or []) if window else set()
+    if swa and not _flag(command, "--swa-full"):
+        swa_cells = _pad(min(cells_per_stream, window * (parallel if unified else 1) + ubatch)) * streams
+    else:
+        swa_cells = full_cells
+    kv_heads = shape.get("head_count_kv_per_layer") or [int(shape["head_count_kv"])] * n_layer
+    bytes_k, bytes_v = KV_BYTES.get(type_k, 2.0), KV_BYTES.get(type_v, 2.0)
+
+    def kv_of(il):
+        if il in swa:
+            k_len = int(shape.get("key_length_swa") or shape["key_length"])
+            v_len = int(shape.get("value_length_swa") or shape["value_length"])
+            cells = swa_cells
+        else:
+            k_len, v_len, cells = int(shape["key_length"]), int(shape["value_length"]), full_cells
+        return cells * int(kv_heads[il]) * (k_len * bytes_k + v_len * bytes_v)
+
+    # One micro-batch of activations (with the experts each token runs) and,
+    # with the output layer on a GPU, its logits over the whole vocabulary.
     vocab = int(shape.get("vocab_size") or 0)
     embedding = int(shape.get("embedding_length") or 0)
-    compute = ubatch * (embedding * 4 * 4 + (vocab * 4 if ngl > n_layer else 0))
+    used = int(shape.get("expert_used_count") or 0)
+    expert_ff = int(shape.get("expert_feed_forward_length") or 0)
+    activations = ubatch * (embedding * 4 * 4 + used * expert_ff * 4 * 3)
+    logits = ubatch * vocab * 4
+    # Experts kept in host memory are copied to the GPU one layer at a time
+    # for large batches (llama.cpp's op offload), into the compute buffer.
+    staging = 0
+    if host_expert_layers and _flag(command, "--op-offload", "--no-op-offload", default=True):
+        staging = max(experts[:host_expert_layers])
     overhead = (overhead_mib if overhead_mib is not None else DEFAULT_OVERHEAD_MIB["llamacpp"]) * MIB
 
-    if not gpus or layers_on_gpu == 0:
-        return []
-    rows = []
-    shares = _shares(len(gpus), split)
-    for position, gpu in enumerate(gpus):
-        share = shares[position]
-        if split_mode == "row":
-            # Matrices are split by rows; KV and activations stay on the main GPU.
-            own_kv = kv if position == main_gpu else 0
-            own_compute = compute if position == main_gpu else 0
-            own_weights = weights * share
-        elif split_mode == "none":
-            own_weights = weights if position == main_gpu else 0
-            own_kv = kv if position == main_gpu else 0
-            own_compute = compute if position == main_gpu else 0
+    devices = _layer_devices(n_layer, ngl, len(gpus), split)
+    host = embd
+    per_gpu = [{"weights": 0.0, "kv_cache": 0.0, "compute": 0.0} for _ in gpus]
+    shares = _shares(len(gpus), split) if gpus else []
+    on_gpu = any(d is not None for d in devices)
+    for il in range(n_layer + 1):
+        is_output = il == n_layer
+        # A tied output matrix is a copy of the embedding on the output's GPU.
+        weights = output + rest if is_output else layer_bytes[il]
+        host_part = 0 if is_output or il >= host_expert_layers else experts[il]
+        kv = 0 if is_output else kv_of(il)
+        if devices[il] is None:
+            host += weights + kv
+            continue
+        host += host_part
+        weights -= host_part
+        if split_mode in ("row", "none"):
+            # Row split shares the matrices and keeps KV and activations on
+            # the main GPU; no split keeps everything there.
+            for position in range(len(gpus)):
+                share = shares[position] if split_mode == "row" else float(position == main_gpu)
+                per_gpu[position]["weights"] += weights * share
+                per_gpu[position]["kv_cache"] += kv if position == main_gpu else 0
+        elif split_mode == "tensor":
+            # Every matrix and the KV heads are shared by all the GPUs.
+            for position in range(len(gpus)):
+                per_gpu[position]["weights"] += weights * shares[position]
+                per_gpu[position]["kv_cache"] += kv * shares[position]
         else:
-            own_weights = repeating * float(layers_on_gpu) / n_layer * share
-            # The output layer lives with the last layers.
-            if ngl > n_layer and position == len(gpus) - 1:
-                own_weights += output
-            own_kv = kv * share
-            own_compute = compute
+            per_gpu[devices[il]]["weights"] += weights
+            per_gpu[devices[il]]["kv_cache"] += kv
+    output_position = devices[n_layer]
+    rows = []
+    if not gpus or not on_gpu:
+        return {"gpus": [], "host": int(host)}
+    for position, gpu in enumerate(gpus):
+        if split_mode in ("row", "none"):
+            compute = activations + staging if position == main_gpu else 0
+            if output_position is not None and position == main_gpu:
+                compute += logits
+        else:
+            compute = activations + staging
+            if output_position is not None and (split_mode == "tensor" or position == output_position):
+                compute += logits
         rows.append(
             {
                 "gpu": gpu,
-                "weights": int(own_weights),
-                "kv_cache": int(own_kv),
-                "compute": int(own_compute),
+                "weights": int(per_gpu[position]["weights"]),
+                "kv_cache": int(per_gpu[position]["kv_cache"]),
+                "compute": int(compute),
                 "overhead": int(overhead),
             }
         )
-    return rows
+    return {"gpus": rows, "host": int(host)}
+
+
+def llamacpp_estimate(instance, shape, overhead_mib=None):
+    """Per-GPU bytes of one llama-server instance: a list of dicts, one per GPU."""
+    return llamacpp_memory(instance, shape, overhead_mib)["gpus"]
 
 
 def hf_parameter_count(config):
@@ -213,15 +325,10 @@ def vllm_estimate(instance, shape, gpu_memory_bytes, overhead_mib=None):
     ]
 
 
-def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512):
-    """Memory per instance and GPU, and whether each GPU holds its instances.
-
-    ``gpus`` is gpu_facts' list (index, memory_total_mib). Returns
-    ``{"rows": [...], "gpus": [...], "fits": bool, "unknown": [names]}``.
-    """
-    overhead_mib = overhead_mib or {}
+def _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib):
     totals = dict((int(g["index"]), int(g["memory_total_mib"]) * MIB) for g in gpus or [])
     rows = []
+    host = []
     unknown = []
     for instance in instances:
         if instance.get("state", "started") != "started" or not instance.get("gpus"):
@@ -231,7 +338,9 @@ def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512):
             unknown.append(instance["model"])
             continue
         if instance["engine"] == "llamacpp":
-            per_gpu = llamacpp_estimate(instance, shape, overhead_mib.get("llamacpp"))
+            memory = llamacpp_memory(instance, shape, overhead_mib.get("llamacpp"))
+            per_gpu = memory["gpus"]
+            host.append({"model": instance["model"], "replica": instance.get("replica", 0), "bytes": memory["host"]})
         else:
             per_gpu = vllm_estimate(instance, shape, totals, overhead_mib.get("vllm"))
         fraction = instance.get("gpu_memory_fraction")
@@ -267,8 +376,140 @@ def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512):
                 "fits": index in totals and held + headroom_mib * MIB <= total,
             }
         )
-    fits = all(r["fits"] for r in rows) and all(g["fits"] for g in summary)
-    return {"rows": rows, "gpus": summary, "fits": fits, "unknown": sorted(set(unknown))}
+    host_total = sum(h["bytes"] for h in host)
+    host_fits = not host_memory_mib or host_total + headroom_mib * MIB <= host_memory_mib * MIB
+    fits = all(r["fits"] for r in rows) and all(g["fits"] for g in summary) and host_fits
+    return {
+        "rows": rows,
+        "gpus": summary,
+        "host": host,
+        "host_total": host_total,
+        "host_memory": host_memory_mib * MIB,
+        "host_fits": host_fits,
+        "fits": fits,
+        "unknown": sorted(set(unknown)),
+    }
+
+
+def _with_args(command, values):
+    """``command`` with each flag of ``values`` set to its value (True: a bare flag)."""
+    command = list(command)
+    for flag, value in values.items():
+        if flag in command:
+            at = command.index(flag)
+            if value is True:
+                continue
+            command[at + 1] = str(value)
+        else:
+            command += [flag] if value is True else [flag, str(value)]
+    return command
+
+
+def _largest(low, high, fits):
+    """The largest whole number in [low, high] for which ``fits`` holds (fits is monotonic), or None."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _gib(value):
+    return "%.1f GiB" % (value / float(1024 * MIB))
+
+
+def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memory_mib=0):
+    """For each llama.cpp model that does not fit, the settings that would make the plan fit.
+
+    Each is computed by planning again with only that model's settings
+    changed (every replica of it), and is offered only when that plan fits:
+    the largest context at its parallel slots, the most slots at its context
+    per slot, a q8_0 KV cache, and for a mixture of experts the fewest layers
+    whose experts stay in host memory (``n_cpu_moe``).
+    """
+    overhead_mib = overhead_mib or {}
+    result = _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+    full = set(g["gpu"] for g in result["gpus"] if not g["fits"])
+    failing = []
+    for row in result["rows"]:
+        if row["engine"] == "llamacpp" and (not row["fits"] or row["gpu"] in full or not result["host_fits"]):
+            if row["model"] not in failing:
+                failing.append(row["model"])
+    found = []
+    for name in failing:
+        shape = shapes[name]
+        own = [i for i in instances if i["model"] == name and i.get("gpus")]
+        command = own[0]["command"]
+
+        def trial(values, name=name):
+            changed = [dict(i, command=_with_args(i["command"], values)) if i["model"] == name else i for i in instances]
+            return _evaluate(changed, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+
+        parallel = max(1, int(_arg(command, "--parallel", 1)))
+        ctx = int(_arg(command, "--ctx-size", 4096))
+        per_slot = ctx // parallel
+        options = []
+        slots = _largest(1, per_slot // 256 - 1, lambda n: trial({"--ctx-size": n * 256 * parallel})["fits"])
+        if slots:
+            options.append(
+                (
+                    {"ctx_size": slots * 256 * parallel},
+                    "%d tokens per slot at parallel %d" % (slots * 256, parallel),
+                )
+            )
+        fewer = _largest(1, parallel - 1, lambda n: trial({"--parallel": n, "--ctx-size": n * per_slot})["fits"])
+        if fewer:
+            options.append(({"parallel": fewer, "ctx_size": fewer * per_slot}, "%d tokens per slot" % per_slot))
+        current = max(KV_BYTES.get(_arg(command, "--cache-type-k", "f16"), 2.0), KV_BYTES.get(_arg(command, "--cache-type-v", "f16"), 2.0))
+        if current > KV_BYTES["q8_0"]:
+            values = {"--cache-type-k": "q8_0", "--cache-type-v": "q8_0"}
+            flash = _arg(command, "--flash-attn", "auto")
+            if flash == "off":
+                # llama.cpp quantizes the V cache only with flash attention.
+                values["--flash-attn"] = "on"
+            if trial(values)["fits"]:
+                option = {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+                if flash == "off":
+                    option["flash_attn"] = True
+                options.append((option, "half the KV cache of f16"))
+        n_layer = int(shape.get("block_count") or 0)
+        if int(shape.get("expert_count") or 0) > 1 and "--cpu-moe" not in command:
+            start = int(_arg(command, "--n-cpu-moe", 0)) + 1
+            for count in range(start, n_layer + 1):
+                tried = trial({"--n-cpu-moe": count})
+                if tried["fits"]:
+                    host = sum(h["bytes"] for h in tried["host"] if h["model"] == name)
+                    options.append(
+                        (
+                            {"n_cpu_moe": count},
+                            "the experts of the first %d of %d layers in host memory: %s of host memory for this model"
+                            % (count, n_layer, _gib(host)),
+                        )
+                    )
+                    break
+        found.append({"model": name, "options": [{"llamacpp": o, "why": w} for o, w in options]})
+    return found
+
+
+def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memory_mib=0):
+    """Memory per instance and GPU, and whether each GPU holds its instances.
+
+    ``gpus`` is gpu_facts' list (index, memory_total_mib). Returns
+    ``{"rows": [...], "gpus": [...], "host": [...], "fits": bool,
+    "unknown": [names], "suggestions": [...]}``; suggestions only when
+    something does not fit. ``host_memory_mib`` (0: not checked) is the host
+    memory the GPU instances' host-side weights must fit in.
+    """
+    overhead_mib = overhead_mib or {}
+    result = _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+    result["suggestions"] = (
+        [] if result["fits"] else suggestions(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+    )
+    return result
 
 
 def _mib(value):
@@ -322,6 +563,30 @@ def table(result, host="host"):
                 "" if g["fits"] else "  <- does not fit",
             )
         )
+    for entry in result.get("host") or []:
+        if entry["bytes"]:
+            lines.append(
+                "%s host memory: %s replica %d keeps %s MiB (embeddings, layers and experts not on a GPU)"
+                % (host, entry["model"], entry["replica"], _mib(entry["bytes"]))
+            )
+    if result.get("host_memory") and not result.get("host_fits", True):
+        lines.append(
+            "%s host memory: %s MiB planned of %s MiB  <- does not fit"
+            % (host, _mib(result["host_total"]), _mib(result["host_memory"]))
+        )
     for name in result["unknown"]:
         lines.append("%s: %s has no known shape; not planned" % (host, name))
+    for found in result.get("suggestions") or []:
+        if not found["options"]:
+            lines.append(
+                "%s: %s does not fit with any setting the planner can change: give it more or larger GPUs, "
+                "more host memory, or a smaller quantization" % (host, found["model"])
+            )
+            continue
+        lines.append("%s: %s would fit with any one of (each planned again, with the rest unchanged):" % (host, found["model"]))
+        for option in found["options"]:
+            lines.append(
+                "  llamacpp: {%s}  (%s)"
+                % (", ".join("%s: %s" % (k, str(v).lower() if isinstance(v, bool) else v) for k, v in sorted(option["llamacpp"].items())), option["why"])
+            )
     return "\n".join(lines)

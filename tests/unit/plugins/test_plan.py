@@ -73,9 +73,14 @@ def test_quantized_kv_cache_is_smaller():
 
 def test_partial_offload_keeps_the_rest_in_host_memory():
     full = plan(instances([llama()]), {"llama": LLAMA3_8B_Q8}, H100)["rows"][0]
-    half = plan(instances([llama(n_gpu_layers=16)]), {"llama": LLAMA3_8B_Q8}, H100)["rows"][0]
-    assert half["kv_cache"] == full["kv_cache"] // 2
-    assert half["weights"] < full["weights"] / 2
+    half = plan(instances([llama(n_gpu_layers=16)]), {"llama": LLAMA3_8B_Q8}, H100)
+    # As llama.cpp counts them, the output is one of the 16 layers: 15 of the
+    # 32 repeating layers and the output go to the GPU.
+    assert half["rows"][0]["kv_cache"] == full["kv_cache"] // 32 * 15
+    per_layer = (8_540_000_000 - 2 * 558_000_000) / 32
+    assert half["rows"][0]["weights"] == int(15 * per_layer + 558_000_000)
+    # The other 17 layers and the input embedding stay in host memory.
+    assert half["host"][0]["bytes"] == pytest.approx(558_000_000 + 17 * per_layer + full["kv_cache"] // 32 * 17, abs=1)
 
 
 def test_layer_split_shares_weights_and_kv_row_split_keeps_kv_on_the_main_gpu():
@@ -87,7 +92,9 @@ def test_layer_split_shares_weights_and_kv_row_split_keeps_kv_on_the_main_gpu():
     row = plan(
         instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="row")]), {"llama": LLAMA3_8B_Q8}, H100
     )
-    assert [r["kv_cache"] for r in layer["rows"]] == [4 * 2**30, 4 * 2**30]
+    # llama.cpp's placement: of the 33 layers (the output counted), the first
+    # 17 go to GPU 0 (layer il goes where il / 33 falls in the cumulative split).
+    assert [r["kv_cache"] for r in layer["rows"]] == [8 * 2**30 // 32 * 17, 8 * 2**30 // 32 * 15]
     assert [r["kv_cache"] for r in row["rows"]] == [8 * 2**30, 0]
     assert (
         layer["rows"][1]["weights"] > layer["rows"][0]["weights"]
@@ -177,11 +184,12 @@ def test_a_70b_model_split_over_two_gpus_by_layer_and_by_row():
         instances([llama(gpus=[0, 1], tensor_split=[1, 1], split_mode="row", ctx_size=65536)]), shapes, H200X2
     )
     kv = 65536 * 80 * 8 * 256 * 2  # 20 GiB with 8 KV heads
-    assert [r["kv_cache"] for r in layer["rows"]] == [kv // 2, kv // 2]
+    # Of 81 layers (the output counted), GPU 0 takes layers 0-40, GPU 1 41-79 and the output.
+    assert [r["kv_cache"] for r in layer["rows"]] == [kv // 80 * 41, kv // 80 * 39]
     assert [r["kv_cache"] for r in row["rows"]] == [kv, 0]
     repeating = 74_970_000_000 - 2 * 1_116_000_000
-    assert layer["rows"][0]["weights"] == repeating // 2
-    assert layer["rows"][1]["weights"] == repeating // 2 + 1_116_000_000
+    assert layer["rows"][0]["weights"] == int(repeating / 80 * 41)
+    assert layer["rows"][1]["weights"] == int(repeating / 80 * 39 + 1_116_000_000)
     assert layer["fits"]
     assert row["fits"]
     # On one 80 GB GPU it does not fit.
