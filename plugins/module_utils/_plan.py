@@ -340,7 +340,9 @@ def _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_m
         if instance["engine"] == "llamacpp":
             memory = llamacpp_memory(instance, shape, overhead_mib.get("llamacpp"))
             per_gpu = memory["gpus"]
-            host.append({"model": instance["model"], "replica": instance.get("replica", 0), "bytes": memory["host"]})
+            host.append(
+                {"model": instance["model"], "replica": instance.get("replica", 0), "bytes": memory["host"]}
+            )
         else:
             per_gpu = vllm_estimate(instance, shape, totals, overhead_mib.get("vllm"))
         fraction = instance.get("gpu_memory_fraction")
@@ -436,9 +438,9 @@ def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, ho
     full = set(g["gpu"] for g in result["gpus"] if not g["fits"])
     failing = []
     for row in result["rows"]:
-        if row["engine"] == "llamacpp" and (not row["fits"] or row["gpu"] in full or not result["host_fits"]):
-            if row["model"] not in failing:
-                failing.append(row["model"])
+        short = not row["fits"] or row["gpu"] in full or not result["host_fits"]
+        if row["engine"] == "llamacpp" and short and row["model"] not in failing:
+            failing.append(row["model"])
     found = []
     for name in failing:
         shape = shapes[name]
@@ -446,14 +448,19 @@ def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, ho
         command = own[0]["command"]
 
         def trial(values, name=name):
-            changed = [dict(i, command=_with_args(i["command"], values)) if i["model"] == name else i for i in instances]
+            changed = [
+                dict(i, command=_with_args(i["command"], values)) if i["model"] == name else i
+                for i in instances
+            ]
             return _evaluate(changed, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
 
         parallel = max(1, int(_arg(command, "--parallel", 1)))
         ctx = int(_arg(command, "--ctx-size", 4096))
         per_slot = ctx // parallel
         options = []
-        slots = _largest(1, per_slot // 256 - 1, lambda n: trial({"--ctx-size": n * 256 * parallel})["fits"])
+        slots = _largest(
+            1, per_slot // 256 - 1, lambda n, p=parallel: trial({"--ctx-size": n * 256 * p})["fits"]
+        )
         if slots:
             options.append(
                 (
@@ -461,10 +468,17 @@ def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, ho
                     "%d tokens per slot at parallel %d" % (slots * 256, parallel),
                 )
             )
-        fewer = _largest(1, parallel - 1, lambda n: trial({"--parallel": n, "--ctx-size": n * per_slot})["fits"])
+        fewer = _largest(
+            1, parallel - 1, lambda n, s=per_slot: trial({"--parallel": n, "--ctx-size": n * s})["fits"]
+        )
         if fewer:
-            options.append(({"parallel": fewer, "ctx_size": fewer * per_slot}, "%d tokens per slot" % per_slot))
-        current = max(KV_BYTES.get(_arg(command, "--cache-type-k", "f16"), 2.0), KV_BYTES.get(_arg(command, "--cache-type-v", "f16"), 2.0))
+            options.append(
+                ({"parallel": fewer, "ctx_size": fewer * per_slot}, "%d tokens per slot" % per_slot)
+            )
+        current = max(
+            KV_BYTES.get(_arg(command, "--cache-type-k", "f16"), 2.0),
+            KV_BYTES.get(_arg(command, "--cache-type-v", "f16"), 2.0),
+        )
         if current > KV_BYTES["q8_0"]:
             values = {"--cache-type-k": "q8_0", "--cache-type-v": "q8_0"}
             flash = _arg(command, "--flash-attn", "auto")
@@ -507,7 +521,9 @@ def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memo
     overhead_mib = overhead_mib or {}
     result = _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
     result["suggestions"] = (
-        [] if result["fits"] else suggestions(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+        []
+        if result["fits"]
+        else suggestions(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
     )
     return result
 
@@ -583,10 +599,19 @@ def table(result, host="host"):
                 "more host memory, or a smaller quantization" % (host, found["model"])
             )
             continue
-        lines.append("%s: %s would fit with any one of (each planned again, with the rest unchanged):" % (host, found["model"]))
+        lines.append(
+            "%s: %s would fit with any one of (each planned again, with the rest unchanged):"
+            % (host, found["model"])
+        )
         for option in found["options"]:
             lines.append(
                 "  llamacpp: {%s}  (%s)"
-                % (", ".join("%s: %s" % (k, str(v).lower() if isinstance(v, bool) else v) for k, v in sorted(option["llamacpp"].items())), option["why"])
+                % (
+                    ", ".join(
+                        "%s: %s" % (k, str(v).lower() if isinstance(v, bool) else v)
+                        for k, v in sorted(option["llamacpp"].items())
+                    ),
+                    option["why"],
+                )
             )
     return "\n".join(lines)

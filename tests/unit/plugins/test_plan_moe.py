@@ -23,6 +23,7 @@ from tests.gguf_shapes import write_gguf
 
 GIB = 1024 * MIB
 L40S = {"memory_total_mib": 46068}
+H200 = {"memory_total_mib": 143771}
 
 
 def gpus(count, memory=L40S):
@@ -137,9 +138,7 @@ def kv_per_cell(shape, cache=2.0):
 
 
 def test_sliding_window_layers_keep_only_the_window(oss120):
-    result = planned(
-        [oss(parallel=4, ctx_size=131072, kv_unified=True)], oss120, 1, memory={"memory_total_mib": 143771}
-    )
+    result = planned([oss(parallel=4, ctx_size=131072, kv_unified=True)], oss120, 1, memory=H200)
     row = result["rows"][0]
     cell = kv_per_cell(oss120)
     # 18 full layers of 131072 cells; 18 sliding layers of 4 x 128 + one
@@ -149,16 +148,14 @@ def test_sliding_window_layers_keep_only_the_window(oss120):
         [oss(parallel=4, ctx_size=131072, kv_unified=True, swa_full=True)],
         oss120,
         1,
-        memory={"memory_total_mib": 143771},
+        memory=H200,
     )["rows"][0]
     assert full["kv_cache"] == 36 * 131072 * cell
     assert row["kv_cache"] < 0.51 * full["kv_cache"]
 
 
 def test_without_a_unified_pool_each_slot_keeps_its_own_window(oss120):
-    row = planned(
-        [oss(parallel=4, ctx_size=131072, kv_unified=False)], oss120, 1, memory={"memory_total_mib": 143771}
-    )["rows"][0]
+    row = planned([oss(parallel=4, ctx_size=131072, kv_unified=False)], oss120, 1, memory=H200)["rows"][0]
     cell = kv_per_cell(oss120)
     # Per slot: 128 + 512 = 640 cells, padded to 768, in each of 4 streams.
     assert row["kv_cache"] == 18 * 131072 * cell + 18 * 768 * 4 * cell
@@ -172,11 +169,11 @@ def test_gemma3_kv_is_a_sixth_of_full_context_and_quantizes(gemma3):
         "gpus": [0],
         "llamacpp": {"n_gpu_layers": 999, "parallel": 1, "ctx_size": 131072, "flash_attn": True},
     }
-    row = planned([model], gemma3, 1, memory={"memory_total_mib": 143771})["rows"][0]
+    row = planned([model], gemma3, 1, memory=H200)["rows"][0]
     cell = kv_per_cell(gemma3)
     assert row["kv_cache"] == 10 * 131072 * cell + 52 * 1536 * cell
     model["llamacpp"].update(cache_type_k="q8_0", cache_type_v="q8_0")
-    q8 = planned([model], gemma3, 1, memory={"memory_total_mib": 143771})["rows"][0]
+    q8 = planned([model], gemma3, 1, memory=H200)["rows"][0]
     assert q8["kv_cache"] == pytest.approx(row["kv_cache"] * KV_BYTES["q8_0"] / 2, rel=1e-9)
 
 
@@ -205,7 +202,8 @@ def test_host_memory_that_cannot_hold_the_experts_fails_the_plan(oss120):
     result = planned([model], oss120, 1, host_memory_mib=32 * 1024)
     assert not result["fits"]
     assert not result["host_fits"]
-    assert "host memory" in table(result) and "does not fit" in table(result)
+    assert "host memory" in table(result)
+    assert "does not fit" in table(result)
 
 
 def test_layer_split_places_whole_layers_with_their_experts(oss120):
@@ -248,7 +246,7 @@ def test_too_long_a_context_gets_the_context_the_slots_and_the_cache_that_fit(os
     assert not planned([apply(model, {"llamacpp": bigger})], oss120, 4)["fits"]
     text = table(result, "gpu-a")
     assert "gpt-oss-120b would fit with any one of" in text
-    assert "ctx_size: %d" % ctx in text
+    assert f"ctx_size: {ctx}" in text
 
 
 def test_a_quantized_cache_and_experts_on_the_host_are_offered_when_they_are_enough(oss120):
