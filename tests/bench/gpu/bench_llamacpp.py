@@ -198,6 +198,11 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
         ("-ctv", "--cache-type-v"),
         ("-sm", "--split-mode"),
         ("-ts", "--tensor-split"),
+        ("-np", "--parallel"),
+        ("-kvu", "--kv-unified"),
+        ("-fa", "--flash-attn"),
+        ("-ncmoe", "--n-cpu-moe"),
+        ("-cmoe", "--cpu-moe"),
     ):
         if short in command:
             command[command.index(short)] = long
@@ -208,7 +213,8 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
 
 
 def serve(server: str, model: str, extra: list[str], log: Path):
-    args = [server, "-m", model, "--host", "127.0.0.1", "--port", str(PORT), "-ngl", "999", "--no-webui"]
+    # Verbosity 4: llama-server's own account of its buffers (model, KV, compute) is logged.
+    args = [server, "-m", model, "--host", "127.0.0.1", "--port", str(PORT), "-ngl", "999", "--no-webui", "-lv", "4"]
     args += extra
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,6 +13,11 @@
 # prefix         llama-server's prompt-cache flags (--cache-ram, --cache-reuse) with the role's
 #                GPU line, under the multi-turn traffic prefix affinity sends one replica
 #                (tests/bench/gpu/prefix_cache.py)
+# moe            gpt-oss-120b's shape (MXFP4 experts, sliding windows; experts left as zero
+#                holes so that 59 GiB fit a small disk) with the role's GPU line: memory
+#                against model_plan at 32 slots x 8k, 4 x 32k, 1 x 128k and 4 x 32k with
+#                18 layers' experts on the host; tokens/s at 1, 8 and 32 streams
+# dense          Llama-3-8B Q8_0 with the role's GPU line: the dense planner's accuracy again
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
 #                tensor where this llama.cpp has it), then on one GPU at a context that fits it
@@ -31,8 +36,9 @@ steps=("$@")
 ((${#steps[@]})) || steps=(build build-default models serve plan)
 log() { printf '[gpu %s] %s\n' "$(date +%T)" "$*" >&2; }
 
-python3 -c 'import gguf' 2>/dev/null || {
-  if [[ -d "$repo/.whl" ]]; then pip install -q --no-index --find-links "$repo/.whl" gguf; else pip install -q gguf; fi
+# gguf 0.18 or later: the first to read and write MXFP4 tensors.
+python3 -c 'import gguf; gguf.GGMLQuantizationType.MXFP4' 2>/dev/null || {
+  if [[ -d "$repo/.whl" ]]; then pip install -q --no-index --find-links "$repo/.whl" 'gguf>=0.18'; else pip install -q 'gguf>=0.18'; fi
 }
 # The planner is imported from this checkout as ansible_collections.cortex.serving.
 mkdir -p "$work/collections/ansible_collections/cortex"
@@ -116,6 +122,32 @@ for step in "${steps[@]}"; do
         --config "cache_ram_0=$role --cache-ram 0" \
         --config "cache_ram_8g=$role --cache-ram 8192" \
         --config "cache_ram_8g_reuse_256=$role --cache-ram 8192 --cache-reuse 256"
+      ;;
+    moe)
+      file="$work/models/gpt-oss-120b-MXFP4.gguf"
+      mkdir -p "$work/models"
+      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" gpt-oss-120b MXFP4 "$file.part" --fill sparse-experts && mv "$file.part" "$file"; }
+      # model_servers_llamacpp_gpu_defaults, as the role renders them.
+      role="--n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0"
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
+        --out "$out/serve-gpt-oss-120b.json" --collections "$work/collections" --deadline "$deadline" \
+        --n-predict 64 --levels 1,8,32 \
+        --config "slots32_ctx8k=--parallel 32 --ctx-size 262144 $role" >/dev/null
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
+        --out "$out/serve-gpt-oss-120b-plan.json" --collections "$work/collections" --deadline "$deadline" \
+        --n-predict 32 --levels 1 \
+        --config "slots4_ctx32k=--parallel 4 --ctx-size 131072 $role" \
+        --config "slots1_ctx128k=--parallel 1 --ctx-size 131072 $role" \
+        --config "slots4_ctx32k_n_cpu_moe18=--parallel 4 --ctx-size 131072 $role --n-cpu-moe 18" >/dev/null
+      ;;
+    dense)
+      file="$work/models/llama3-8b-Q8_0.gguf"
+      mkdir -p "$work/models"
+      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-8b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
+        --out "$out/serve-llama3-8b-plan.json" --collections "$work/collections" --deadline "$deadline" \
+        --n-predict 32 --levels 1 \
+        --config "slots32_ctx8k=--parallel 32 --ctx-size 262144 --n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0" >/dev/null
       ;;
     multi)
       file="$work/models/llama3-70b-Q8_0.gguf"
