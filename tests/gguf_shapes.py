@@ -58,8 +58,9 @@ SHAPES = {
     "gpt-oss-20b": Shape("gpt-oss", 24, 2880, 2880, 64, 8, 64, 201088, 131072, False, 32, 4, 2880, 128),
     # google/gemma-3-27b-it (text): five sliding-window layers of 1024 tokens to one global layer.
     "gemma3-27b": Shape("gemma3", 62, 5376, 21504, 32, 16, 128, 262208, 131072, True, window=1024),
-    # A few-megabyte gpt-oss for tests that read or load the file.
+    # Few-kilobyte gpt-oss and Gemma 3 for tests that load the file in llama-server.
     "gpt-oss-tiny": Shape("gpt-oss", 4, 64, 64, 4, 2, 16, 512, 4096, False, 8, 2, 64, 32),
+    "gemma3-tiny": Shape("gemma3", 12, 64, 128, 4, 2, 32, 512, 4096, True, window=64),
 }
 # Block size (elements) and bytes per block of the quantized types used here.
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "MXFP4": (32, 17)}

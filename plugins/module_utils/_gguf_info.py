@@ -144,10 +144,11 @@ def swa_layers(arch, block_count, window, pattern):
 
 
 def tensor_groups(tensors, type_name):
-    """Bytes and weight types of each tensor group, and per layer bytes (all, experts)."""
+    """Bytes and weight types of each tensor group, per layer bytes (all, experts), the largest expert tensor."""
     groups = {}
     layers = {}
     layer_experts = {}
+    largest_expert = 0
     for tensor in tensors:
         name, size = tensor.name, int(tensor.n_bytes)
         group = next((g for g, pattern in _GROUPS if pattern.search(name)), "other")
@@ -162,11 +163,13 @@ def tensor_groups(tensors, type_name):
             layers[il] = layers.get(il, 0) + size
             if group == "experts":
                 layer_experts[il] = layer_experts.get(il, 0) + size
+                largest_expert = max(largest_expert, size)
     count = max(layers) + 1 if layers else 0
     return (
         groups,
         [layers.get(il, 0) for il in range(count)],
         [layer_experts.get(il, 0) for il in range(count)],
+        largest_expert,
     )
 
 
@@ -234,7 +237,7 @@ def read_gguf_info(path, gguf):
         window = known_swa[2]
     pattern = arch_field("attention.sliding_window_pattern")
     sliding = swa_layers(arch, block_count, window, pattern)
-    groups, layer_bytes, layer_expert_bytes = tensor_groups(tensors, _type_name(gguf))
+    groups, layer_bytes, layer_expert_bytes, largest_expert = tensor_groups(tensors, _type_name(gguf))
     key_length = arch_field("attention.key_length") or (
         embedding // head_count if embedding and head_count else None
     )
@@ -282,4 +285,5 @@ def read_gguf_info(path, gguf):
         "tensor_groups": groups,
         "layer_bytes": layer_bytes,
         "layer_expert_bytes": layer_expert_bytes,
+        "expert_tensor_max_bytes": largest_expert,
     }

@@ -191,11 +191,12 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
     expert_ff = int(shape.get("expert_feed_forward_length") or 0)
     activations = ubatch * (embedding * 4 * 4 + used * expert_ff * 4 * 3)
     logits = ubatch * vocab * 4
-    # Experts kept in host memory are copied to the GPU one layer at a time
-    # for large batches (llama.cpp's op offload), into the compute buffer.
+    # For large batches llama.cpp copies the experts it keeps in host memory
+    # to the GPU one tensor at a time (its op offload), in the compute buffer:
+    # measured on an H200, the compute buffer grew by the largest expert tensor.
     staging = 0
     if host_expert_layers and _flag(command, "--op-offload", "--no-op-offload", default=True):
-        staging = max(experts[:host_expert_layers])
+        staging = int(shape.get("expert_tensor_max_bytes") or max(experts[:host_expert_layers]))
     overhead = (overhead_mib if overhead_mib is not None else DEFAULT_OVERHEAD_MIB["llamacpp"]) * MIB
 
     devices = _layer_devices(n_layer, ngl, len(gpus), split)

@@ -15,13 +15,20 @@ description:
   - Reads a GGUF file's metadata with the C(gguf) package, giving architecture,
     parameter count, quantization, context length, layers, attention heads and
     KV heads, and embedding size, which the resource planner needs.
+  - For a mixture of experts (gpt-oss, Mixtral, Qwen3-MoE), the experts per
+    layer and per token and the bytes of each layer's experts; for
+    sliding-window attention (gpt-oss, Gemma 2 and 3, Cohere 2), the window and
+    the layers that use it, from the file's own pattern or else the pattern
+    llama.cpp gives the architecture; the bytes and weight types of each tensor
+    group (attention, experts, shared experts, dense feed-forward, embedding,
+    output).
   - A split model (C(name-00001-of-00003.gguf)) is read as one model; every
     part must be present next to the one named.
   - Fails, naming the file, when it is missing or not GGUF.
 author:
   - cortex.serving maintainers (!UNKNOWN)
 requirements:
-  - gguf (the Python package of llama.cpp) where the module runs
+  - gguf (the Python package of llama.cpp) where the module runs; 0.18 or later for MXFP4 files such as gpt-oss
 options:
   path:
     description: Path of the GGUF file, or of any part of a split model.
@@ -141,6 +148,67 @@ model:
     path:
       description: The path asked about.
       type: str
+    head_count_kv_per_layer:
+      description: Key/value heads of each layer, when the file gives them per layer; else null.
+      type: list
+      elements: int
+    key_length_swa:
+      description: Size of one key head on the sliding-window layers (I(key_length) unless the file says otherwise).
+      type: int
+      sample: 64
+    value_length_swa:
+      description: Size of one value head on the sliding-window layers.
+      type: int
+      sample: 64
+    expert_count:
+      description: Experts per layer of a mixture of experts; 0 for a dense model.
+      type: int
+      sample: 128
+    expert_used_count:
+      description: Experts each token runs through.
+      type: int
+      sample: 4
+    expert_feed_forward_length:
+      description: Feed-forward size of one expert.
+      type: int
+      sample: 2880
+    expert_shared_count:
+      description: Shared experts every token runs through.
+      type: int
+      sample: 0
+    sliding_window:
+      description: Tokens the sliding-window layers attend to; 0 when no layer slides.
+      type: int
+      sample: 128
+    sliding_window_pattern:
+      description: The file's own C(attention.sliding_window_pattern) (a period, or C(per layer)); null when the architecture's is used.
+      type: raw
+    swa_layers:
+      description: The layers llama.cpp runs with the sliding window.
+      type: list
+      elements: int
+      sample: [0, 2, 4]
+    attention_sinks:
+      description: Whether the layers have attention sinks (gpt-oss).
+      type: bool
+    tensor_groups:
+      description:
+        - Per group (C(attention), C(experts), C(shared_experts), C(feed_forward), C(embedding), C(output), C(other)),
+          its C(bytes), number of C(tensors) and C(types) (tensor count per weight type).
+      type: dict
+      sample: {experts: {bytes: 61073326080, tensors: 216, types: {MXFP4: 108, F32: 108}}}
+    layer_bytes:
+      description: Bytes of each layer's tensors, in layer order.
+      type: list
+      elements: int
+    layer_expert_bytes:
+      description: Bytes of each layer's expert tensors (what C(--n-cpu-moe) keeps in host memory).
+      type: list
+      elements: int
+    expert_tensor_max_bytes:
+      description: Bytes of the largest expert tensor.
+      type: int
+      sample: 587530080
 """
 
 import traceback

@@ -18,6 +18,15 @@ description:
     M(cortex.serving.gguf_info)) and their command line, offloaded weights, the KV
     cache of the whole context with grouped-query attention counted, the compute
     buffer of one micro-batch, and a per-process CUDA overhead.
+  - Layers are placed on GPUs as llama.cpp places them (layer split), or shared
+    by all (tensor split). Sliding-window layers keep only the window of KV
+    cache (unless C(--swa-full)); the experts of the layers C(--n-cpu-moe) names
+    (all with C(--cpu-moe)) are counted in host memory, not on the GPUs.
+  - When something does not fit, each llama.cpp model that does not fit gets
+    the settings that would make it fit, each computed by planning again: the
+    largest C(ctx_size) at its slots, the most slots at its context per slot, a
+    q8_0 KV cache, and for a mixture of experts the fewest layers whose experts
+    stay in host memory (C(n_cpu_moe)).
   - vLLM instances are planned from a Hugging Face config (or a parameter count)
     with dtype and quantization, and checked against the share of the GPU that
     C(--gpu-memory-utilization) gives vLLM, which vLLM takes whole.
@@ -47,9 +56,15 @@ options:
     type: dict
     default: {}
   headroom_mib:
-    description: Memory each GPU keeps free beyond the plan.
+    description: Memory each GPU (and the host) keeps free beyond the plan.
     type: int
     default: 512
+  host_memory_mib:
+    description:
+      - The host's memory. When given, what the GPU instances keep in host memory (input embeddings,
+        layers not offloaded, experts kept on the CPU) must fit in it. 0 does not check.
+    type: int
+    default: 0
   fail_when_over:
     description: Fail when an instance or a GPU does not fit.
     type: bool
@@ -103,6 +118,36 @@ fits:
   description: Whether every instance and every GPU fits.
   returned: always
   type: bool
+host:
+  description: Per llama.cpp instance with GPUs, the bytes it keeps in host memory.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - model: gpt-oss-120b
+      replica: 0
+      bytes: 31602131200
+host_total:
+  description: Bytes the instances keep in host memory together.
+  returned: always
+  type: int
+host_fits:
+  description: Whether they fit I(host_memory_mib) (true when it was not given).
+  returned: always
+  type: bool
+suggestions:
+  description:
+    - When something does not fit, per llama.cpp model that does not fit, the settings that would make the
+      plan fit, each alone (C(llamacpp) is what to put in the model's C(llamacpp) section, C(why) says what it costs).
+      An empty C(options) list means no such setting makes it fit.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - model: gpt-oss-120b
+      options:
+        - llamacpp: {n_cpu_moe: 14}
+          why: "the experts of the first 14 of 36 layers in host memory: 22.7 GiB of host memory for this model"
 unknown:
   description: Models with GPUs whose shape was not given, so they were not planned.
   returned: always
@@ -127,6 +172,7 @@ def main():
             gpus=dict(type="list", elements="dict", default=[]),
             overhead_mib=dict(type="dict", default={}),
             headroom_mib=dict(type="int", default=512),
+            host_memory_mib=dict(type="int", default=0),
             fail_when_over=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
@@ -139,6 +185,7 @@ def main():
             params["gpus"],
             params["overhead_mib"],
             params["headroom_mib"],
+            params["host_memory_mib"],
         )
     except PlanError as exc:
         module.fail_json(msg=str(exc))

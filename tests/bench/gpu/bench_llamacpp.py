@@ -214,7 +214,20 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
 
 def serve(server: str, model: str, extra: list[str], log: Path):
     # Verbosity 4: llama-server's own account of its buffers (model, KV, compute) is logged.
-    args = [server, "-m", model, "--host", "127.0.0.1", "--port", str(PORT), "-ngl", "999", "--no-webui", "-lv", "4"]
+    args = [
+        server,
+        "-m",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(PORT),
+        "-ngl",
+        "999",
+        "--no-webui",
+        "-lv",
+        "4",
+    ]
     args += extra
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)

@@ -192,8 +192,11 @@ def test_experts_kept_in_host_memory_leave_the_gpu(oss120):
     assert base["host"][0]["bytes"] == oss120["token_embd_bytes"]
     assert cpu["host"][0]["bytes"] == oss120["token_embd_bytes"] + sum(experts)
     assert some["host"][0]["bytes"] == oss120["token_embd_bytes"] + sum(experts[:10])
-    # For large batches llama.cpp copies one layer's experts at a time to the GPU.
-    assert some["rows"][0]["compute"] - base["rows"][0]["compute"] == experts[0]
+    # For large batches llama.cpp copies the host's experts to the GPU one tensor at a time.
+    assert oss120["expert_tensor_max_bytes"] == 128 * 2880 * 2880 // 32 * 17
+    assert some["rows"][0]["compute"] - base["rows"][0]["compute"] == oss120["expert_tensor_max_bytes"]
+    no_copy = planned([oss(parallel=1, ctx_size=8192, n_cpu_moe=10, op_offload=False)], oss120, 1, memory=big)
+    assert no_copy["rows"][0]["compute"] == base["rows"][0]["compute"]
 
 
 def test_host_memory_that_cannot_hold_the_experts_fails_the_plan(oss120):
