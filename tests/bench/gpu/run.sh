@@ -15,8 +15,9 @@
 #                (tests/bench/gpu/prefix_cache.py)
 # moe            gpt-oss-120b's shape (MXFP4 experts, sliding windows; experts left as zero
 #                holes so that 59 GiB fit a small disk) with the role's GPU line: memory
-#                against model_plan at 32 slots x 8k, 4 x 32k, 1 x 128k and 4 x 32k with
-#                18 layers' experts on the host; tokens/s at 1, 8 and 32 streams
+#                against model_plan at 32 slots x 8k, 4 x 32k, 1 x 128k, 4 x 32k with a q8_0
+#                KV cache, with 18 layers' experts and with all experts on the host;
+#                tokens/s at 1, 8 and 32 streams
 # dense          Llama-3-8B Q8_0 with the role's GPU line: the dense planner's accuracy again
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
@@ -138,7 +139,9 @@ for step in "${steps[@]}"; do
         --n-predict 32 --levels 1 \
         --config "slots4_ctx32k=--parallel 4 --ctx-size 131072 $role" \
         --config "slots1_ctx128k=--parallel 1 --ctx-size 131072 $role" \
-        --config "slots4_ctx32k_n_cpu_moe18=--parallel 4 --ctx-size 131072 $role --n-cpu-moe 18" >/dev/null
+        --config "slots4_ctx32k_q8_0_kv=--parallel 4 --ctx-size 131072 $role --cache-type-k q8_0 --cache-type-v q8_0" \
+        --config "slots4_ctx32k_n_cpu_moe18=--parallel 4 --ctx-size 131072 $role --n-cpu-moe 18" \
+        --config "slots4_ctx32k_cpu_moe=--parallel 4 --ctx-size 131072 $role --cpu-moe" >/dev/null
       ;;
     dense)
       file="$work/models/llama3-8b-Q8_0.gguf"
