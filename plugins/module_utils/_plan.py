@@ -490,7 +490,9 @@ def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, ho
                 option = {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
                 if flash == "off":
                     option["flash_attn"] = True
-                options.append((option, "half the KV cache of f16"))
+                options.append(
+                    (option, "the KV cache at %d%% of its size" % round(100 * KV_BYTES["q8_0"] / current))
+                )
         n_layer = int(shape.get("block_count") or 0)
         if int(shape.get("expert_count") or 0) > 1 and "--cpu-moe" not in command:
             start = int(_arg(command, "--n-cpu-moe", 0)) + 1
