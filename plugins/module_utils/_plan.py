@@ -201,7 +201,7 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
 
     devices = _layer_devices(n_layer, ngl, len(gpus), split)
     host = embd
-    per_gpu = [{"weights": 0.0, "kv_cache": 0.0, "compute": 0.0} for _ in gpus]
+    per_gpu = [{"weights": 0.0, "kv_cache": 0.0, "compute": 0.0} for _gpu in gpus]
     shares = _shares(len(gpus), split) if gpus else []
     on_gpu = any(d is not None for d in devices)
     for il in range(n_layer + 1):

@@ -23,7 +23,7 @@ description:
     cache (unless C(--swa-full)); the experts of the layers C(--n-cpu-moe) names
     (all with C(--cpu-moe)) are counted in host memory, not on the GPUs.
   - When something does not fit, each llama.cpp model that does not fit gets
-    the settings that would make it fit, each computed by planning again: the
+    the settings that would make it fit, each computed by planning again, namely the
     largest C(ctx_size) at its slots, the most slots at its context per slot, a
     q8_0 KV cache, and for a mixture of experts the fewest layers whose experts
     stay in host memory (C(n_cpu_moe)).

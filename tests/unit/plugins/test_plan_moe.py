@@ -26,8 +26,8 @@ L40S = {"memory_total_mib": 46068}
 H200 = {"memory_total_mib": 143771}
 
 
-def gpus(count, memory=L40S):
-    return [{"index": i, **memory} for i in range(count)]
+def gpus(count, memory=None):
+    return [{"index": i, **(memory or L40S)} for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def oss(gpu_list=(0,), **llamacpp):
     }
 
 
-def planned(models, shape, gpu_count, host_memory_mib=0, memory=L40S):
+def planned(models, shape, gpu_count, host_memory_mib=0, memory=None):
     names = {m["name"] for m in models}
     instances = host_instances(models, "gpu-a", gpu_count)["instances"]
     return plan(
