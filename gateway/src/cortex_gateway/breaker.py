@@ -1,7 +1,8 @@
 """A circuit breaker per backend: closed, open, half-open.
 
-It opens at once when the backend refuses connections, and on a failure rate
-over a sliding window once the window holds a minimum sample. It never opens
+It opens at once when the backend refuses connections or cuts a stream it
+was sending, and on a failure rate over a sliding window once the window
+holds a minimum sample. It never opens
 the model's last ready backend on rate alone (a struggling backend beats
 none), and an engine's Retry-After keeps it open at least that long. After the
 cooldown one trial request goes through (half-open): success closes it,
@@ -34,6 +35,7 @@ class Failure(enum.Enum):
     REFUSED = "refused"  # connection refused or reset before an answer
     TIMEOUT = "timeout"
     STATUS = "status"  # 502/503/504 from the engine
+    STREAM_CUT = "stream_cut"  # a stream the engine stalled, trickled or broke off midway
 
 
 @dataclass(slots=True)
@@ -91,7 +93,9 @@ class CircuitBreaker:
             self.state is BreakerState.HALF_OPEN
             or kind is Failure.REFUSED
             or retry_after is not None
-            or (over_rate and not last_ready)
+            # A cut stream cost a client its answer: the next ones go elsewhere
+            # while there is an elsewhere.
+            or ((over_rate or kind is Failure.STREAM_CUT) and not last_ready)
         ):
             self.state = BreakerState.OPEN
             self.open_until = now + max(self.policy.cooldown, retry_after or 0.0)

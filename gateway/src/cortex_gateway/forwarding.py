@@ -224,6 +224,7 @@ class Forwarder:
                             timeouts.idle,
                             headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
                             tap=tap,
+                            on_cut=lambda cut_by=backend: self._count_failure(cut_by, Failure.STREAM_CUT),
                         )
                     except ClientGone as gone:
                         response = gone.response

@@ -170,13 +170,15 @@ async def relay_stream(
     *,
     headers: dict[str, str] | None = None,
     tap: Callable[[bytes], None] | None = None,
+    on_cut: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay server-sent events as they arrive, each one whole.
 
     A stream that breaks midway, or sends no whole event for ``idle`` seconds,
     ends with an SSE error event (and no [DONE]), so the client sees an error
-    rather than a hang or a silent cut. ``tap`` sees the events after
-    they were written (timing, usage).
+    rather than a hang or a silent cut; ``on_cut`` is then told (the engine's
+    fault, counted against it). ``tap`` sees the events after they were
+    written (timing, usage).
     """
     response = web.StreamResponse(
         status=upstream.status,
@@ -189,7 +191,7 @@ async def relay_stream(
         },
     )
     await response.prepare(request)
-    completed = client_gone = False
+    completed = client_gone = cut = False
     # Events go out whole. The idle bound counts whole events, not bytes: an
     # engine that trickles a byte now and then never completes one, and is
     # cut like an engine that has stopped; and an error event never lands in
@@ -203,11 +205,13 @@ async def relay_stream(
                 async with asyncio.timeout_at(deadline):
                     chunk = await upstream.content.readany()
             except TimeoutError:
+                cut = True
                 await response.write(
                     sse_error_event(f"the model server sent no complete event for {idle:g}s")
                 )
                 break
             except aiohttp.ClientError as exc:
+                cut = True
                 await response.write(sse_error_event(f"the model server broke off the stream: {exc}"))
                 break
             if not chunk:
@@ -222,6 +226,7 @@ async def relay_stream(
                 pending = pending[end:]
                 deadline = loop.time() + idle
             if len(pending) > MAX_EVENT_BYTES:
+                cut = True
                 await response.write(
                     sse_error_event(f"the model server sent an event over {MAX_EVENT_BYTES} bytes")
                 )
@@ -240,6 +245,8 @@ async def relay_stream(
             upstream.release()
         else:
             upstream.close()
+    if cut and on_cut is not None:
+        on_cut()
     if client_gone:
         raise ClientGone(response)
     return response

@@ -95,6 +95,35 @@ async def test_a_stream_that_trickles_bytes_is_cut_like_a_stalled_one(engine_ser
     assert "no complete event for 0.5s" in json.loads(events[-1])["error"]["message"]
 
 
+async def test_a_replica_that_cut_a_stream_gets_no_new_ones_for_a_while(engine_server, gateway_client):
+    """A stream cut by its engine (stalled, trickling, broken off) counts against
+    that engine: it is not sent the next conversations that hash to it."""
+    trickling = FakeEngine(chunks=3, trickle=0.1)
+    good = FakeEngine(chunks=3)
+    urls = [await engine_server(trickling), await engine_server(good)]
+    client = await gateway_client(make_config({"m": urls}, timeouts={"idle": 0.5}))
+
+    async def stream(number: int) -> bool:
+        """Send a new conversation as a stream; True when it was cut."""
+        body = {**CHAT, "messages": [{"role": "user", "content": f"conversation {number}"}], "stream": True}
+        resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        events = await read_cut_stream(resp)
+        return events[-1] != "[DONE]" and "error" in json.loads(events[-1])
+
+    # Bounded: new conversations land on either replica, so one soon lands on the broken one.
+    cuts = 0
+    for number in range(20):
+        if await stream(number):
+            cuts += 1
+            break
+    assert cuts == 1
+    cut_after = [await stream(100 + n) for n in range(8)]
+    assert cut_after == [False] * 8
+    assert len(trickling.received) == 1
+    backend = next(b for b in client.gateway.backends if b.url == urls[0])
+    assert backend.breaker.state.value == "open"
+
+
 async def test_a_whole_answer_broken_midway_is_asked_of_the_next_replica(engine_server, gateway_client):
     """Nothing of a non-streamed answer reaches the client before it is whole:
     a replica that breaks it off (or trickles it past the bound) costs a retry, not a 502."""

@@ -45,6 +45,17 @@ def test_the_failure_rate_opens_it_after_the_minimum_sample():
     assert breaker.state is BreakerState.OPEN  # 2 of 4 failed
 
 
+def test_a_cut_stream_opens_the_breaker_at_once_unless_it_is_the_last_backend():
+    breaker = CircuitBreaker(BreakerPolicy(min_samples=5, cooldown=10))
+    breaker.record_failure(Failure.STREAM_CUT, now=1.0)
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allows(now=5.0)
+    last = CircuitBreaker(BreakerPolicy(min_samples=5, cooldown=10))
+    last.record_failure(Failure.STREAM_CUT, last_ready=True, now=1.0)
+    # A struggling backend beats none.
+    assert last.state is BreakerState.CLOSED
+
+
 def test_the_last_ready_backend_never_opens_on_rate_alone():
     breaker = CircuitBreaker(POLICY)
     for _attempt in range(10):
