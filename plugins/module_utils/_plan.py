@@ -171,7 +171,9 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
         swa_cells = _pad(min(cells_per_stream, window * (parallel if unified else 1) + ubatch)) * streams
     else:
         swa_cells = full_cells
-    kv_heads = shape.get("head_count_kv_per_layer") or [int(shape["head_count_kv"])] * n_layer
+    kv_heads = shape.get("head_count_kv_per_layer") or []
+    if len(kv_heads) < n_layer:
+        kv_heads = [int(shape["head_count_kv"])] * n_layer
     bytes_k, bytes_v = KV_BYTES.get(type_k, 2.0), KV_BYTES.get(type_v, 2.0)
 
     def kv_of(il):

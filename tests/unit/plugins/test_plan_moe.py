@@ -284,3 +284,15 @@ def test_a_model_larger_than_the_gpu_gets_the_fewest_expert_layers_to_keep_on_th
     small = planned([model], oss120, 1, host_memory_mib=16 * 1024)
     assert small["suggestions"][0]["options"] == []
     assert "does not fit with any setting the planner can change" in table(small)
+
+
+def test_kv_heads_given_per_layer_are_counted_per_layer(oss120):
+    big = H200
+    base = planned([oss(parallel=1, ctx_size=8192)], oss120, 1, memory=big)["rows"][0]["kv_cache"]
+    # Every other layer with no KV heads (as a recurrent layer has none): the full-context layers only.
+    per_layer = [0 if il % 2 else 8 for il in range(36)]
+    shape = {**oss120, "head_count_kv_per_layer": per_layer}
+    only_swa = planned([oss(parallel=1, ctx_size=8192)], shape, 1, memory=big)["rows"][0]["kv_cache"]
+    cell = kv_per_cell(oss120)
+    assert only_swa == 18 * 768 * cell  # 128 + 512 cells padded to 768, on the 18 even layers
+    assert base == only_swa + 18 * 8192 * cell
