@@ -36,6 +36,13 @@ mkdir -p "$work" "$out"
 steps=("$@")
 ((${#steps[@]})) || steps=(build build-default models serve plan)
 log() { printf '[gpu %s] %s\n' "$(date +%T)" "$*" >&2; }
+# model SHAPE QTYPE [--fill KIND]: the path of that random-weight GGUF, written once.
+model() {
+  local file="$work/models/$1-$2.gguf"
+  mkdir -p "$work/models"
+  [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" "$1" "$2" "$file.part" "${@:3}" >&2 && mv "$file.part" "$file"; } || return 1
+  printf '%s\n' "$file"
+}
 
 # gguf 0.18 or later: the first to read and write MXFP4 tensors.
 python3 -c 'import gguf; gguf.GGMLQuantizationType.MXFP4' 2>/dev/null || {
@@ -89,12 +96,8 @@ for step in "${steps[@]}"; do
       log "default list ($archs): $done_cu CUDA objects in $seconds s, $left_cu left"
       ;;
     models)
-      for spec in "llama3-8b Q8_0" "llama3.2-1b F16"; do
-        set -- $spec
-        file="$work/models/$1-$2.gguf"
-        mkdir -p "$work/models"
-        [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" "$1" "$2" "$file.part" && mv "$file.part" "$file"; }
-      done
+      model llama3-8b Q8_0 >/dev/null
+      model llama3.2-1b F16 >/dev/null
       ;;
     serve)
       python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" \
@@ -113,9 +116,7 @@ for step in "${steps[@]}"; do
         --config "p4_ctx16k_q8kv=--parallel 4 -c 16384 -fa on -ctk q8_0 -ctv q8_0 --cache-ram 0" >/dev/null
       ;;
     prefix)
-      file="$work/models/llama3-8b-Q8_0.gguf"
-      mkdir -p "$work/models"
-      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-8b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      file="$(model llama3-8b Q8_0)"
       # The role's GPU line (model_servers_llamacpp_gpu_defaults), then the prompt cache on.
       role="--parallel 32 -c 262144 -kvu -fa on -b 512 -ub 512"
       python3 "$repo/tests/bench/gpu/prefix_cache.py" --server "$server" --model "$file" \
@@ -125,9 +126,7 @@ for step in "${steps[@]}"; do
         --config "cache_ram_8g_reuse_256=$role --cache-ram 8192 --cache-reuse 256"
       ;;
     moe)
-      file="$work/models/gpt-oss-120b-MXFP4.gguf"
-      mkdir -p "$work/models"
-      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" gpt-oss-120b MXFP4 "$file.part" --fill sparse-experts && mv "$file.part" "$file"; }
+      file="$(model gpt-oss-120b MXFP4 --fill sparse-experts)"
       # model_servers_llamacpp_gpu_defaults, as the role renders them.
       role="--n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0"
       python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
@@ -144,18 +143,14 @@ for step in "${steps[@]}"; do
         --config "slots4_ctx32k_cpu_moe=--parallel 4 --ctx-size 131072 $role --cpu-moe" >/dev/null
       ;;
     dense)
-      file="$work/models/llama3-8b-Q8_0.gguf"
-      mkdir -p "$work/models"
-      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-8b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      file="$(model llama3-8b Q8_0)"
       python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
         --out "$out/serve-llama3-8b-plan.json" --collections "$work/collections" --deadline "$deadline" \
         --n-predict 32 --levels 1 \
         --config "slots32_ctx8k=--parallel 32 --ctx-size 262144 --n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0" >/dev/null
       ;;
     multi)
-      file="$work/models/llama3-70b-Q8_0.gguf"
-      mkdir -p "$work/models"
-      [[ -f "$file" ]] || { log "writing $file"; python3 "$repo/tests/bench/gpu/make_random_gguf.py" llama3-70b Q8_0 "$file.part" && mv "$file.part" "$file"; }
+      file="$(model llama3-70b Q8_0)"
       # What the role renders for gpus [0, 1] with the GPU defaults: 32 slots in
       # one KV pool of 32 x 8192 tokens, every layer on the GPUs.
       role="--parallel 32 -c 262144 -ngl 999 -fa on -b 512 -ub 512 --cache-ram 0 -kvu"
