@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import pytest
 import yaml
 from ansible_collections.cortex.serving.plugins.module_utils._fleet import routing_table
-from ansible_collections.cortex.serving.plugins.module_utils._gguf_info import read_gguf_info
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
 from ansible_collections.cortex.serving.plugins.module_utils._plan import MIB, plan, table
-
-from tests.gguf_shapes import write_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "inventories" / "example"
@@ -54,14 +50,6 @@ def test_the_l40s_plan_fits():
     result = plan(planned["instances"], shapes, L40S)
     assert result["fits"], result
     assert result["unknown"] == ["bge-small-en-v1.5"]
-
-
-@pytest.fixture(scope="module")
-def gpt_oss_120b(tmp_path_factory):
-    """What gguf_info reads from the published file's shape (a sparse file: no disk)."""
-    path = tmp_path_factory.mktemp("gguf") / "gpt-oss-120b-mxfp4.gguf"
-    write_gguf(path, "gpt-oss-120b", "MXFP4", fill="sparse")
-    return read_gguf_info(str(path), gguf)
 
 
 def test_the_flagship_fits_four_l40s_as_the_role_renders_it(gpt_oss_120b):

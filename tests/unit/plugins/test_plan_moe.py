@@ -31,10 +31,8 @@ def gpus(count, memory=None):
 
 
 @pytest.fixture(scope="module")
-def oss120(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "gpt-oss-120b-mxfp4.gguf"
-    write_gguf(path, "gpt-oss-120b", "MXFP4", fill="sparse")
-    return read_gguf_info(str(path), gguf)
+def oss120(gpt_oss_120b):
+    return gpt_oss_120b
 
 
 @pytest.fixture(scope="module")
