@@ -19,6 +19,7 @@ __metaclass__ = type
 
 import os
 import re
+from collections import namedtuple
 
 GGUF_MAGIC = b"GGUF"
 _SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -36,26 +37,27 @@ _GROUPS = (
     ("feed_forward", re.compile(r"\.ffn_(up|down|gate|gate_up)\.")),
 )
 # Sliding-window attention as llama.cpp sets it up per architecture (its
-# src/models/*.cpp): the layer pattern when the file has none (n: layer il
-# slides unless il % n == n - 1; dense first: unless il % n == 0), the window
-# when the file has none (None: the file must say), and whether the
+# src/models/*.cpp): the layer pattern when the file has none (period n: layer
+# il slides unless il % n == n - 1; dense first: unless il % n == 0), the
+# window when the file has none (None: the file must say), and whether the
 # architecture slides only when the file gives a window above 0.
+_Sliding = namedtuple("_Sliding", "period dense_first window needs_window")
 SWA_ARCHITECTURES = {
-    "gpt-oss": (2, False, None, False),
-    "gemma2": (2, False, 4096, False),
-    "gemma3": (6, False, None, True),
-    "gemma3n": (5, False, None, False),
-    "gemma-embedding": (6, False, None, False),
-    "cohere2": (4, False, None, False),
-    "cohere2moe": (4, True, None, False),
-    "exaone4": (4, False, None, True),
-    "exaone-moe": (4, False, 128, False),
-    "llama4": (4, False, 8192, False),
-    "olmo2": (4, False, None, True),
-    "afmoe": (4, False, None, True),
-    "mellum": (4, False, None, True),
-    "plamo3": (8, False, None, True),
-    "smallthinker": (4, True, None, True),
+    "gpt-oss": _Sliding(2, False, None, False),
+    "gemma2": _Sliding(2, False, 4096, False),
+    "gemma3": _Sliding(6, False, None, True),
+    "gemma3n": _Sliding(5, False, None, False),
+    "gemma-embedding": _Sliding(6, False, None, False),
+    "cohere2": _Sliding(4, False, None, False),
+    "cohere2moe": _Sliding(4, True, None, False),
+    "exaone4": _Sliding(4, False, None, True),
+    "exaone-moe": _Sliding(4, False, 128, False),
+    "llama4": _Sliding(4, False, 8192, False),
+    "olmo2": _Sliding(4, False, None, True),
+    "afmoe": _Sliding(4, False, None, True),
+    "mellum": _Sliding(4, False, None, True),
+    "plamo3": _Sliding(8, False, None, True),
+    "smallthinker": _Sliding(4, True, None, True),
 }
 
 
@@ -130,7 +132,7 @@ def swa_layers(arch, block_count, window, pattern):
     known = SWA_ARCHITECTURES.get(arch)
     if not known or not block_count or not window:
         return []
-    period, dense_first, _window, _needs_key = known
+    period, dense_first = known.period, known.dense_first
     flags = _as_list(pattern)
     if flags is not None:
         return [il for il, flag in enumerate(flags[:block_count]) if flag]
@@ -233,8 +235,8 @@ def read_gguf_info(path, gguf):
     block_count = arch_field("block_count")
     known_swa = SWA_ARCHITECTURES.get(arch)
     window = arch_field("attention.sliding_window")
-    if known_swa and window is None and not known_swa[3]:
-        window = known_swa[2]
+    if known_swa and window is None and not known_swa.needs_window:
+        window = known_swa.window
     pattern = arch_field("attention.sliding_window_pattern")
     sliding = swa_layers(arch, block_count, window, pattern)
     groups, layer_bytes, layer_expert_bytes, largest_expert = tensor_groups(tensors, _type_name(gguf))

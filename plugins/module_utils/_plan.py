@@ -427,8 +427,8 @@ def _gib(value):
     return "%.1f GiB" % (value / float(1024 * MIB))
 
 
-def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memory_mib=0):
-    """For each llama.cpp model that does not fit, the settings that would make the plan fit.
+def _suggestions(result, instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib):
+    """For each llama.cpp model that does not fit ``result``, the settings that would make the plan fit.
 
     Each is computed by planning again with only that model's settings
     changed (every replica of it), and is offered only when that plan fits:
@@ -436,8 +436,6 @@ def suggestions(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, ho
     per slot, a q8_0 KV cache, and for a mixture of experts the fewest layers
     whose experts stay in host memory (``n_cpu_moe``).
     """
-    overhead_mib = overhead_mib or {}
-    result = _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
     full = set(g["gpu"] for g in result["gpus"] if not g["fits"])
     failing = []
     for row in result["rows"]:
@@ -528,7 +526,7 @@ def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memo
     result["suggestions"] = (
         []
         if result["fits"]
-        else suggestions(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+        else _suggestions(result, instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
     )
     return result
 

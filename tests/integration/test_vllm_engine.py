@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
     API_KEY_FILE,
     VLLM_OPTIONS,
@@ -26,7 +25,9 @@ from ansible_collections.cortex.serving.plugins.module_utils._engine_command imp
 )
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances
 
-from .conftest import ROOT, docker
+from tests.role_defaults import model_servers_defaults
+
+from .conftest import docker
 
 PARSE_SCRIPT = Path(__file__).with_name("vllm_parse.py")
 MODEL = {"name": "smol", "engine": "vllm", "source": {"path": "/srv/models/smol"}}
@@ -114,11 +115,8 @@ def test_vllm_refuses_what_the_collection_would_refuse(vllm_runtime):
 
 
 def role_defaults() -> dict:
-    defaults = yaml.safe_load((ROOT / "roles" / "model_servers" / "defaults" / "main.yml").read_text())
     return {
-        "vllm": defaults["model_servers_vllm_defaults"],
-        "vllm_cpu": defaults["model_servers_vllm_cpu_defaults"],
-        "vllm_gpu": defaults["model_servers_vllm_gpu_defaults"],
+        **model_servers_defaults(),
         "vllm_cpu_venv": "/srv/vllm-venv",
         "images": {"vllm_cpu": "cortex/vllm-cpu:0.32.0-runtime"},
     }

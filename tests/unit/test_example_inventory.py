@@ -12,20 +12,12 @@ from ansible_collections.cortex.serving.plugins.module_utils._fleet import routi
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
 from ansible_collections.cortex.serving.plugins.module_utils._plan import MIB, plan, table
 
+from tests.role_defaults import model_servers_defaults
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "inventories" / "example"
 GPUS = {"l40s-a": 1, "l40s-b": 1, "h100-a": 2, "l40s-quad-a": 4}
 L40S = [{"index": 0, "memory_total_mib": 46068}]
-
-
-def role_defaults() -> dict:
-    """The llama.cpp defaults the model_servers role hands to model_instances."""
-    defaults = yaml.safe_load((ROOT / "roles" / "model_servers" / "defaults" / "main.yml").read_text())
-    return {
-        "llamacpp": defaults["model_servers_llamacpp_defaults"],
-        "llamacpp_gpu": defaults["model_servers_llamacpp_gpu_defaults"],
-        "llamacpp_multi_gpu": defaults["model_servers_llamacpp_multi_gpu_defaults"],
-    }
 
 
 def models(host: str) -> list[dict]:
@@ -54,7 +46,7 @@ def test_the_l40s_plan_fits():
 
 def test_the_flagship_fits_four_l40s_as_the_role_renders_it(gpt_oss_120b):
     shapes = {"gpt-oss-120b": {**gpt_oss_120b, "context_length": 131072}}
-    planned = host_instances(models("l40s-quad-a"), "l40s-quad-a", 4, role_defaults(), shapes)
+    planned = host_instances(models("l40s-quad-a"), "l40s-quad-a", 4, model_servers_defaults(), shapes)
     (instance,) = planned["instances"]
     command = instance["command"]
 

@@ -2,11 +2,10 @@
 
 It opens at once when the backend refuses connections or cuts a stream it
 was sending, and on a failure rate over a sliding window once the window
-holds a minimum sample. It never opens
-the model's last ready backend on rate alone (a struggling backend beats
-none), and an engine's Retry-After keeps it open at least that long. After the
-cooldown one trial request goes through (half-open): success closes it,
-failure opens it again.
+holds a minimum sample. It never opens the model's last ready backend on rate
+or a cut stream alone (a struggling backend beats none), and an engine's
+Retry-After keeps it open at least that long. After the cooldown one trial
+request goes through (half-open): success closes it, failure opens it again.
 """
 
 from __future__ import annotations
