@@ -260,6 +260,12 @@ def llamacpp_command(model, defaults=None, context_length=None):
         # Without a GPU nothing can be offloaded.
         options["n_gpu_layers"] = 0
     rendered, extra = _render(name, "llamacpp", options, LLAMACPP_OPTIONS, LLAMACPP_OWN)
+    if options.get("n_cpu_moe") is not None and options["n_cpu_moe"] < 0:
+        # llama-server would refuse it only when the container starts.
+        raise EngineCommandError(
+            "model %s: llamacpp.n_cpu_moe: must be 0 or more (layers whose experts stay in host memory), got %r"
+            % (name, options["n_cpu_moe"])
+        )
     args = [
         "--model",
         posixpath.join(MODEL_DIR, model_file),

@@ -113,6 +113,8 @@ def test_every_option_has_a_long_flag():
         ({**SMOLLM, "gpus": [0, 1], "llamacpp": {"tensor_split": [1, 1, 1]}}, "3 shares for 2 GPUs"),
         ({**SMOLLM, "llamacpp": {"ctxsize": 1}}, "llamacpp.ctxsize: not a known option"),
         ({**SMOLLM, "llamacpp": {"batch_size": "big"}}, "llamacpp.batch_size: must be a whole number"),
+        ({**SMOLLM, "llamacpp": {"n_cpu_moe": -1}}, "llamacpp.n_cpu_moe: must be 0 or more"),
+        ({**SMOLLM, "llamacpp": {"n_cpu_moe": 1.5}}, "llamacpp.n_cpu_moe: must be a whole number"),
     ],
 )
 def test_bad_entries_name_the_model_and_field(model, message):
