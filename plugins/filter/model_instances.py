@@ -19,6 +19,8 @@ description:
     C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas,
     C(instance_endpoints), the gateway's view of a host's started instances, and
     C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
+    C(model_fetch_list), the models (not absent) and their LoRA adapters and draft models, each as an entry
+    with its own C(name), C(engine) and C(source), for the role to fetch,
     C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters,
     C(proxy_read_timeout), the seconds nginx waits in front of the gateway (its longest timeout, over every
     model's own, and a margin), and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text
@@ -41,7 +43,9 @@ options:
     description: The model_servers role's defaults (address, ports, images, engine settings, timeouts).
     type: dict
   shapes:
-    description: Per model name, what C(cortex.serving.gguf_info) read from its file.
+    description: >-
+      Per model name, what C(cortex.serving.gguf_info) read from its file; an adapter's under
+      C(MODEL+lora+ADAPTER), a draft's under C(MODEL+draft).
     type: dict
 """
 
@@ -69,6 +73,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
 )
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
+    fetch_list,
     host_instances,
     instance_endpoints,
     source_files,
@@ -132,6 +137,7 @@ class FilterModule(object):
             "model_instances": _model_instances,
             "instance_endpoints": instance_endpoints,
             "model_source_files": source_files,
+            "model_fetch_list": fetch_list,
             "routing_table": _routing_table,
             "proxy_read_timeout": proxy_read_timeout,
             "prometheus_targets": _prometheus_targets,

@@ -17,6 +17,12 @@ __metaclass__ = type
 
 import posixpath
 
+from ansible_collections.cortex.serving.plugins.module_utils._features import (
+    VLLM_LORA_RANKS,
+    llamacpp_feature_args,
+    vllm_feature_args,
+)
+
 # Where things are inside the engine containers.
 LLAMACPP_PORT = 8080
 VLLM_PORT = 8000
@@ -122,6 +128,8 @@ VLLM_OPTIONS = {
         None,
         "--disable-prompt-tokens-details",
     ),
+    # The largest LoRA rank among the model's adapters (vLLM's default is 16).
+    "max_lora_rank": ("--max-lora-rank", "int", VLLM_LORA_RANKS),
     # Each health check would be a log line.
     "uvicorn_access_log": ("--enable-uvicorn-access-log", "negatable", None, "--disable-uvicorn-access-log"),
 }
@@ -169,6 +177,10 @@ def _render(name, section, options, table, own, booleans=None):
                 raise EngineCommandError(
                     "%s: must be %s, got %r"
                     % (where, "a whole number" if kind == "int" else "a number", value)
+                )
+            if choices and value not in choices:
+                raise EngineCommandError(
+                    "%s: must be one of %s, got %r" % (where, ", ".join(str(c) for c in choices), value)
                 )
             args += [flag, str(int(value) if kind == "int" else value)]
         elif kind == "str":
@@ -286,7 +298,7 @@ def llamacpp_command(model, defaults=None, context_length=None):
         # Engines sit behind the gateway; nobody browses to them.
         "--no-webui",
     ]
-    return args + rendered + extra
+    return args + rendered + llamacpp_feature_args(model, gpus) + extra
 
 
 def vllm_command(model, defaults=None):
@@ -340,4 +352,4 @@ def vllm_command(model, defaults=None):
         name, "vllm", options, VLLM_OPTIONS, VLLM_OWN, booleans=None if gpus else VLLM_CPU_BOOLEANS
     )
     served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104
-    return target + served + rendered + extra
+    return target + served + rendered + vllm_feature_args(model) + extra

@@ -33,6 +33,7 @@ def routing_table(host_endpoints):
                     "engine": endpoint["engine"],
                     "timeouts": endpoint.get("timeouts") or {},
                     "routing": endpoint.get("routing") or {},
+                    "adapters": endpoint.get("adapters") or [],
                     "backends": [],
                 },
             )
@@ -40,6 +41,17 @@ def routing_table(host_endpoints):
                 raise FleetError(
                     "model %s: host %s serves it with engine %s, another host with %s"
                     % (name, host, endpoint["engine"], entry["engine"])
+                )
+            if (endpoint.get("adapters") or []) != entry["adapters"]:
+                # The gateway names an adapter by its place in the list.
+                raise FleetError(
+                    "model %s: host %s has the adapters %s, another host %s; give every host the same list"
+                    % (
+                        name,
+                        host,
+                        [a["name"] for a in endpoint.get("adapters") or []],
+                        [a["name"] for a in entry["adapters"]],
+                    )
                 )
             entry["backends"].append(
                 {

@@ -17,6 +17,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import hashlib
 import os
 import re
 from collections import namedtuple
@@ -196,6 +197,31 @@ def _type_name(gguf):
     return name
 
 
+def vocabulary(reader):
+    """What llama.cpp compares before it lets a draft model speculate for a target.
+
+    The tokenizer model, the BOS/EOS tokens and whether they are added, the
+    token count, and a digest of the token texts (a draft must have the same
+    ones, token by token). None for a file without a tokenizer (an adapter).
+    """
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        return None
+    digest = hashlib.sha256()
+    for token in tokens:
+        digest.update(token.encode("utf-8", "replace") if not isinstance(token, bytes) else token)
+        digest.update(b"\0")
+    return {
+        "model": _field(reader, "tokenizer.ggml.model"),
+        "tokens": len(tokens),
+        "tokens_sha256": digest.hexdigest(),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "add_bos_token": _field(reader, "tokenizer.ggml.add_bos_token"),
+        "add_eos_token": _field(reader, "tokenizer.ggml.add_eos_token"),
+    }
+
+
 def read_gguf_info(path, gguf):
     """Architecture, size and attention shape of the model at ``path``."""
     parts = split_parts(path)
@@ -253,6 +279,11 @@ def read_gguf_info(path, gguf):
         "size_bytes": sum(os.path.getsize(p) for p in parts),
         "architecture": arch,
         "name": _field(first, "general.name"),
+        # "model", or "adapter" for a LoRA adapter (adapter.type lora).
+        "type": _field(first, "general.type") or "model",
+        "adapter_type": _field(first, "adapter.type"),
+        "lora_alpha": _field(first, "adapter.lora.alpha"),
+        "vocabulary": vocabulary(first),
         "file_type": file_type,
         "quantization": quantization_name(gguf, file_type),
         "parameter_count": sum(int(t.n_elements) for t in tensors),

@@ -17,6 +17,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import hashlib
+import json
 import re
 import zlib
 
@@ -29,11 +31,23 @@ from ansible_collections.cortex.serving.plugins.module_utils._engine_command imp
     llamacpp_command,
     vllm_command,
 )
+from ansible_collections.cortex.serving.plugins.module_utils._features import (
+    adapters_of,
+    check_features,
+    check_vocabularies,
+    draft_fetch_name,
+    feature_files,
+)
+from ansible_collections.cortex.serving.plugins.module_utils._sources import (  # noqa: F401 - used by the filters
+    SOURCE_KINDS,
+    source_file_name,
+    source_files,
+    source_kind,
+)
 
 ENGINES = ("llamacpp", "vllm")
 STATES = ("started", "stopped", "absent")
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
-SOURCE_KINDS = ("wheel", "path", "url", "hf_repo")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 STOP_TIMEOUTS = {"llamacpp": 15, "vllm": 60}
@@ -58,6 +72,8 @@ BUILTIN_DEFAULTS = {
     # A host folder holding the vLLM virtualenv, mounted read-only into CPU
     # vLLM containers whose image does not carry it (empty: the image has it).
     "vllm_cpu_venv": "",
+    # Where the role puts each model's (and adapter's, and draft's) files on the host.
+    "models_dir": "/srv/cortex/models",
     # Environment of vLLM models without GPUs, under the model's own env.
     "vllm_cpu_env": {},
     "llamacpp": {"parallel": 2, "metrics": True},
@@ -103,49 +119,8 @@ def _is_archive(name):
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def source_kind(source):
-    """Which of the source kinds a ``source`` dict declares (or None)."""
-    kinds = [kind for kind in SOURCE_KINDS if isinstance(source, dict) and source.get(kind)]
-    return kinds[0] if len(kinds) == 1 else None
-
-
-def source_file_name(source):
-    """Base name of the model file a source gives (None for a repo directory)."""
-    kind = source_kind(source)
-    if kind == "wheel":
-        name = source.get("member") or ""
-    elif kind == "path":
-        name = source.get("path") or ""
-    elif kind == "url":
-        name = source.get("filename") or str(source.get("url") or "").split("?", 1)[0].rstrip("/")
-    elif kind == "hf_repo":
-        name = source.get("file") or ""
-    else:
-        return None
-    name = name.rsplit("/", 1)[-1]
-    return name or None
-
-
-_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def source_files(source):
-    """Every file a source's model file consists of: the parts of a split GGUF, in order."""
-    name = source_file_name(source)
-    if not name:
-        return []
-    folder = ""
-    if source_kind(source) == "hf_repo" and "/" in (source.get("file") or ""):
-        folder = source["file"].rsplit("/", 1)[0] + "/"
-    match = _SPLIT.match(name)
-    if not match:
-        return [folder + name]
-    count = int(match.group("count"))
-    return [folder + "%s-%05d-of-%05d.gguf" % (match.group("stem"), n, count) for n in range(1, count + 1)]
-
-
-def _check_source(name, engine, source, problems):
-    where = "model %s: source" % name
+def _check_source(name, engine, source, problems, where=None):
+    where = where or "model %s: source" % name
     if not isinstance(source, dict):
         problems.append("%s: must be a mapping with one of %s" % (where, ", ".join(SOURCE_KINDS)))
         return
@@ -262,6 +237,8 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
 
     seen = {}
     checked = []
+    # Every name a client can ask for on this host: models and their adapters.
+    served_names = {}
     for position, model in enumerate(models):
         if not isinstance(model, dict):
             problems.append("cortex_models[%d] on %s: must be a mapping, got %r" % (position, host, model))
@@ -284,6 +261,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             )
             continue
         seen[name] = position
+        served_names.setdefault(name, []).append("a model")
         engine = model.get("engine")
         if engine not in ENGINES:
             problems.append(
@@ -328,6 +306,22 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             problems.append("model %s: env: must be a mapping of names to values" % name)
             env = {}
         _check_source(name, engine, model.get("source"), problems)
+        gpus_wanted = model.get("gpus")
+        per_replica_count = None
+        if isinstance(gpus_wanted, list) and gpus_wanted and len(gpus_wanted) % replicas == 0:
+            per_replica_count = len(gpus_wanted) // replicas
+        elif _is_int(gpus_wanted):
+            per_replica_count = gpus_wanted
+        for adapter_name in check_features(
+            model,
+            engine,
+            lambda where, source, n=name, e=engine: _check_source(n, e, source, problems, where),
+            problems,
+            per_replica_count,
+        ):
+            served_names.setdefault(adapter_name, []).append("an adapter of %s" % name)
+        if shapes:
+            check_vocabularies(model, shapes, problems)
         if state == "absent":
             checked.append((model, name, engine, state, restart, replicas, port, None, None, fraction, env))
             continue
@@ -335,6 +329,13 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         checked.append(
             (model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env)
         )
+
+    for served, holders in sorted(served_names.items()):
+        if len(holders) > 1:
+            problems.append(
+                "model %s: adapters: the name %s is both %s on %s; clients could not tell them apart"
+                % (served, served, " and ".join(holders), host)
+            )
 
     # GPUs: explicit indices first, then counts take the lowest free ones.
     claims = {}
@@ -420,7 +421,12 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             absent.append(name)
             continue
         shape = shapes.get(name) or {}
-        health_timeout = _health_timeout(engine, model, shape.get("size_bytes"), cfg)
+        # A draft is loaded with the model: its start period counts it too.
+        size = (shape.get("size_bytes") or 0) + (
+            (shapes.get(draft_fetch_name(name)) or {}).get("size_bytes") or 0
+        )
+        health_timeout = _health_timeout(engine, model, size, cfg)
+        files = feature_files(model, engine)
         options = _merge(cfg.get(engine) or {}, model.get(engine) or {})
         for replica in range(replicas):
             gpus = per_replica[replica] or []
@@ -476,16 +482,25 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "gpu_memory_fraction": fraction,
                     "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
                     # Mounts besides the key and the model (the role adds those).
-                    "extra_mounts": [
-                        {
-                            "type": "bind",
-                            "source": cfg["vllm_cpu_venv"],
-                            "target": VLLM_VENV_DIR,
-                            "read_only": True,
-                        }
-                    ]
-                    if vllm_cpu and cfg.get("vllm_cpu_venv")
-                    else [],
+                    "extra_mounts": (
+                        [
+                            {
+                                "type": "bind",
+                                "source": cfg["vllm_cpu_venv"],
+                                "target": VLLM_VENV_DIR,
+                                "read_only": True,
+                            }
+                        ]
+                        if vllm_cpu and cfg.get("vllm_cpu_venv")
+                        else []
+                    )
+                    + [_file_mount(f, cfg["models_dir"]) for f in files],
+                    # Adapters served as model names, in llama.cpp's order (its ids).
+                    "adapters": [
+                        {"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)
+                    ],
+                    # Identifies the adapters' and draft's files, as io.cortex.source the model's.
+                    "features_id": _features_id(files),
                     "command": command,
                     "env": dict(
                         (str(k), str(v))
@@ -517,6 +532,40 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     if problems:
         raise ModelsError(problems)
     return {"host": host, "instances": instances, "absent": absent}
+
+
+def _file_mount(extra, models_dir):
+    """The read-only mount of an adapter's or draft's files."""
+    source = extra["source"]
+    if source.get("path"):
+        # A GGUF file's folder, or vLLM's folder itself.
+        folder = source["path"] if extra["engine"] == "vllm" else source["path"].rsplit("/", 1)[0] or "/"
+    else:
+        folder = "%s/%s" % (models_dir.rstrip("/"), extra["name"])
+    return {"type": "bind", "source": folder, "target": extra["target"], "read_only": True}
+
+
+def _features_id(files):
+    """A digest of the extra files' sources (no token), or None without any."""
+    if not files:
+        return None
+    text = json.dumps(
+        [[f["name"], dict((k, v) for k, v in f["source"].items() if k != "token")] for f in files],
+        sort_keys=True,
+    )
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()  # noqa: S324 - an identity, not a secret
+
+
+def fetch_list(models):
+    """Everything the role fetches for a host: each model not absent, then
+    its adapters and draft, each as ``{name, engine, source}`` (``plan`` kept)."""
+    items = []
+    for model in models or []:
+        if not isinstance(model, dict) or model.get("state") == "absent":
+            continue
+        items.append(model)
+        items += feature_files(model, model.get("engine"))
+    return items
 
 
 def _healthcheck(engine, start_period):
@@ -570,6 +619,7 @@ def instance_endpoints(instances):
             "container": i["container"],
             "start_period": i["health_timeout"],
             "kind": i["kind"],
+            "adapters": i.get("adapters") or [],
         }
         for i in instances
         if i["state"] == "started"

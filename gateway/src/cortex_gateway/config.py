@@ -52,6 +52,17 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    """A LoRA adapter served as a model name of its own, on its parent's replicas."""
+
+    name: str
+    parent: str
+    scale: float = 1.0
+    # Its id on llama.cpp engines: its place in the parent's list.
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     engine: str
@@ -63,6 +74,18 @@ class ModelConfig:
     # How a chat or completion request picks a replica (embeddings always go
     # to the least loaded one: there is no prompt to reuse).
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    # LoRA adapters on this model, in the engine's order.
+    adapters: tuple[AdapterConfig, ...] = ()
+
+    def lora_field(self, adapter: AdapterConfig | None) -> list[dict[str, float]] | None:
+        """The `lora` field a llama.cpp request carries: every adapter of the
+        model at 0 but the one asked for (None: the body goes as it came)."""
+        if self.engine != "llamacpp" or not self.adapters:
+            return None
+        return [
+            {"id": a.index, "scale": a.scale if adapter is not None and a.name == adapter.name else 0.0}
+            for a in self.adapters
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +120,13 @@ class GatewayConfig:
     workers: int = 1
     # Prefix affinity's index and keys, for every model whose policy uses it.
     affinity: AffinitySettings = field(default_factory=AffinitySettings)
+    # Every adapter of every model, by the name clients ask for.
+    adapters: Mapping[str, AdapterConfig] = field(default_factory=dict)
+
+    def served(self, name: str) -> tuple[str, AdapterConfig | None]:
+        """The model whose replicas serve ``name``, and the adapter it names, if any."""
+        adapter = self.adapters.get(name)
+        return (adapter.parent, adapter) if adapter is not None else (name, None)
 
     def timeouts_for(self, model: str) -> Timeouts:
         """The gateway's timeouts with the model's own over them."""
@@ -164,7 +194,7 @@ def _backend(raw: Any, where: str) -> BackendConfig:
 
 def _model(raw: Any, where: str) -> ModelConfig:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts", "routing"}, where)
+    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts", "routing", "adapters"}, where)
     name = _expect(raw.get("name"), str, f"{where}.name")
     if not name:
         raise ConfigError(f"{where}.name: must not be empty")
@@ -179,6 +209,16 @@ def _model(raw: Any, where: str) -> ModelConfig:
     timeouts_raw = _expect(raw.get("timeouts", {}), dict, f"{where}.timeouts")
     _no_unknown(timeouts_raw, {"connect", "first_byte", "idle"}, f"{where}.timeouts")
     timeouts = {k: _positive(v, f"{where}.timeouts.{k}") for k, v in timeouts_raw.items()}
+    adapters = []
+    for i, entry in enumerate(_expect(raw.get("adapters", []), list, f"{where}.adapters")):
+        at = f"{where}.adapters[{i}]"
+        _expect(entry, dict, at)
+        _no_unknown(entry, {"name", "scale"}, at)
+        adapter_name = _expect(entry.get("name"), str, f"{at}.name")
+        if not adapter_name:
+            raise ConfigError(f"{at}.name: must not be empty")
+        scale = _positive(entry.get("scale", 1.0), f"{at}.scale")
+        adapters.append(AdapterConfig(name=adapter_name, parent=name, scale=scale, index=i))
     return ModelConfig(
         name=name,
         engine=engine,
@@ -186,6 +226,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
         backends=backends,
         timeouts=timeouts,
         routing=_routing_policy(raw.get("routing", {}), f"{where}.routing"),
+        adapters=tuple(adapters),
     )
 
 
@@ -333,6 +374,19 @@ def parse_config(raw: Any) -> GatewayConfig:
         if model.name in models:
             raise ConfigError(f"models[{i}].name: duplicate model name {model.name!r}")
         models[model.name] = model
+    adapters: dict[str, AdapterConfig] = {}
+    for i, model in enumerate(models.values()):
+        for j, adapter in enumerate(model.adapters):
+            if adapter.name in models or adapter.name in adapters:
+                other = (
+                    f"an adapter of {adapters[adapter.name].parent!r}"
+                    if adapter.name in adapters
+                    else "a model"
+                )
+                raise ConfigError(
+                    f"models[{i}].adapters[{j}].name: {adapter.name!r} is also the name of {other}"
+                )
+            adapters[adapter.name] = adapter
 
     timeouts_raw = _expect(raw.get("timeouts", {}), dict, "timeouts")
     _no_unknown(timeouts_raw, {"connect", "first_byte", "idle"}, "timeouts")
@@ -404,13 +458,14 @@ def parse_config(raw: Any) -> GatewayConfig:
             raise ConfigError("usage: give sqlite or postgres_dsn, not both")
 
     for key_name, policy in key_policies.items():
-        unknown = sorted((policy.models or frozenset()) - set(models))
+        unknown = sorted((policy.models or frozenset()) - set(models) - set(adapters))
         if unknown:
             raise ConfigError(
                 f"auth.api_keys: the key {key_name!r} is allowed {unknown[0]!r}, a model that is not served"
             )
 
     return GatewayConfig(
+        adapters=adapters,
         affinity=_affinity(raw.get("routing", {})),
         key_policies=key_policies,
         admin_keys=admin_keys,

@@ -59,23 +59,32 @@ class Forwarder:
             app.router.add_post(path, self.route_by_model)
 
     def _model_card(self, name: str) -> dict[str, object]:
-        model = self.gateway.config.models[name]
-        return {
-            "id": model.name,
+        served, adapter = self.gateway.config.served(name)
+        model = self.gateway.config.models[served]
+        card: dict[str, object] = {
+            "id": name,
             "object": "model",
             "created": int(self.gateway.started),
             "owned_by": model.owned_by,
             "engine": model.engine,
         }
+        if adapter is not None:
+            # As vLLM lists its own LoRA adapters: the model they run on.
+            card["parent"] = model.name
+        return card
+
+    def _names(self) -> list[str]:
+        """Every name a client can ask for: each model, then its adapters."""
+        return [
+            n for m in self.gateway.config.models.values() for n in (m.name, *(a.name for a in m.adapters))
+        ]
 
     async def list_models(self, _request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [self._model_card(n) for n in self.gateway.config.models]}
-        )
+        return web.json_response({"object": "list", "data": [self._model_card(n) for n in self._names()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self.gateway.config.models:
+        if name not in self.gateway.config.models and name not in self.gateway.config.adapters:
             return _unknown_model(name)
         return web.json_response(self._model_card(name))
 
@@ -102,8 +111,10 @@ class Forwarder:
         """One request's metrics and usage record."""
         gateway = self.gateway
         models = gateway.config.models
-        model = timing.model if timing.model in models else "_unknown"
-        engine = models[model].engine if model in models else "none"
+        served, _adapter = gateway.config.served(timing.model)
+        # An adapter's requests are its own, under its name.
+        model = timing.model if served in models else "_unknown"
+        engine = models[served].engine if served in models else "none"
         started, ended = timing.started, gateway.clock()
         gateway.metrics.requests.labels(model, engine, timing.backend, str(status)).inc()
         if model == "_unknown":
@@ -137,7 +148,9 @@ class Forwarder:
         payload, model, stream = parsed
         timing.model = model
         timing.stream = stream
-        if not self.gateway.router.knows(model):
+        # An adapter's requests run on its parent's replicas, slots and queue.
+        served, adapter = self.gateway.config.served(model)
+        if not self.gateway.router.knows(served):
             return _unknown_model(model)
         key_name = request.get(KEY_NAME)
         if key_name is not None:
@@ -148,24 +161,30 @@ class Forwarder:
                 return error_response(exc.status, str(exc), code=exc.code, param="model", headers=headers)
             timing.admitted = True
 
-        if not self.gateway.router.ready(model):
+        if not self.gateway.router.ready(served):
             return error_response(
                 503,
                 f"model '{model}' has no ready backend right now",
                 code="model_unavailable",
                 headers={"Retry-After": "5"},
             )
-        admission = self._admission(model)
-        timeouts = self.gateway.config.timeouts_for(model)
+        admission = self._admission(served)
+        timeouts = self.gateway.config.timeouts_for(served)
         session = self.gateway.session
         router = self.gateway.router
-        chain = self._affinity_chain(request, payload, model)
-        home = router.home(model, chain, self.gateway.prefix_index) if chain else None
+        # The chain is keyed by the name asked for: an adapter's prompts are
+        # cached apart from its base model's.
+        chain = self._affinity_chain(request, payload, served, model)
+        home = router.home(served, chain, self.gateway.prefix_index) if chain else None
         # A request waits at most this long for a slot on its home, then takes
         # any: never more than half the queue's wait, so it spills, not times out.
         clock = self.gateway.clock
         config = self.gateway.config
-        home_until = clock() + min(config.models[model].routing.home_wait, config.queue.max_wait / 2)
+        home_until = clock() + min(config.models[served].routing.home_wait, config.queue.max_wait / 2)
+        # llama.cpp applies an adapter a request names in its `lora` field:
+        # the gateway sets it on every request of a model with adapters (a
+        # client's own is replaced), so a key gets only the names it may use.
+        lora = config.models[served].lora_field(adapter)
         tried: set[int] = set()
         failures: list[str] = []
         while True:
@@ -173,8 +192,8 @@ class Forwarder:
                 home.affine_waiting += 1
             try:
                 backend, waited = await admission.acquire(
-                    lambda: self._pick(model, tried, home if clock() < home_until else None),
-                    router.backends(model),
+                    lambda: self._pick(served, tried, home if clock() < home_until else None),
+                    router.backends(served),
                 )
             except QueueFull as exc:
                 if failures:
@@ -201,14 +220,14 @@ class Forwarder:
             timing.upstream_started = self.gateway.clock()
             try:
                 try:
-                    sent = _with_stream_usage(body) if stream and backend.engine == "vllm" else body
+                    sent = _upstream_body(body, payload, stream and backend.engine == "vllm", lora)
                     upstream = await open_upstream(session, backend, request.path, sent, timeouts)
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
                     self._count_failure(backend, exc.kind, exc.retry_after)
                     failures.append(f"{backend.name}: {exc}")
                     log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
-                    if not self._has_untried(model, tried):
+                    if not self._has_untried(served, tried):
                         break
                     continue
                 backend.breaker.record_success()
@@ -244,7 +263,7 @@ class Forwarder:
                     # Nothing of a whole answer has reached the client: the
                     # next replica may give it (at the cost of generating twice).
                     failures.append(f"{backend.name}: {exc}")
-                    if not self._has_untried(model, tried):
+                    if not self._has_untried(served, tried):
                         return error_response(502, str(exc), code=exc.code)
                     continue
                 timing.upstream_ended = self.gateway.clock()
@@ -270,14 +289,14 @@ class Forwarder:
             admission = self.admissions[model] = Admission(self.gateway.config.queue)
         return admission
 
-    def _affinity_chain(self, request: web.Request, payload: dict, model: str) -> list[int]:
+    def _affinity_chain(self, request: web.Request, payload: dict, served: str, name: str) -> list[int]:
         """The request's prefix-affinity chain, or [] when its model routes by load alone."""
         if request.path == "/v1/embeddings":
             return []  # no prompt for an engine to reuse
-        if self.gateway.config.models[model].routing.policy != PREFIX_AFFINITY:
+        if self.gateway.config.models[served].routing.policy != PREFIX_AFFINITY:
             return []
         settings = self.gateway.affinity
-        return request_chain(model, payload, request.headers.get(settings.session_header), settings)
+        return request_chain(name, payload, request.headers.get(settings.session_header), settings)
 
     def _pick(self, model: str, tried: set[int], home: Backend | None = None) -> Backend | None:
         """A ready replica with a free slot whose breaker lets it through: the
@@ -344,17 +363,23 @@ def _unknown_model(name: str) -> web.Response:
     return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
 
 
-def _with_stream_usage(body: bytes) -> bytes:
-    """A streamed request for vLLM, asking for the usage event at the end.
+def _upstream_body(body: bytes, payload: dict, stream_usage: bool, lora: list | None) -> bytes:
+    """The body for the engine: the client's bytes, unless something must be set.
 
-    vLLM sends a stream's token counts only when asked; the gateway needs
-    them for usage records and limits. Every other body goes on byte for byte.
+    A streamed request for vLLM asks for the usage event at the end (vLLM
+    sends a stream's token counts only when asked; the gateway needs them for
+    usage records and limits), unless the client asked for its own. A request
+    for a llama.cpp model with adapters carries the `lora` field the gateway
+    chose. Every other body goes on byte for byte.
     """
-    payload = json.loads(body)
-    if "stream_options" in payload:
-        return body  # the client asked for what it wants
-    payload["stream_options"] = {"include_usage": True}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    changes: dict[str, object] = {}
+    if stream_usage and "stream_options" not in payload:
+        changes["stream_options"] = {"include_usage": True}
+    if lora is not None:
+        changes["lora"] = lora
+    if not changes:
+        return body
+    return json.dumps({**payload, **changes}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _model_and_stream(body: bytes) -> tuple[dict, str, bool] | web.Response:

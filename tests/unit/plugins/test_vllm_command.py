@@ -58,7 +58,7 @@ def every_option_set(value_for_bools):
         kind = spec[1]
         choices = spec[2] if len(spec) > 2 else None
         options[key] = {
-            "int": 2,
+            "int": choices[-1] if choices else 2,
             "float": 0.5,
             "str": choices[-1] if choices else "x",
             "flag": True,
@@ -88,7 +88,7 @@ def test_every_choice_list_is_a_subset_of_vllms():
     for key, spec in VLLM_OPTIONS.items():
         assert spec[0] in by_flag, key
         if len(spec) > 2 and spec[2] and by_flag[spec[0]]["choices"]:
-            assert set(spec[2]) <= set(by_flag[spec[0]]["choices"]), key
+            assert {str(c) for c in spec[2]} <= set(by_flag[spec[0]]["choices"]), key
         if len(spec) > 3:
             assert spec[3] in by_flag, spec[3]
 
