@@ -338,7 +338,9 @@ def vocabulary_mismatch(target, draft):
     for token in ("bos", "eos"):
         adds = (bool(target.get("add_%s_token" % token)), bool(draft.get("add_%s_token" % token)))
         ids = (target.get("%s_token_id" % token), draft.get("%s_token_id" % token))
-        if adds[0] != adds[1] or (adds[0] and ids[0] != ids[1]):
+        if adds[0] != adds[1]:
+            return "adds the %s token: %s, not %s" % (token.upper(), adds[1], adds[0])
+        if adds[0] and ids[0] != ids[1]:
             return "%s token %s, not %s" % (token.upper(), ids[1], ids[0])
     counts = (int(target.get("tokens") or 0), int(draft.get("tokens") or 0))
     if abs(counts[0] - counts[1]) > 128:

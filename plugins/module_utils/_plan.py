@@ -257,6 +257,62 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
     return {"gpus": rows, "host": int(host)}
 
 
+def draft_instance(instance):
+    """The draft model of a llama.cpp instance, as an instance of its own for
+    llamacpp_memory (None without a draft).
+
+    llama.cpp gives the draft the target's context, slots and micro-batch, its
+    own GPU layers and KV cache types, and the target's GPUs unless
+    ``--spec-draft-device`` names some (one GPU: no split).
+    """
+    command = instance["command"]
+    if "--spec-draft-model" not in command:
+        return None
+    gpus = list(instance.get("gpus") or [])
+    devices = _arg(command, "--spec-draft-device")
+    split_mode = _arg(command, "--split-mode", "layer")
+    split = _arg(command, "--tensor-split")
+    if devices and gpus:
+        positions = [int(d[len("CUDA") :]) for d in devices.split(",") if d.startswith("CUDA")]
+        gpus = [gpus[p] for p in positions if p < len(gpus)]
+        split = None
+        if len(gpus) == 1:
+            split_mode = "layer"
+    draft = ["--ctx-size", _arg(command, "--ctx-size", "4096"), "--parallel", _arg(command, "--parallel", "1")]
+    draft += ["--n-gpu-layers", _arg(command, "--spec-draft-ngl", "999" if gpus else "0")]
+    draft += ["--ubatch-size", _arg(command, "--ubatch-size", "512"), "--split-mode", split_mode]
+    draft += ["--cache-type-k", _arg(command, "--spec-draft-type-k", "f16")]
+    draft += ["--cache-type-v", _arg(command, "--spec-draft-type-v", "f16")]
+    if split:
+        draft += ["--tensor-split", split]
+    if _flag(command, "--kv-unified", "--no-kv-unified"):
+        draft.append("--kv-unified")
+    return dict(instance, command=draft, gpus=gpus, model=instance["model"] + "+draft")
+
+
+def _add_draft(memory, instance, shapes, unknown):
+    """The target's memory with its draft's added (same process: no second overhead)."""
+    draft = draft_instance(instance)
+    if draft is None:
+        return memory
+    shape = (shapes or {}).get(draft["model"])
+    if not shape:
+        unknown.append(draft["model"])
+        return memory
+    extra = llamacpp_memory(draft, shape, overhead_mib=0)
+    by_gpu = dict((row["gpu"], row) for row in extra["gpus"])
+    rows = []
+    for row in memory["gpus"]:
+        more = by_gpu.get(row["gpu"]) or {}
+        rows.append(
+            dict(
+                row,
+                **dict((k, row[k] + int(more.get(k) or 0)) for k in ("weights", "kv_cache", "compute"))
+            )
+        )
+    return {"gpus": rows, "host": memory["host"] + extra["host"]}
+
+
 def llamacpp_estimate(instance, shape, overhead_mib=None):
     """Per-GPU bytes of one llama-server instance: a list of dicts, one per GPU."""
     return llamacpp_memory(instance, shape, overhead_mib)["gpus"]
@@ -342,6 +398,7 @@ def _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_m
             continue
         if instance["engine"] == "llamacpp":
             memory = llamacpp_memory(instance, shape, overhead_mib.get("llamacpp"))
+            memory = _add_draft(memory, instance, shapes, unknown)
             per_gpu = memory["gpus"]
             host.append(
                 {"model": instance["model"], "replica": instance.get("replica", 0), "bytes": memory["host"]}
