@@ -76,8 +76,8 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import (
     fetch_list,
     host_instances,
     instance_endpoints,
-    source_files,
 )
+from ansible_collections.cortex.serving.plugins.module_utils._sources import source_files
 
 
 def _model_instances(models, host, gpu_count=None, defaults=None, shapes=None):

@@ -38,10 +38,9 @@ from ansible_collections.cortex.serving.plugins.module_utils._features import (
     draft_fetch_name,
     feature_files,
 )
-from ansible_collections.cortex.serving.plugins.module_utils._sources import (  # noqa: F401 - used by the filters
+from ansible_collections.cortex.serving.plugins.module_utils._sources import (
     SOURCE_KINDS,
     source_file_name,
-    source_files,
     source_kind,
 )
 
@@ -73,7 +72,7 @@ BUILTIN_DEFAULTS = {
     # vLLM containers whose image does not carry it (empty: the image has it).
     "vllm_cpu_venv": "",
     # Where the role puts each model's (and adapter's, and draft's) files on the host.
-    "models_dir": "/srv/cortex/models",
+    "models_dir": "/var/lib/cortex/models",
     # Environment of vLLM models without GPUs, under the model's own env.
     "vllm_cpu_env": {},
     "llamacpp": {"parallel": 2, "metrics": True},

@@ -278,7 +278,12 @@ def draft_instance(instance):
         split = None
         if len(gpus) == 1:
             split_mode = "layer"
-    draft = ["--ctx-size", _arg(command, "--ctx-size", "4096"), "--parallel", _arg(command, "--parallel", "1")]
+    draft = [
+        "--ctx-size",
+        _arg(command, "--ctx-size", "4096"),
+        "--parallel",
+        _arg(command, "--parallel", "1"),
+    ]
     draft += ["--n-gpu-layers", _arg(command, "--spec-draft-ngl", "999" if gpus else "0")]
     draft += ["--ubatch-size", _arg(command, "--ubatch-size", "512"), "--split-mode", split_mode]
     draft += ["--cache-type-k", _arg(command, "--spec-draft-type-k", "f16")]
@@ -305,10 +310,7 @@ def _add_draft(memory, instance, shapes, unknown):
     for row in memory["gpus"]:
         more = by_gpu.get(row["gpu"]) or {}
         rows.append(
-            dict(
-                row,
-                **dict((k, row[k] + int(more.get(k) or 0)) for k in ("weights", "kv_cache", "compute"))
-            )
+            dict(row, **dict((k, row[k] + int(more.get(k) or 0)) for k in ("weights", "kv_cache", "compute")))
         )
     return {"gpus": rows, "host": memory["host"] + extra["host"]}
 

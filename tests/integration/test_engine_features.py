@@ -29,7 +29,12 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import host
 
 from tests.lora_adapters import write_gguf_lora
 
-from ..unit.gateway.conftest import AUTH, ENGINE_KEY, gateway_client, make_config  # noqa: F401
+from ..unit.gateway.conftest import (
+    AUTH,
+    ENGINE_KEY,
+    gateway_client,  # noqa: F401  # pylint: disable=unused-import
+    make_config,
+)
 from ..unit.gateway.test_resilience import wait_ready
 from .conftest import docker
 from .test_llamacpp_engine import help_flags  # noqa: F401  # pylint: disable=unused-import

@@ -55,7 +55,7 @@ def test_llamacpp_loads_every_adapter_at_zero_from_its_own_mount():
     assert lora == ["/adapters/smol-pirate/p.gguf:0", "/adapters/smol-legal/legal.gguf:0"]
     mounts = {m["target"]: m for m in instance["extra_mounts"]}
     # A fetched adapter has its own folder; a host path's folder is mounted as it is.
-    assert mounts["/adapters/smol-pirate"]["source"] == "/srv/cortex/models/smol+lora+smol-pirate"
+    assert mounts["/adapters/smol-pirate"]["source"] == "/var/lib/cortex/models/smol+lora+smol-pirate"
     assert mounts["/adapters/smol-legal"]["source"] == "/srv/l"
     assert all(m["read_only"] for m in mounts.values())
     # The gateway learns the adapters in the engine's order (their ids).

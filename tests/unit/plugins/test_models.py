@@ -294,7 +294,7 @@ def test_a_gpu_model_on_a_host_without_gpus_says_so():
 
 
 def test_a_split_gguf_source_is_every_part():
-    from ansible_collections.cortex.serving.plugins.module_utils._models import source_files
+    from ansible_collections.cortex.serving.plugins.module_utils._sources import source_files
 
     source = {"hf_repo": "ggml-org/gpt-oss-120b-GGUF", "file": "q/gpt-oss-120b-mxfp4-00001-of-00003.gguf"}
     assert source_files(source) == [f"q/gpt-oss-120b-mxfp4-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
