@@ -49,8 +49,7 @@ def _post_stream(prompt: str, n_predict: int, timeout: float) -> dict:
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
     first = None
-    predicted = 0
-    prompt_n = 0
+    predicted = prompt_n = drafted = accepted = 0
     for raw in response:
         line = raw.strip()
         if not line.startswith(b"data: "):
@@ -62,6 +61,8 @@ def _post_stream(prompt: str, n_predict: int, timeout: float) -> dict:
             timings = event.get("timings") or {}
             predicted = int(timings.get("predicted_n") or event.get("tokens_predicted") or 0)
             prompt_n = int(timings.get("prompt_n") or 0)
+            drafted = int(timings.get("draft_n") or 0)
+            accepted = int(timings.get("draft_n_accepted") or 0)
             break
     end = time.perf_counter()
     conn.close()
@@ -70,6 +71,9 @@ def _post_stream(prompt: str, n_predict: int, timeout: float) -> dict:
         "latency": end - start,
         "tokens": predicted,
         "prompt_tokens": prompt_n,
+        # Speculative decoding: tokens drafted, and those the target accepted.
+        "draft_n": drafted,
+        "draft_accepted": accepted,
     }
 
 
@@ -124,6 +128,8 @@ def run_level(concurrency: int, requests: int, n_predict: int, prompt_words: int
         "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in results), 1)
         if results
         else 0,
+        "draft_n": sum(r["draft_n"] for r in results),
+        "draft_accepted": sum(r["draft_accepted"] for r in results),
     }
 
 
@@ -182,7 +188,7 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
     sys.path.insert(0, collections)
     import gguf
     from ansible_collections.cortex.serving.plugins.module_utils._gguf_info import read_gguf_info
-    from ansible_collections.cortex.serving.plugins.module_utils._plan import llamacpp_estimate
+    from ansible_collections.cortex.serving.plugins.module_utils._plan import _add_draft, llamacpp_memory
 
     shape = read_gguf_info(model, gguf)
     command = list(args)
@@ -209,7 +215,13 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
     if "--n-gpu-layers" not in command:
         command += ["--n-gpu-layers", "999"]
     gpus = list(range(visible_gpus()))
-    return llamacpp_estimate({"model": "bench", "command": command, "gpus": gpus}, shape) or None
+    instance = {"model": "bench", "command": command, "gpus": gpus}
+    memory = llamacpp_memory(instance, shape)
+    if "--spec-draft-model" in command:
+        # The draft (long flags only), counted as model_plan counts it.
+        draft = read_gguf_info(command[command.index("--spec-draft-model") + 1], gguf)
+        memory = _add_draft(memory, instance, {"bench+draft": draft}, [])
+    return memory["gpus"] or None
 
 
 def serve(server: str, model: str, extra: list[str], log: Path):

@@ -19,6 +19,11 @@
 #                KV cache, with 18 layers' experts and with all experts on the host;
 #                tokens/s at 1, 8 and 32 streams
 # dense          Llama-3-8B Q8_0 with the role's GPU line: the dense planner's accuracy again
+# spec           speculative decoding: Llama-3-8B Q8_0 (random weights) with and without a
+#                Llama-3.2-1B F16 draft (the same vocabulary), at synthetic acceptance lengths
+#                (llama-server accepts drafted tokens at random: random weights agree on
+#                nothing, so a real acceptance rate cannot be had from them), tokens/s at 1
+#                and 8 streams, and memory against model_plan with the draft counted
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
 #                tensor where this llama.cpp has it), then on one GPU at a context that fits it
@@ -148,6 +153,20 @@ for step in "${steps[@]}"; do
         --out "$out/serve-llama3-8b-plan.json" --collections "$work/collections" --deadline "$deadline" \
         --n-predict 32 --levels 1 \
         --config "slots32_ctx8k=--parallel 32 --ctx-size 262144 --n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0" >/dev/null
+      ;;
+    spec)
+      file="$(model llama3-8b Q8_0)"
+      draft="$(model llama3.2-1b F16)"
+      role="--parallel 8 --ctx-size 32768 --n-gpu-layers 999 --kv-unified --flash-attn on --batch-size 512 --ubatch-size 512 --cache-ram 0"
+      spec="--spec-type draft-simple --spec-draft-model $draft --spec-draft-ngl 999 --spec-draft-n-max 8 --spec-draft-n-min 0 --spec-draft-p-min 0"
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$file" \
+        --out "$out/spec-llama3-8b-draft-1b.json" --collections "$work/collections" --deadline "$deadline" \
+        --n-predict 128 --levels 1,8 \
+        --config "no_draft=$role" \
+        --config "draft_accept_len_1=$role $spec --spec-synth-len 1" \
+        --config "draft_accept_len_3=$role $spec --spec-synth-len 3" \
+        --config "draft_accept_len_5=$role $spec --spec-synth-len 5" \
+        --config "draft_accept_len_9=$role $spec --spec-synth-len 9" >/dev/null
       ;;
     multi)
       file="$(model llama3-70b Q8_0)"
