@@ -106,6 +106,20 @@ def _whole(value, least):
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _unknown_keys(section, known, where, problems, what=""):
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        problems.append("%s.%s: not a known key%s (known: %s)" % (where, unknown[0], what, ", ".join(known)))
+
+
+def _needs_folder(engine, source, where, what, problems):
+    """vLLM loads an adapter or a draft from a folder the role puts on the host."""
+    if engine == "vllm" and isinstance(source, dict) and source.get("hf_repo"):
+        problems.append(
+            "%s.hf_repo: give vLLM's %s as a folder (source.path, wheel or an url archive)" % (where, what)
+        )
+
+
 def adapter_fetch_name(model_name, adapter_name):
     return "%s%slora%s%s" % (model_name, FILE_SEPARATOR, FILE_SEPARATOR, adapter_name)
 
@@ -160,11 +174,7 @@ def check_features(model, engine, check_source, problems, gpu_count_of_replica=N
         if not isinstance(adapter, dict):
             problems.append("%s: must be a mapping with name and source" % where)
             continue
-        unknown = sorted(set(adapter) - set(ADAPTER_KEYS))
-        if unknown:
-            problems.append(
-                "%s.%s: not a known key (known: %s)" % (where, unknown[0], ", ".join(ADAPTER_KEYS))
-            )
+        _unknown_keys(adapter, ADAPTER_KEYS, where, problems)
         adapter_name = adapter.get("name")
         if not isinstance(adapter_name, str) or not _NAME.match(adapter_name):
             problems.append(
@@ -181,19 +191,12 @@ def check_features(model, engine, check_source, problems, gpu_count_of_replica=N
             problems.append("%s: scale: must be a number above 0, got %r" % (where, scale))
         source = adapter.get("source")
         check_source(where + ": source", source)
-        if engine == "vllm" and isinstance(source, dict) and source.get("hf_repo"):
+        _needs_folder(engine, source, where + ": source", "adapters", problems)
+        file_name = (source_file_name(source) or "") if engine == "llamacpp" else ""
+        if ":" in file_name or "," in file_name:
             problems.append(
-                "%s: source.hf_repo: give vLLM's adapters as a folder (source.path, wheel or an url archive)"
-                % where
+                "%s: source: the file name may not hold ':' or ',' (llama-server's --lora-scaled)" % where
             )
-        if engine == "llamacpp" and isinstance(source, dict):
-            file_name = str(
-                source.get("member") or source.get("path") or source.get("file") or source.get("url") or ""
-            )
-            if ":" in file_name.rsplit("/", 1)[-1] or "," in file_name.rsplit("/", 1)[-1]:
-                problems.append(
-                    "%s: source: the file name may not hold ':' or ',' (llama-server's --lora-scaled)" % where
-                )
     _check_speculative(model, engine, check_source, problems, gpu_count_of_replica)
     return names
 
@@ -207,11 +210,7 @@ def _check_speculative(model, engine, check_source, problems, gpu_count):
     if not isinstance(spec, dict):
         problems.append("%s: must be a mapping (method, draft, max_tokens, ...)" % where)
         return
-    unknown = sorted(set(spec) - set(SPECULATIVE_KEYS))
-    if unknown:
-        problems.append(
-            "%s.%s: not a known key (known: %s)" % (where, unknown[0], ", ".join(SPECULATIVE_KEYS))
-        )
+    _unknown_keys(spec, SPECULATIVE_KEYS, where, problems)
     methods = LLAMACPP_METHODS if engine == "llamacpp" else VLLM_METHODS
     method = method_of(model, engine)
     if method is None:
@@ -262,17 +261,9 @@ def _check_speculative(model, engine, check_source, problems, gpu_count):
     if not isinstance(draft, dict):
         return
     where = "%s.draft" % where
-    unknown = sorted(set(draft) - set(DRAFT_KEYS[engine]))
-    if unknown:
-        problems.append(
-            "%s.%s: not a known key for %s (known: %s)"
-            % (where, unknown[0], engine, ", ".join(DRAFT_KEYS[engine]))
-        )
+    _unknown_keys(draft, DRAFT_KEYS[engine], where, problems, " for %s" % engine)
     check_source(where + ".source", draft.get("source"))
-    if engine == "vllm" and isinstance(draft.get("source"), dict) and draft["source"].get("hf_repo"):
-        problems.append(
-            "%s.source.hf_repo: give vLLM's draft as a folder (source.path, wheel or an url archive)" % where
-        )
+    _needs_folder(engine, draft.get("source"), where + ".source", "draft", problems)
     if draft.get("n_gpu_layers") is not None and not _whole(draft["n_gpu_layers"], 0):
         problems.append(
             "%s.n_gpu_layers: must be a whole number of 0 or more, got %r" % (where, draft["n_gpu_layers"])

@@ -115,7 +115,9 @@ def client(client_key):
 def test_models_lists_every_model(client):
     listed = sorted(m.id for m in client.models.list().data)
     vllm = ["smollm2-135m-vllm", "all-minilm-l6-v2-vllm"]
-    assert listed == sorted([MODEL, EMBEDDING_MODEL, *vllm])
+    # Each SmolLM2's LoRA adapter is a model name of its own (test_adapters.py).
+    adapters = ["smollm2-135m-pirate", "smollm2-135m-vllm-pirate"]
+    assert listed == sorted([MODEL, EMBEDDING_MODEL, *vllm, *adapters])
 
 
 def test_each_replica_is_its_own_container_and_port(host):

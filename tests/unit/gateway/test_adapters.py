@@ -29,6 +29,13 @@ def sent(engine: FakeEngine) -> dict:
     return json.loads(engine.received[-1][1])
 
 
+async def assert_sent_as_it_came(client, engine: FakeEngine, path: str, raw: bytes) -> None:
+    """The engine got the client's bytes, nothing set or reordered."""
+    headers = {**AUTH, "Content-Type": "application/json"}
+    assert (await client.post(path, data=raw, headers=headers)).status == 200
+    assert engine.received[-1][1] == raw
+
+
 async def test_an_adapter_runs_on_its_parent_with_only_itself_applied(engine_server, gateway_client):
     engine = FakeEngine()
     client = await gateway_client(with_adapters(await engine_server(engine)))
@@ -65,10 +72,9 @@ async def test_a_model_without_adapters_gets_the_body_byte_for_byte(engine_serve
     engine = FakeEngine()
     client = await gateway_client(with_adapters(await engine_server(engine)))
     await wait_ready(client, "other", 1)
-    raw = b'{"model": "other", "lora": [{"id": 0, "scale": 1.0}]}'
-    headers = {**AUTH, "Content-Type": "application/json"}
-    assert (await client.post("/v1/completions", data=raw, headers=headers)).status == 200
-    assert engine.received[-1][1] == raw
+    await assert_sent_as_it_came(
+        client, engine, "/v1/completions", b'{"model": "other", "lora": [{"id": 0}]}'
+    )
 
 
 async def test_a_streamed_adapter_request_is_relayed(engine_server, gateway_client):
@@ -87,10 +93,9 @@ async def test_vllm_gets_the_adapter_name_and_the_body_as_it_came(engine_server,
     engine = FakeEngine()
     client = await gateway_client(with_adapters(await engine_server(engine), engine="vllm"))
     await wait_ready(client, "chat", 1)
-    raw = b'{"model": "chat-pirate", "messages": []}'
-    headers = {**AUTH, "Content-Type": "application/json"}
-    assert (await client.post("/v1/chat/completions", data=raw, headers=headers)).status == 200
-    assert engine.received[-1][1] == raw
+    await assert_sent_as_it_came(
+        client, engine, "/v1/chat/completions", b'{"model": "chat-pirate", "messages": []}'
+    )
 
 
 async def test_models_lists_adapters_with_their_parent(engine_server, gateway_client):
