@@ -64,8 +64,10 @@ def option_cases(vllm_flags: set[str]) -> list[tuple[str, object, dict]]:
         choices = spec[2] if len(spec) > 2 else None
         if kind == "negatable":
             values = [True, False]
+        elif choices:
+            values = [choices[-1]]
         elif kind == "str":
-            values = [choices[-1] if choices else "x"]
+            values = ["x"]
         else:
             values = [VALUES[kind]]
         for value in values:
