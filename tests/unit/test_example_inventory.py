@@ -1,17 +1,21 @@
 """inventories/example is a valid fleet: every host's models plan, the routes
 merge across hosts, the L40S host's GPU memory plan fits, and so does the
-flagship, gpt-oss-120b on four L40S, as the role renders it."""
+flagship, gpt-oss-120b on four L40S, as the role renders it, and on two H100s
+with gpt-oss-20b drafting for it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import pytest
 import yaml
 from ansible_collections.cortex.serving.plugins.module_utils._fleet import routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._gguf_info import read_gguf_info
 from ansible_collections.cortex.serving.plugins.module_utils._models import host_instances, instance_endpoints
 from ansible_collections.cortex.serving.plugins.module_utils._plan import MIB, plan, table
 
+from tests.gguf_shapes import write_gguf
 from tests.role_defaults import model_servers_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +37,7 @@ def test_every_host_plans_and_the_routes_merge():
     assert sorted(table) == ["bge-small-en-v1.5", "gpt-oss-120b", "llama-3.1-8b-instruct"]
     assert [b["host"] for b in table["llama-3.1-8b-instruct"]["backends"]] == ["l40s-a", "l40s-b"]
     assert table["llama-3.1-8b-instruct"]["engine"] == "vllm"
+    assert table["llama-3.1-8b-instruct"]["adapters"] == [{"name": "llama-3.1-8b-sql", "scale": 1.0}]
 
 
 def test_the_l40s_plan_fits():
@@ -82,3 +87,29 @@ def test_the_flagship_fits_four_l40s_as_the_role_renders_it(gpt_oss_120b):
     assert result["host"] == [
         {"model": "gpt-oss-120b", "replica": 0, "bytes": gpt_oss_120b["token_embd_bytes"]}
     ]
+
+
+def test_gpt_oss_20b_drafts_for_120b_on_the_second_h100(gpt_oss_120b, tmp_path):
+    path = tmp_path / "gpt-oss-20b-mxfp4.gguf"
+    write_gguf(path, "gpt-oss-20b", "MXFP4", fill="sparse")
+    draft = read_gguf_info(str(path), gguf)
+    # The same vocabulary (o200k): the check passes before any host changes.
+    assert draft["vocabulary"] == gpt_oss_120b["vocabulary"]
+    shapes = {"gpt-oss-120b": gpt_oss_120b, "gpt-oss-120b+draft": draft}
+    planned = host_instances(models("h100-a"), "h100-a", 2, model_servers_defaults(), shapes)
+    (instance,) = planned["instances"]
+    command = instance["command"]
+    assert command[command.index("--spec-draft-device") + 1] == "CUDA1"
+    assert command[command.index("--spec-draft-model") + 1] == "/draft/gpt-oss-20b-mxfp4.gguf"
+    h100 = [{"index": i, "memory_total_mib": 81559} for i in range(2)]
+    without = [{key: value for key, value in m.items() if key != "speculative"} for m in models("h100-a")]
+    alone = plan(
+        host_instances(without, "h100-a", 2, model_servers_defaults(), shapes)["instances"], shapes, h100
+    )
+    result = plan(planned["instances"], shapes, h100, host_memory_mib=512 * 1024)
+    assert result["fits"], table(result, "h100-a")
+    before, after = ({r["gpu"]: r for r in plan_["rows"]} for plan_ in (alone, result))
+    # The draft (about 11 GiB of MXFP4 and Q8_0, less its input embedding) on GPU 1 only.
+    assert after[0]["need"] == before[0]["need"]
+    added = after[1]["weights"] - before[1]["weights"]
+    assert draft["tensor_bytes"] - draft["token_embd_bytes"] <= added <= draft["tensor_bytes"]
