@@ -144,6 +144,8 @@ RICHEST_CPU_MODEL = {
         "trust_remote_code": False,
         "extra_args": ["--disable-log-stats"],
     },
+    # Prompt-lookup speculation, as docs/engine-features.md renders it (--speculative-config).
+    "speculative": {"method": "ngram", "max_tokens": 4, "ngram_size": 4, "ngram_min": 2},
 }
 
 
@@ -221,6 +223,11 @@ def test_the_richest_cpu_line_starts_a_hardened_vllm_that_answers_with_its_key(
         )
         assert status == 200, reply
         assert "Paris" in reply["choices"][0]["message"]["content"]
+        # The engine runs with the speculation the line asked for (its
+        # counters are off here: --disable-log-stats).
+        logged = docker("logs", name, check=False)
+        logs = logged.stdout + logged.stderr
+        assert "speculative_config=SpeculativeConfig(method='ngram', model=None, num_spec_tokens=4)" in logs
         # The key is on no command line inside the container, nor in its definition.
         assert key not in docker("top", name, "-o", "pid,args").stdout
         assert key not in docker("inspect", name).stdout
