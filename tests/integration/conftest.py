@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 # The fake engines of the gateway's unit tests serve the integration tests too.
-from ..unit.gateway.conftest import engine_server  # noqa: F401  # pylint: disable=unused-import
+from ..unit.gateway.conftest import engine_server, gateway_client  # noqa: F401  # pylint: disable=unused-import
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("CORTEX_CACHE_DIR", Path.home() / ".cache" / "cortex-serving"))

@@ -29,12 +29,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import host
 
 from tests.lora_adapters import write_gguf_lora
 
-from ..unit.gateway.conftest import (
-    AUTH,
-    ENGINE_KEY,
-    gateway_client,  # noqa: F401  # pylint: disable=unused-import
-    make_config,
-)
+from ..unit.gateway.conftest import AUTH, ENGINE_KEY, make_config
 from ..unit.gateway.test_resilience import wait_ready
 from .conftest import docker
 from .test_llamacpp_engine import help_flags  # noqa: F401  # pylint: disable=unused-import
@@ -123,11 +118,7 @@ async def chat(client, model: str, messages, max_tokens: int = 24) -> tuple[int,
     return answer.status, await answer.json()
 
 
-async def test_an_adapter_is_served_by_name_through_the_gateway(
-    llamacpp_image,
-    files,
-    gateway_client,  # noqa: F811
-):
+async def test_an_adapter_is_served_by_name_through_the_gateway(llamacpp_image, files, gateway_client):
     model = {
         "name": "smollm2",
         "engine": "llamacpp",
