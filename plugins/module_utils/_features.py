@@ -95,7 +95,8 @@ DRAFT_KEYS = {
 ADAPTER_KEYS = ("name", "source", "scale")
 # vLLM's --max-lora-rank choices (its pinned parser's table).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A name clients ask for (a model's or an adapter's).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def _number(value):
@@ -176,7 +177,7 @@ def check_features(model, engine, check_source, problems, gpu_count_of_replica=N
             continue
         _unknown_keys(adapter, ADAPTER_KEYS, where, problems)
         adapter_name = adapter.get("name")
-        if not isinstance(adapter_name, str) or not _NAME.match(adapter_name):
+        if not isinstance(adapter_name, str) or not NAME.match(adapter_name):
             problems.append(
                 "%s.name: the model name clients ask for; use letters, digits, '.', '_' and '-', got %r"
                 % (where, adapter_name)

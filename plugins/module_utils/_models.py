@@ -32,6 +32,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._engine_command imp
     vllm_command,
 )
 from ansible_collections.cortex.serving.plugins.module_utils._features import (
+    NAME,
     adapters_of,
     check_features,
     check_vocabularies,
@@ -47,7 +48,6 @@ from ansible_collections.cortex.serving.plugins.module_utils._sources import (
 ENGINES = ("llamacpp", "vllm")
 STATES = ("started", "stopped", "absent")
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 STOP_TIMEOUTS = {"llamacpp": 15, "vllm": 60}
 # A model folder for vLLM can come as one of these archives (source.url).
@@ -248,7 +248,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                 "cortex_models[%d] on %s: name: required (the served model name)" % (position, host)
             )
             continue
-        if not _NAME.match(name):
+        if not NAME.match(name):
             problems.append(
                 "model %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
                 % name
@@ -305,18 +305,17 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             problems.append("model %s: env: must be a mapping of names to values" % name)
             env = {}
         _check_source(name, engine, model.get("source"), problems)
-        gpus_wanted = model.get("gpus")
-        per_replica_count = None
-        if isinstance(gpus_wanted, list) and gpus_wanted and len(gpus_wanted) % replicas == 0:
-            per_replica_count = len(gpus_wanted) // replicas
-        elif _is_int(gpus_wanted):
-            per_replica_count = gpus_wanted
+        per_replica, count = [None], None
+        if state != "absent":
+            per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
+        # Each replica's GPUs (None: none, or not known), for the draft's devices.
+        replica_gpus = count if count is not None else len(per_replica[0] or []) or None
         for adapter_name in check_features(
             model,
             engine,
             lambda where, source, n=name, e=engine: _check_source(n, e, source, problems, where),
             problems,
-            per_replica_count,
+            replica_gpus,
         ):
             served_names.setdefault(adapter_name, []).append("an adapter of %s" % name)
         if shapes:
@@ -324,7 +323,6 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         if state == "absent":
             checked.append((model, name, engine, state, restart, replicas, port, None, None, fraction, env))
             continue
-        per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
         checked.append(
             (model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env)
         )

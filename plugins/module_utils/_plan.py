@@ -295,14 +295,18 @@ def draft_instance(instance):
     return dict(instance, command=draft, gpus=gpus, model=instance["model"] + "+draft")
 
 
-def _add_draft(memory, instance, shapes, unknown):
-    """The target's memory with its draft's added (same process: no second overhead)."""
+def llamacpp_instance_memory(instance, shapes, overhead_mib=None, unknown=None):
+    """llamacpp_memory of an instance (its shape under its model's name in
+    ``shapes``) with its draft's added: the same process, no second overhead.
+    A draft whose shape is not known is appended to ``unknown``."""
+    memory = llamacpp_memory(instance, shapes[instance["model"]], overhead_mib)
     draft = draft_instance(instance)
     if draft is None:
         return memory
-    shape = (shapes or {}).get(draft["model"])
+    shape = shapes.get(draft["model"])
     if not shape:
-        unknown.append(draft["model"])
+        if unknown is not None:
+            unknown.append(draft["model"])
         return memory
     extra = llamacpp_memory(draft, shape, overhead_mib=0)
     by_gpu = dict((row["gpu"], row) for row in extra["gpus"])
@@ -399,8 +403,7 @@ def _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_m
             unknown.append(instance["model"])
             continue
         if instance["engine"] == "llamacpp":
-            memory = llamacpp_memory(instance, shape, overhead_mib.get("llamacpp"))
-            memory = _add_draft(memory, instance, shapes, unknown)
+            memory = llamacpp_instance_memory(instance, shapes, overhead_mib.get("llamacpp"), unknown)
             per_gpu = memory["gpus"]
             host.append(
                 {"model": instance["model"], "replica": instance.get("replica", 0), "bytes": memory["host"]}

@@ -188,7 +188,7 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
     sys.path.insert(0, collections)
     import gguf
     from ansible_collections.cortex.serving.plugins.module_utils._gguf_info import read_gguf_info
-    from ansible_collections.cortex.serving.plugins.module_utils._plan import _add_draft, llamacpp_memory
+    from ansible_collections.cortex.serving.plugins.module_utils._plan import llamacpp_instance_memory
 
     shape = read_gguf_info(model, gguf)
     command = list(args)
@@ -215,13 +215,12 @@ def plan_estimate(model: str, args: list[str], collections: str | None) -> list[
     if "--n-gpu-layers" not in command:
         command += ["--n-gpu-layers", "999"]
     gpus = list(range(visible_gpus()))
-    instance = {"model": "bench", "command": command, "gpus": gpus}
-    memory = llamacpp_memory(instance, shape)
+    shapes = {"bench": shape}
     if "--spec-draft-model" in command:
         # The draft (long flags only), counted as model_plan counts it.
-        draft = read_gguf_info(command[command.index("--spec-draft-model") + 1], gguf)
-        memory = _add_draft(memory, instance, {"bench+draft": draft}, [])
-    return memory["gpus"] or None
+        shapes["bench+draft"] = read_gguf_info(command[command.index("--spec-draft-model") + 1], gguf)
+    instance = {"model": "bench", "command": command, "gpus": gpus}
+    return llamacpp_instance_memory(instance, shapes)["gpus"] or None
 
 
 def serve(server: str, model: str, extra: list[str], log: Path):
