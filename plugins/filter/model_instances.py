@@ -25,7 +25,7 @@ description:
     C(proxy_read_timeout), the seconds nginx waits in front of the gateway (its longest timeout, over every
     model's own, and a margin), and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text
     table (playbooks/status.yml).
-positional: host, gpu_count, defaults, shapes
+positional: host, gpu_count, defaults, shapes, pools
 options:
   _input:
     description: The host's list of models.
@@ -47,6 +47,12 @@ options:
       Per model name, what C(cortex.serving.gguf_info) read from its file; an adapter's under
       C(MODEL+lora+ADAPTER), a draft's under C(MODEL+draft).
     type: dict
+  pools:
+    description: >-
+      The host's C(cortex_model_pools): each pool is one instance (llama-server in router mode) that
+      loads the models naming it in C(pool) on demand.
+    type: list
+    elements: dict
 """
 
 EXAMPLES = r"""
@@ -80,9 +86,9 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import (
 from ansible_collections.cortex.serving.plugins.module_utils._sources import source_files
 
 
-def _model_instances(models, host, gpu_count=None, defaults=None, shapes=None):
+def _model_instances(models, host, gpu_count=None, defaults=None, shapes=None, pools=None):
     try:
-        return host_instances(models, host, gpu_count, defaults, shapes)
+        return host_instances(models, host, gpu_count, defaults, shapes, pools)
     except ModelsError as exc:
         raise AnsibleFilterError(
             "cortex_models on %s has %d problem(s):\n- %s"

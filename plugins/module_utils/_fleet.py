@@ -53,14 +53,19 @@ def routing_table(host_endpoints):
                         [a["name"] for a in entry["adapters"]],
                     )
                 )
-            entry["backends"].append(
-                {
-                    "host": host,
-                    "url": endpoint["url"],
-                    "max_concurrency": endpoint["max_concurrency"],
-                    "replica": endpoint.get("replica", 0),
-                }
-            )
+            backend = {
+                "host": host,
+                "url": endpoint["url"],
+                "max_concurrency": endpoint["max_concurrency"],
+                "replica": endpoint.get("replica", 0),
+            }
+            pool = endpoint.get("pool")
+            if pool:
+                # Loaded on demand there: the gateway waits for its loads,
+                # for the longest of its hosts' load timeouts.
+                backend["pool"] = {"name": pool["name"], "max_resident": pool["max_resident"]}
+                entry["load_timeout"] = max(entry.get("load_timeout", 0), int(pool["load_timeout"]))
+            entry["backends"].append(backend)
     return [models[name] for name in sorted(models)]
 
 
@@ -74,13 +79,17 @@ def proxy_read_timeout(routes, default_timeouts):
 
     A non-streamed answer sends nothing until the engine's first byte, and a
     stream nothing between two chunks, so the gateway's longest first_byte or
-    idle timeout, over its defaults and every model's own, plus a margin.
+    idle timeout, over its defaults and every model's own, plus a margin. A
+    model loaded on demand may first wait for its load, then for its first byte.
     """
-    longest = 0.0
-    for timeouts in [default_timeouts or {}] + [route.get("timeouts") or {} for route in routes or []]:
+    defaults = default_timeouts or {}
+    longest = max(float(defaults.get(kind) or 0) for kind in ("first_byte", "idle"))
+    for route in routes or []:
+        timeouts = dict(defaults, **(route.get("timeouts") or {}))
+        load = float(route.get("load_timeout") or 0)
         for kind in ("first_byte", "idle"):
             if timeouts.get(kind) is not None:
-                longest = max(longest, float(timeouts[kind]))
+                longest = max(longest, float(timeouts[kind]) + (load if kind == "first_byte" else 0))
     return int(-(-longest // 1)) + PROXY_TIMEOUT_MARGIN
 
 

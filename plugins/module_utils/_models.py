@@ -23,6 +23,7 @@ import re
 import zlib
 
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
+    API_KEY_FILE,
     LLAMACPP_PORT,
     VLLM_ENTRYPOINT,
     VLLM_PORT,
@@ -38,6 +39,17 @@ from ansible_collections.cortex.serving.plugins.module_utils._features import (
     check_vocabularies,
     draft_fetch_name,
     feature_files,
+)
+from ansible_collections.cortex.serving.plugins.module_utils._pools import (
+    PRESET_FILE,
+    check_member,
+    check_pool,
+    member_model_file,
+    misplaced_member_keys,
+    pool_of,
+    preset_section,
+    preset_text,
+    router_command,
 )
 from ansible_collections.cortex.serving.plugins.module_utils._sources import (
     SOURCE_KINDS,
@@ -214,12 +226,14 @@ def _health_timeout(engine, model, size_bytes, defaults):
     return int(base + per_gib * gib)
 
 
-def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=None):
+def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=None, pools=None):
     """Check a host's models and return its engine instances, one per replica.
 
     ``gpu_count`` is the number of GPUs the host has (None when unknown, as in
     a check before facts). ``shapes`` maps a model name to what gguf_info read
-    from its file (context_length, size_bytes), when it is known.
+    from its file (context_length, size_bytes), when it is known. ``pools`` is
+    the host's ``cortex_model_pools``: each pool is one instance, whose models
+    (those naming it in ``pool``) are loaded when asked for.
 
     Returns ``{"instances": [...], "absent": [model names], "host": host}``.
     Raises ModelsError listing every problem found.
@@ -234,8 +248,31 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             ["cortex_models on %s: must be a list of model entries, got %s" % (host, type(models).__name__)]
         )
 
+    if pools is None:
+        pools = []
+    if not isinstance(pools, list):
+        raise ModelsError(
+            ["cortex_model_pools on %s: must be a list of pools, got %s" % (host, type(pools).__name__)]
+        )
+    declared_pools = {}
+    for position, pool in enumerate(pools):
+        pool_name = check_pool(pool, position, host, problems)
+        if pool_name is None:
+            continue
+        if pool_name in declared_pools:
+            problems.append("pool %s: name: declared twice on %s" % (pool_name, host))
+        elif not NAME.match(pool_name):
+            problems.append(
+                "pool %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
+                % pool_name
+            )
+        declared_pools[pool_name] = pool
+    # Per pool: its models (model entry, name), in the list's order.
+    members = dict((pool_name, []) for pool_name in declared_pools)
+
     seen = {}
     checked = []
+    absent = []
     # Every name a client can ask for on this host: models and their adapters.
     served_names = {}
     for position, model in enumerate(models):
@@ -305,6 +342,26 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             problems.append("model %s: env: must be a mapping of names to values" % name)
             env = {}
         _check_source(name, engine, model.get("source"), problems)
+        if pool_of(model) is not None or "pool" in model:
+            check_member(model, declared_pools, problems)
+            check_features(
+                model,
+                engine,
+                lambda where, source, n=name, e=engine: _check_source(n, e, source, problems, where),
+                problems,
+            )
+            for adapter in adapters_of(model):
+                if isinstance(adapter, dict) and adapter.get("name"):
+                    served_names.setdefault(adapter["name"], []).append("an adapter of %s" % name)
+            if state == "absent":
+                absent.append(name)
+            elif pool_of(model) in members:
+                members[pool_of(model)].append(model)
+            continue
+        for key in misplaced_member_keys(model):
+            problems.append(
+                "model %s: %s: a setting of a model in a pool; this model has no pool" % (name, key)
+            )
         per_replica, count = [None], None
         if state != "absent":
             per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
@@ -325,6 +382,45 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             continue
         checked.append(
             (model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env)
+        )
+
+    for pool_name, pool in sorted(declared_pools.items()):
+        if pool_name in seen:
+            problems.append(
+                "pool %s: name: also the name of a model on %s (they would share a container name)"
+                % (pool_name, host)
+            )
+            continue
+        state = pool.get("state", "started")
+        if state == "absent":
+            for member in members[pool_name]:
+                problems.append(
+                    "model %s: pool: pool %s is absent; remove the model or make it absent too"
+                    % (member["name"], pool_name)
+                )
+            absent.append(pool_name)
+            continue
+        if not members[pool_name]:
+            problems.append("pool %s: no model of cortex_models names it in pool" % pool_name)
+            continue
+        restart = pool.get("restart_policy", cfg["restart_policy"])
+        if restart not in RESTART_POLICIES:
+            problems.append(
+                "pool %s: restart_policy: must be one of %s, got %r"
+                % (pool_name, ", ".join(RESTART_POLICIES), restart)
+            )
+        port = pool.get("port")
+        if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+            problems.append("pool %s: port: must be a port number (1-65535), got %r" % (pool_name, port))
+            port = None
+        env = pool.get("env") or {}
+        if not isinstance(env, dict):
+            problems.append("pool %s: env: must be a mapping of names to values" % pool_name)
+            env = {}
+        per_replica, count = _replica_gpus("pool " + pool_name, pool.get("gpus"), 1, problems)
+        entry = dict(pool, **{_POOL: members[pool_name]})
+        checked.append(
+            (entry, pool_name, "llamacpp", "started", restart, 1, port, per_replica, count, None, env)
         )
 
     for served, holders in sorted(served_names.items()):
@@ -412,10 +508,17 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             taken[port + replica] = "%s (replica %d)" % (name, replica) if replicas > 1 else name
 
     instances = []
-    absent = []
     for model, name, engine, state, restart, replicas, port, per_replica, _c, fraction, env in checked:
         if state == "absent":
             absent.append(name)
+            continue
+        if _POOL in model:
+            try:
+                instances.append(
+                    _pool_instance(model, per_replica[0] or [], port, taken, restart, env, shapes, cfg)
+                )
+            except (EngineCommandError, ValueError) as exc:
+                problems.append(str(exc))
             continue
         shape = shapes.get(name) or {}
         # A draft is loaded with the model: its start period counts it too.
@@ -424,7 +527,6 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
         )
         health_timeout = _health_timeout(engine, model, size, cfg)
         files = feature_files(model, engine)
-        options = _merge(cfg.get(engine) or {}, model.get(engine) or {})
         for replica in range(replicas):
             gpus = per_replica[replica] or []
             if port is not None:
@@ -434,17 +536,7 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), taken
                 )
                 taken[host_port] = name
-            engine_options = dict(options)
-            if engine == "llamacpp" and gpus:
-                engine_options = _merge(cfg.get("llamacpp") or {}, cfg.get("llamacpp_gpu") or {})
-                if len(gpus) > 1:
-                    engine_options = _merge(engine_options, cfg.get("llamacpp_multi_gpu") or {})
-                engine_options = _merge(engine_options, model.get("llamacpp") or {})
-            elif engine == "vllm":
-                engine_options = _merge(
-                    _merge(cfg.get("vllm") or {}, cfg.get("vllm_gpu" if gpus else "vllm_cpu") or {}),
-                    model.get("vllm") or {},
-                )
+            engine_options = _engine_options(cfg, engine, model, gpus)
             # vLLM without GPUs runs in the CPU image, with its virtualenv
             # mounted from the host unless the image carries it.
             vllm_cpu = engine == "vllm" and not gpus
@@ -531,6 +623,139 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     return {"host": host, "instances": instances, "absent": absent}
 
 
+# Marks the pseudo model entry of a pool in host_instances (its models under it).
+_POOL = "__pool_members__"
+_POOL_STOP_TIMEOUT = 30
+
+
+def _engine_options(cfg, engine, model, gpus):
+    """The engine settings of one replica: the role's defaults for its kind
+    (CPU, one GPU, several GPUs), then the model's own section over them."""
+    if engine == "llamacpp":
+        options = cfg.get("llamacpp") or {}
+        if gpus:
+            options = _merge(options, cfg.get("llamacpp_gpu") or {})
+            if len(gpus) > 1:
+                options = _merge(options, cfg.get("llamacpp_multi_gpu") or {})
+        return _merge(options, model.get("llamacpp") or {})
+    return _merge(
+        _merge(cfg.get("vllm") or {}, cfg.get("vllm_gpu" if gpus else "vllm_cpu") or {}),
+        model.get("vllm") or {},
+    )
+
+
+def _pool_instance(pool, gpus, port, taken, restart, env, shapes, cfg):
+    """The one container of a pool: llama-server in router mode, its models
+    in a preset file, each model's files mounted under /models/<model>."""
+    name = pool["name"]
+    host_port = port
+    if host_port is None:
+        host_port = _auto_port("%s/0" % name, int(cfg["port_base"]), int(cfg["port_span"]), taken)
+    taken[host_port] = name
+    members = []
+    sections = []
+    mounts = []
+    preload_bytes = 0
+    models_dir = cfg["models_dir"].rstrip("/")
+    for model in pool[_POOL]:
+        member = model["name"]
+        shape = shapes.get(member) or {}
+        options = _engine_options(cfg, "llamacpp", model, gpus)
+        entry = dict(model)
+        file_name = source_file_name(model.get("source"))
+        entry.update(
+            {"model_file": member_model_file(member, file_name or ""), "gpus": gpus, "llamacpp": options}
+        )
+        command = llamacpp_command(
+            entry, context_length=shape.get("context_length") or cfg["default_context"]
+        )
+        idle = model.get("idle_unload_seconds", pool.get("idle_unload_seconds")) or 0
+        sections.append(preset_section(member, command, idle, bool(model.get("preload"))))
+        source = model.get("source") or {}
+        folder = (
+            str(source["path"]).rsplit("/", 1)[0] or "/"
+            if source.get("path")
+            else "%s/%s" % (models_dir, member)
+        )
+        mounts.append({"type": "bind", "source": folder, "target": "/models/" + member, "read_only": True})
+        mounts += [_file_mount(f, cfg["models_dir"]) for f in feature_files(model, "llamacpp")]
+        if model.get("preload"):
+            preload_bytes += shape.get("size_bytes") or 0
+        load_timeout = model.get("load_timeout", pool.get("load_timeout"))
+        members.append(
+            {
+                "name": member,
+                # The instance it would be on its own: what model_plan reads.
+                "command": command,
+                "max_concurrency": _concurrency("llamacpp", options),
+                "kind": _kind("llamacpp", options),
+                "timeouts": dict(model.get("timeouts") or {}),
+                "routing": dict(model.get("routing") or {}),
+                "adapters": [
+                    {"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)
+                ],
+                "idle_unload_seconds": int(idle),
+                "preload": bool(model.get("preload")),
+                # How long the gateway waits for it to load: its start period by default.
+                "load_timeout": int(
+                    load_timeout
+                    if load_timeout is not None
+                    else _health_timeout("llamacpp", {}, shape.get("size_bytes"), cfg)
+                ),
+                "source": dict((k, v) for k, v in source.items() if k != "token"),
+            }
+        )
+    preset = preset_text(name, sections)
+    preset_path = "%s/.pools/%s.ini" % (models_dir, name)
+    mounts.append({"type": "bind", "source": preset_path, "target": PRESET_FILE, "read_only": True})
+    max_resident = pool.get("max_resident") or 1
+    health_timeout = _health_timeout("llamacpp", {}, preload_bytes, cfg)
+    identity = json.dumps([[m["name"], m["source"]] for m in members] + [preset], sort_keys=True)
+    return {
+        "model": name,
+        "engine": "llamacpp",
+        "replica": 0,
+        "replicas": 1,
+        "container": "%s%s-0" % (cfg["container_prefix"], name),
+        "state": "started",
+        "port": host_port,
+        "container_port": LLAMACPP_PORT,
+        "url": "http://%s:%d" % (cfg["address"], host_port),
+        "gpus": gpus,
+        "gpu_memory_fraction": None,
+        "image": pool.get("image") or cfg["images"]["llamacpp"],
+        "extra_mounts": mounts,
+        "adapters": [],
+        "features_id": None,
+        "command": router_command(LLAMACPP_PORT, API_KEY_FILE, max_resident),
+        "env": dict((str(k), str(v)) for k, v in env.items()),
+        "restart_policy": restart,
+        "health_path": "/health",
+        "health_timeout": health_timeout,
+        "kind": "pool",
+        "max_concurrency": sum(m["max_concurrency"] for m in members),
+        "timeouts": {},
+        "routing": {},
+        "ipc_mode": None,
+        "shm_size": None,
+        "entrypoint": None,
+        "healthcheck": _healthcheck("llamacpp", health_timeout),
+        # The router stops each model's process first (10 s each at most).
+        "stop_timeout": _POOL_STOP_TIMEOUT,
+        "source_kind": "pool",
+        "model_file": None,
+        "pool": {
+            "name": name,
+            "max_resident": max_resident,
+            "members": members,
+            "preset": preset,
+            "preset_path": preset_path,
+            # Identifies the models' files and the preset, as io.cortex.source a model's.
+            "source_id": hashlib.sha1(identity.encode("utf-8")).hexdigest(),  # noqa: S324 - an identity
+        },
+    }
+
+
 def _file_mount(extra, models_dir):
     """The read-only mount of an adapter's or draft's files."""
     source = extra["source"]
@@ -601,7 +826,35 @@ def _concurrency(engine, options):
 
 
 def instance_endpoints(instances):
-    """The gateway's view of a host's started instances."""
+    """The gateway's view of a host's started instances: a pool's models each
+    at the pool's URL, with what the gateway needs to wait for their loads."""
+    endpoints = []
+    for instance in instances:
+        pool = instance.get("pool")
+        if instance["state"] != "started" or not pool:
+            continue
+        for member in pool["members"]:
+            endpoints.append(
+                {
+                    "name": member["name"],
+                    "engine": "llamacpp",
+                    "replica": 0,
+                    "port": instance["port"],
+                    "url": instance["url"],
+                    "max_concurrency": member["max_concurrency"],
+                    "timeouts": member["timeouts"],
+                    "routing": member["routing"],
+                    "container": instance["container"],
+                    "start_period": instance["health_timeout"],
+                    "kind": member["kind"],
+                    "adapters": member["adapters"],
+                    "pool": {
+                        "name": pool["name"],
+                        "max_resident": pool["max_resident"],
+                        "load_timeout": member["load_timeout"],
+                    },
+                }
+            )
     return [
         {
             "name": i["model"],
@@ -619,5 +872,5 @@ def instance_endpoints(instances):
             "adapters": i.get("adapters") or [],
         }
         for i in instances
-        if i["state"] == "started"
-    ]
+        if i["state"] == "started" and not i.get("pool")
+    ] + endpoints

@@ -574,6 +574,51 @@ def _suggestions(result, instances, shapes, gpus, overhead_mib, headroom_mib, ho
     return found
 
 
+def _resident_sets(instances, shapes, overhead_mib):
+    """Pools (llama-server in router mode) planned by their largest resident
+    set: each pool's instance replaced by its ``max_resident`` models that
+    need the most GPU memory, each as the instance it would be on its own on
+    the pool's GPUs (every model runs in a process of its own there).
+
+    Returns the instances, the pools (name, models, resident) and the models
+    whose shape is not known (a pool with one is planned without it).
+    """
+    planned = []
+    pools = []
+    unknown = []
+    for instance in instances:
+        pool = instance.get("pool")
+        if not pool:
+            planned.append(instance)
+            continue
+        sized = []
+        for member in pool["members"]:
+            one = dict(instance, model=member["name"], command=member["command"], replica=0)
+            del one["pool"]
+            if not shapes.get(member["name"]):
+                unknown.append(member["name"])
+                continue
+            need = 0
+            if one.get("gpus"):
+                memory = llamacpp_instance_memory(one, shapes, overhead_mib, unknown)
+                need = sum(
+                    r["weights"] + r["kv_cache"] + r["compute"] + r["overhead"] for r in memory["gpus"]
+                )
+            sized.append((need, one))
+        sized.sort(key=lambda pair: -pair[0])
+        resident = [one for _need, one in sized[: int(pool["max_resident"])]]
+        planned += resident
+        pools.append(
+            {
+                "pool": pool["name"],
+                "max_resident": int(pool["max_resident"]),
+                "models": [m["name"] for m in pool["members"]],
+                "resident": [one["model"] for one in resident],
+            }
+        )
+    return planned, pools, unknown
+
+
 def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memory_mib=0):
     """Memory per instance and GPU, and whether each GPU holds its instances.
 
@@ -584,7 +629,10 @@ def plan(instances, shapes, gpus, overhead_mib=None, headroom_mib=512, host_memo
     memory the GPU instances' host-side weights must fit in.
     """
     overhead_mib = overhead_mib or {}
+    instances, pools, unplanned = _resident_sets(instances, shapes or {}, overhead_mib.get("llamacpp"))
     result = _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_mib)
+    result["pools"] = pools
+    result["unknown"] = sorted(set(result["unknown"]) | set(unplanned))
     result["suggestions"] = (
         []
         if result["fits"]
@@ -654,6 +702,11 @@ def table(result, host="host"):
         lines.append(
             "%s host memory: %s MiB planned of %s MiB  <- does not fit"
             % (host, _mib(result["host_total"]), _mib(result["host_memory"]))
+        )
+    for pool in result.get("pools") or []:
+        lines.append(
+            "%s pool %s: planned with its %d largest of %d models resident at once: %s"
+            % (host, pool["pool"], pool["max_resident"], len(pool["models"]), ", ".join(pool["resident"]))
         )
     for name in result["unknown"]:
         lines.append("%s: %s has no known shape; not planned" % (host, name))

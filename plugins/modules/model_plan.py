@@ -153,6 +153,13 @@ unknown:
   returned: always
   type: list
   elements: str
+pools:
+  description: >-
+    Each pool (llama-server in router mode) with its models and the resident set it was planned by:
+    its I(max_resident) models that need the most GPU memory.
+  type: list
+  elements: dict
+  returned: always
 table:
   description: The plan as a text table in MiB.
   returned: always

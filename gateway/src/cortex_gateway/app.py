@@ -25,6 +25,7 @@ from .forwarding import KEY_NAME, Forwarder
 from .limits import CounterTable, Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .pools import PoolTracker
 from .routing import Router
 from .usage import UsageRecorder, store_for
 
@@ -79,6 +80,8 @@ class Gateway:
             lambda: {m: a.waiting for m, a in self.forwarder.admissions.items()},
             lambda: self.usage.buffered if self.usage is not None else 0,
         )
+        # What the gateway knows of on-demand models' loads (pools.py).
+        self.pools = PoolTracker(self.backends, self.metrics, self.clock, lambda: self.session)
         self._reloading = asyncio.Lock()
 
     # --- configuration reload ----------------------------------------------
@@ -103,6 +106,8 @@ class Gateway:
                     backend.engine = model.engine
                     backend.api_key = backend_config.api_key
                     backend.max_concurrency = backend_config.max_concurrency
+                    backend.pool = backend_config.pool
+                    backend.max_resident = backend_config.max_resident
                 backends.append(backend)
         for field_name in RESTART_FIELDS:
             if getattr(config, field_name) != getattr(self.config, field_name):
@@ -113,6 +118,7 @@ class Gateway:
         self.limiter.policies = dict(config.key_policies)  # counts carry over
         self.backends = backends
         self.router = Router(backends)
+        self.pools.replace_backends(backends)
         self._apply_drains(self.drains.current())
         if self._monitor is not None:
             self._monitor.replace_backends(backends)
@@ -203,6 +209,7 @@ class Gateway:
             self.backends,
             interval=self.config.health_interval,
             unhealthy_after=self.config.unhealthy_after,
+            after_round=self.pools.refresh_all,
         )
         # A worker started again after a crash takes the drains in force.
         if self.drains.shared:
@@ -210,6 +217,7 @@ class Gateway:
             loop.add_signal_handler(signal.SIGUSR1, self._on_drains_changed)
         # Know the backends' state before the first request, then keep polling.
         await monitor.check_all()
+        await self.pools.refresh_all()
         task = asyncio.create_task(monitor.run(), name="health-monitor")
         gauges = (
             asyncio.create_task(self._refresh_gauges(), name="metrics-gauges")

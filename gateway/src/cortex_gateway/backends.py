@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -52,6 +52,13 @@ class Backend:
     last_change: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     drain_until: float | None = None  # wall-clock end of a drain
+    # The pool this backend is (llama-server's router), where the model is
+    # loaded on demand, and the model's state there as last seen (pools.py):
+    # loaded, loading, unloaded, sleeping, or unknown before the first look.
+    pool: str | None = None
+    load_state: str = "loaded"
+    # How many of the pool's models its router keeps loaded at once.
+    max_resident: int = 0
 
     @property
     def draining(self) -> bool:
@@ -82,6 +89,9 @@ class Backend:
             api_key=backend.api_key,
             max_concurrency=backend.max_concurrency,
             breaker=CircuitBreaker(policy or BreakerPolicy()),
+            pool=backend.pool,
+            load_state="unknown" if backend.pool else "loaded",
+            max_resident=backend.max_resident,
         )
 
     def set_health(self, health: Health) -> None:
@@ -115,8 +125,11 @@ class HealthMonitor:
         interval: float,
         unhealthy_after: int,
         timeout: float = 3.0,
+        after_round: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._session = session
+        # Run after each round (the pools' model states are read then).
+        self._after_round = after_round
         self._backends = list(backends)
         self._interval = interval
         self._unhealthy_after = unhealthy_after
@@ -148,4 +161,6 @@ class HealthMonitor:
     async def run(self) -> None:
         while True:
             await self.check_all()
+            if self._after_round is not None:
+                await self._after_round()
             await asyncio.sleep(self._interval)

@@ -49,6 +49,10 @@ class BackendConfig:
     url: str
     api_key: str | None
     max_concurrency: int
+    # The pool (llama-server in router mode) this backend is, where the model
+    # is loaded on demand; None: the model is always resident there.
+    pool: str | None = None
+    max_resident: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,9 @@ class ModelConfig:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     # LoRA adapters on this model, in the engine's order.
     adapters: tuple[AdapterConfig, ...] = ()
+    # Seconds a request waits for the model to load on a pool backend (0: the
+    # model has no pool backend: it is always resident).
+    load_timeout: float = 0.0
 
     def lora_field(self, adapter: AdapterConfig | None) -> list[dict[str, float]] | None:
         """The `lora` field a llama.cpp request carries: every adapter of the
@@ -173,7 +180,7 @@ def _no_unknown(section: Mapping[str, Any], allowed: set[str], where: str) -> No
 
 def _backend(raw: Any, where: str) -> BackendConfig:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"url", "api_key", "max_concurrency"}, where)
+    _no_unknown(raw, {"url", "api_key", "max_concurrency", "pool"}, where)
     url = _expect(raw.get("url"), str, f"{where}.url")
     try:
         parts = urlsplit(url)
@@ -189,12 +196,32 @@ def _backend(raw: Any, where: str) -> BackendConfig:
     concurrency = _expect(raw.get("max_concurrency", 4), int, f"{where}.max_concurrency")
     if concurrency < 1:
         raise ConfigError(f"{where}.max_concurrency: must be at least 1, got {concurrency}")
-    return BackendConfig(url=url.rstrip("/"), api_key=api_key or None, max_concurrency=concurrency)
+    pool, max_resident = None, 0
+    if raw.get("pool") is not None:
+        pool_raw = _expect(raw["pool"], dict, f"{where}.pool")
+        _no_unknown(pool_raw, {"name", "max_resident"}, f"{where}.pool")
+        pool = _expect(pool_raw.get("name"), str, f"{where}.pool.name")
+        if not pool:
+            raise ConfigError(f"{where}.pool.name: must not be empty")
+        max_resident = _expect(pool_raw.get("max_resident", 1), int, f"{where}.pool.max_resident")
+        if max_resident < 1:
+            raise ConfigError(f"{where}.pool.max_resident: must be at least 1, got {max_resident}")
+    return BackendConfig(
+        url=url.rstrip("/"),
+        api_key=api_key or None,
+        max_concurrency=concurrency,
+        pool=pool,
+        max_resident=max_resident,
+    )
 
 
 def _model(raw: Any, where: str) -> ModelConfig:
     _expect(raw, dict, where)
-    _no_unknown(raw, {"name", "engine", "owned_by", "backends", "timeouts", "routing", "adapters"}, where)
+    _no_unknown(
+        raw,
+        {"name", "engine", "owned_by", "backends", "timeouts", "routing", "adapters", "load_timeout"},
+        where,
+    )
     name = _expect(raw.get("name"), str, f"{where}.name")
     if not name:
         raise ConfigError(f"{where}.name: must not be empty")
@@ -219,6 +246,14 @@ def _model(raw: Any, where: str) -> ModelConfig:
             raise ConfigError(f"{at}.name: must not be empty")
         scale = _positive(entry.get("scale", 1.0), f"{at}.scale")
         adapters.append(AdapterConfig(name=adapter_name, parent=name, scale=scale, index=i))
+    pooled = any(b.pool for b in backends)
+    if pooled and engine != "llamacpp":
+        raise ConfigError(
+            f"{where}.backends: a pool backend is llama-server's router; the engine must be llamacpp"
+        )
+    load_timeout = 0.0
+    if "load_timeout" in raw or pooled:
+        load_timeout = _positive(raw.get("load_timeout", 120), f"{where}.load_timeout")
     return ModelConfig(
         name=name,
         engine=engine,
@@ -227,6 +262,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
         timeouts=timeouts,
         routing=_routing_policy(raw.get("routing", {}), f"{where}.routing"),
         adapters=tuple(adapters),
+        load_timeout=load_timeout,
     )
 
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
 from .limits import Refusal
 from .metrics import StreamTap, usage_of
+from .pools import LOADED, SERVING_STATES, LoadError
 from .proxy import (
     ClientGone,
     UpstreamAnswerError,
@@ -71,7 +73,18 @@ class Forwarder:
         if adapter is not None:
             # As vLLM lists its own LoRA adapters: the model they run on.
             card["parent"] = model.name
+        if model.load_timeout:
+            # Loaded on demand: its state where it is most ready, in
+            # llama-server's own words (loaded, sleeping, loading, unloaded).
+            card["status"] = {"value": self._load_state(model.name)}
         return card
+
+    def _load_state(self, model: str) -> str:
+        states = [b.load_state for b in self.gateway.router.backends(model)]
+        for state in (LOADED, *sorted(SERVING_STATES - {LOADED}), "loading", "unloaded", "failed"):
+            if state in states:
+                return state
+        return "unknown"
 
     def _names(self) -> list[str]:
         """Every name a client can ask for: each model, then its adapters."""
@@ -168,6 +181,13 @@ class Forwarder:
                 code="model_unavailable",
                 headers={"Retry-After": "5"},
             )
+        config = self.gateway.config
+        load_timeout = config.models[served].load_timeout
+        pooled = [b for b in self.gateway.router.ready(served) if b.pool is not None]
+        if load_timeout and pooled:
+            # Loaded on a full pool where another model waits for its load:
+            # this one's new requests wait their turn (pools.py).
+            await self.gateway.pools.wait_turn(pooled[0], load_timeout)
         admission = self._admission(served)
         timeouts = self.gateway.config.timeouts_for(served)
         session = self.gateway.session
@@ -179,7 +199,6 @@ class Forwarder:
         # A request waits at most this long for a slot on its home, then takes
         # any: never more than half the queue's wait, so it spills, not times out.
         clock = self.gateway.clock
-        config = self.gateway.config
         home_until = clock() + min(config.models[served].routing.home_wait, config.queue.max_wait / 2)
         # llama.cpp applies an adapter a request names in its `lora` field:
         # the gateway sets it on every request of a model with adapters (a
@@ -221,7 +240,25 @@ class Forwarder:
             try:
                 try:
                     sent = _upstream_body(body, payload, stream and backend.engine == "vllm", lora)
-                    upstream = await open_upstream(session, backend, request.path, sent, timeouts)
+                    # On a pool, the router loads the model first if it must;
+                    # the wait for that load is bounded by the model's load timeout.
+                    upstream = await self.gateway.pools.while_loading(
+                        backend,
+                        open_upstream(
+                            session,
+                            backend,
+                            request.path,
+                            sent,
+                            replace(timeouts, first_byte=timeouts.first_byte + load_timeout)
+                            if backend.pool is not None
+                            else timeouts,
+                        ),
+                        load_timeout,
+                    )
+                except LoadError as exc:
+                    return error_response(
+                        503, str(exc), code="model_not_loaded", headers={"Retry-After": str(exc.retry_after)}
+                    )
                 except UpstreamUnavailable as exc:
                     # Nothing reached the client yet: the next replica may answer.
                     self._count_failure(backend, exc.kind, exc.retry_after)

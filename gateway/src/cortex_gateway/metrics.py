@@ -96,6 +96,27 @@ class Metrics:
             ["model", "decision"],
             registry=self.registry,
         )
+        # On-demand models (pools.py): loads the gateway waited for, by result
+        # (loaded, failed, timeout), their seconds, and evictions seen.
+        self.loads = Counter(
+            "cortex_gateway_model_loads",
+            "Loads of on-demand models the gateway waited for, by result: loaded, failed, timeout",
+            ["model", "backend", "result"],
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "cortex_gateway_model_load_seconds",
+            "Time from a request finding its on-demand model unloaded to the model loaded",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "cortex_gateway_model_evictions",
+            "On-demand models seen going from loaded to unloaded (the router made room for another)",
+            ["model", "backend"],
+            registry=self.registry,
+        )
         self.backend_up = Gauge(
             "cortex_gateway_backend_up", "1 when the backend is ready and not draining", backend_labels,
             registry=self.registry, multiprocess_mode="livemin",

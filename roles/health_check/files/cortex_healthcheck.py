@@ -147,7 +147,7 @@ def check_engine(engine, config, run, now):
     if status != 200:
         result["problem"] = "{}/health answered {}".format(engine["url"], status or "nothing")
         return result
-    if config["probe_every"] and run % config["probe_every"] == 0:
+    if config["probe_every"] and run % config["probe_every"] == 0 and not engine.get("pool"):
         path, body = probe_body(engine)
         key = None
         if config.get("api_key_file"):
@@ -307,7 +307,15 @@ def run_once(config, now=None):
     policy = config["policy"]
     problems = 0
     results = []
+    checked = set()
     for engine in config.get("engines", []):
+        # A pool's models share its container: checked once, by /health
+        # alone (a probe would load a model that is meant to stay unloaded).
+        if engine["container"] in checked:
+            continue
+        checked.add(engine["container"])
+        if engine.get("pool"):
+            engine = dict(engine, name="pool " + engine["pool"]["name"])
         result = check_engine(engine, config, run, now)
         results.append(result)
         state = states.setdefault(engine["container"], {})

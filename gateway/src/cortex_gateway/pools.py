@@ -1,0 +1,251 @@
+"""On-demand models: what the gateway knows of pools (llama-server in router
+mode, several models loaded when asked for).
+
+A model that is not loaded is not dead. llama-server's router loads a model
+when a request names it, queues the requests that arrive while it loads, and
+makes room by unloading the least recently used idle model; the gateway
+leaves the loading to it (one queue per pool, whatever the number of
+gateways) and adds what it cannot know:
+
+- the wait for a load is bounded by the model's load timeout: a request
+  whose model is still not loaded then is answered 503, naming the model;
+- while a request waits for its model's load in a full pool, new requests for
+  the pool's loaded models wait in the gateway: the loaded ones go idle, the
+  router can make room, and a busy model cannot starve one that waits;
+- ``/v1/models`` says each model's state, read from the router's ``/models``;
+- loads, their seconds and evictions (a model seen going from loaded to
+  unloaded) are counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import aiohttp
+
+from .backends import Backend
+from .proxy import UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# States of a model in a router (llama-server's own words), and those in
+# which a request is served without a load the gateway must wait for: a
+# sleeping model's process is there and wakes on the request.
+LOADED = "loaded"
+SERVING_STATES = frozenset({LOADED, "sleeping"})
+RESIDENT_STATES = frozenset({LOADED, "loading", "sleeping"})
+# How often a load in progress is looked at.
+POLL_SECONDS = 0.25
+
+
+class LoadError(Exception):
+    """A model could not be loaded in time; the message says which and why."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class _Pool:
+    """One router (by URL): its models' backends and the loads under way."""
+
+    url: str
+    api_key: str | None
+    backends: dict[str, Backend] = field(default_factory=dict)
+    max_resident: int = 1
+    # Per model: requests sent there that wait for its load, and when the
+    # first of them was sent (the load's start, for its seconds).
+    waiters: dict[str, int] = field(default_factory=dict)
+    load_started: dict[str, float] = field(default_factory=dict)
+    # Set whenever a wait for a load ends: held requests look again.
+    turns: asyncio.Event = field(default_factory=asyncio.Event)
+    refreshing: asyncio.Future[bool] | None = None
+    refreshed: float = float("-inf")
+
+    def resident(self) -> int:
+        return sum(1 for b in self.backends.values() if b.load_state in RESIDENT_STATES)
+
+
+class PoolTracker:
+    """Every pool of the gateway's config, by router URL."""
+
+    def __init__(
+        self,
+        backends: Iterable[Backend],
+        metrics: Metrics,
+        clock: Callable[[], float],
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._session = session
+        self._pools: dict[str, _Pool] = {}
+        self.replace_backends(backends)
+
+    def replace_backends(self, backends: Iterable[Backend]) -> None:
+        """Track these backends (after a reload)."""
+        pools: dict[str, _Pool] = {}
+        for backend in backends:
+            if backend.pool is None:
+                continue
+            pool = pools.get(backend.url)
+            if pool is None:
+                old = self._pools.get(backend.url)
+                # Kept across a reload: its waiters and their loads go on.
+                pool = pools[backend.url] = old if old is not None else _Pool(backend.url, backend.api_key)
+                pool.api_key = backend.api_key
+                pool.backends = {}
+            pool.backends[backend.model] = backend
+            pool.max_resident = max(1, backend.max_resident)
+        self._pools = pools
+
+    def pool_of(self, backend: Backend) -> _Pool | None:
+        return self._pools.get(backend.url) if backend.pool is not None else None
+
+    # --- what the routers say ----------------------------------------------
+
+    async def refresh(self, pool: _Pool) -> bool:
+        """Read the router's model states into its backends; False when it did not answer."""
+        headers = {"Authorization": f"Bearer {pool.api_key}"} if pool.api_key else {}
+        try:
+            async with self._session().get(
+                pool.url + "/models", headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status != 200:
+                    return False
+                listing = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
+        states: dict[str, str] = {}
+        for entry in listing.get("data") or [] if isinstance(listing, dict) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("status"), dict):
+                states[str(entry.get("id"))] = str(entry["status"].get("value"))
+                if entry["status"].get("failed"):
+                    states[str(entry.get("id"))] = "failed"
+        for model, backend in pool.backends.items():
+            self._set_state(backend, states.get(model, "unknown"))
+        pool.refreshed = self._clock()
+        return True
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(p) for p in self._pools.values()))
+
+    def _set_state(self, backend: Backend, state: str) -> None:
+        before = backend.load_state
+        if state == before:
+            return
+        backend.load_state = state
+        log.info("model %s on %s is now %s", backend.model, backend.name, state)
+        # Gone from memory without the gateway asking for another of its models
+        # to be loaded there: llama-server made room for a load, or an operator unloaded it.
+        if before in SERVING_STATES and state in ("unloaded", "failed"):
+            self._metrics.evictions.labels(backend.model, backend.name).inc()
+
+    # --- loads ---------------------------------------------------------------
+
+    def waiting_for_load(self, backend: Backend) -> bool:
+        """Whether a request sent there now would wait for a load."""
+        return backend.pool is not None and backend.load_state not in SERVING_STATES
+
+    async def wait_turn(self, backend: Backend, load_timeout: float) -> None:
+        """Before a request for a loaded model of a full pool goes on: while a
+        request for another of its models waits for that one's load, wait
+        (at most ``load_timeout``): this model goes idle and the router can
+        make room."""
+        pool = self.pool_of(backend)
+        if pool is None or self.waiting_for_load(backend):
+            return
+        deadline = self._clock() + load_timeout
+        while (
+            any(n for m, n in pool.waiters.items() if m != backend.model)
+            and pool.resident() >= pool.max_resident
+            and self._clock() < deadline
+        ):
+            pool.turns.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(POLL_SECONDS, max(deadline - self._clock(), 0.0))):
+                    await pool.turns.wait()
+
+    async def while_loading(self, backend: Backend, request: Awaitable[T], load_timeout: float) -> T:
+        """Await ``request`` (a request sent to a pool whose model is not
+        loaded) while watching the load: LoadError when the model has not
+        loaded within ``load_timeout`` or its process failed."""
+        pool = self.pool_of(backend)
+        if pool is None or not self.waiting_for_load(backend):
+            return await request
+        model = backend.model
+        pool.waiters[model] = pool.waiters.get(model, 0) + 1
+        pool.load_started.setdefault(model, self._clock())
+        sent = asyncio.ensure_future(request)
+        watch = asyncio.create_task(self._watch(pool, backend, self._clock() + load_timeout, load_timeout))
+        try:
+            done, _pending = await asyncio.wait({sent, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if sent not in done:
+                error = watch.exception()
+                if error is not None:
+                    sent.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await sent
+                    raise error
+            try:
+                return await sent
+            except UpstreamUnavailable:
+                # The router answers an error when the model's process exits while it loads.
+                await self.refresh(pool)
+                if backend.load_state != "failed":
+                    raise
+                if pool.load_started.pop(model, None) is not None:
+                    self._metrics.loads.labels(model, backend.name, "failed").inc()
+                raise LoadError(
+                    f"model '{model}' failed to load on {backend.name} (its process exited)", 30
+                ) from None
+        finally:
+            watch.cancel()
+            pool.waiters[model] -= 1
+            if not pool.waiters[model]:
+                del pool.waiters[model]
+            pool.turns.set()
+
+    async def _watch(self, pool: _Pool, backend: Backend, deadline: float, load_timeout: float) -> None:
+        """Return once the model is loaded there; raise LoadError at the deadline or on a failed load."""
+        model = backend.model
+        saw_loading = False
+        while True:
+            await self._refresh_soon(pool)
+            state = backend.load_state
+            if state in SERVING_STATES:
+                started = pool.load_started.pop(model, None)
+                if started is not None:
+                    seconds = self._clock() - started
+                    self._metrics.loads.labels(model, backend.name, "loaded").inc()
+                    self._metrics.load_seconds.labels(model).observe(seconds)
+                    log.info("model %s loaded on %s in %.1f s", model, backend.name, seconds)
+                return
+            saw_loading = saw_loading or state == "loading"
+            if state == "failed" and saw_loading:
+                if pool.load_started.pop(model, None) is not None:
+                    self._metrics.loads.labels(model, backend.name, "failed").inc()
+                raise LoadError(f"model '{model}' failed to load on {backend.name} (its process exited)", 30)
+            if self._clock() >= deadline:
+                if pool.load_started.pop(model, None) is not None:
+                    self._metrics.loads.labels(model, backend.name, "timeout").inc()
+                raise LoadError(f"model '{model}' did not finish loading within {load_timeout:g} s", 5)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _refresh_soon(self, pool: _Pool) -> None:
+        """One look at the router for every request watching a load there."""
+        if pool.refreshing is None or pool.refreshing.done():
+            if self._clock() - pool.refreshed < POLL_SECONDS / 2:
+                return
+            pool.refreshing = asyncio.ensure_future(self.refresh(pool))
+        await asyncio.shield(pool.refreshing)
