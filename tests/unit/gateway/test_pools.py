@@ -144,7 +144,7 @@ async def test_the_first_request_loads_the_model_and_those_meanwhile_share_the_l
     client = await gateway_client(pool_config(await engine_server(router)))
     await wait_ready(client, "alpha", 1)
     assert await listed_states(client) == {"alpha": "unloaded", "beta": "unloaded"}
-    results = await asyncio.gather(*(ask(client, "alpha") for _ in range(6)))
+    results = await asyncio.gather(*(ask(client, "alpha") for _request in range(6)))
     assert [status for status, _body in results] == [200] * 6, results
     assert router.load_calls == ["alpha"]
     assert (await listed_states(client))["alpha"] == "loaded"
