@@ -120,6 +120,11 @@ def prometheus_targets(gateways, gpu_hosts, node_exporter_port=9100):
         nodes[host] = address
         groups = []
         for endpoint in endpoints or []:
+            if endpoint.get("pool"):
+                # A pool's router has metrics only per loaded model
+                # (/metrics?model=), and a scrape would load it: its models
+                # are seen through the gateway's metrics instead.
+                continue
             netloc = endpoint["url"].split("://", 1)[1].rstrip("/")
             groups.append(
                 {

@@ -163,7 +163,12 @@ class PoolTracker:
         (at most ``load_timeout``): this model goes idle and the router can
         make room."""
         pool = self.pool_of(backend)
-        if pool is None or self.waiting_for_load(backend):
+        if pool is None:
+            return
+        # A fresh look (shared by the requests of a burst): another gateway,
+        # or another worker, may have made the router load or unload since.
+        await self._refresh_soon(pool)
+        if self.waiting_for_load(backend):
             return
         deadline = self._clock() + load_timeout
         while (
@@ -181,6 +186,8 @@ class PoolTracker:
         loaded) while watching the load: LoadError when the model has not
         loaded within ``load_timeout`` or its process failed."""
         pool = self.pool_of(backend)
+        if pool is not None:
+            await self._refresh_soon(pool)
         if pool is None or not self.waiting_for_load(backend):
             return await request
         model = backend.model
@@ -198,7 +205,7 @@ class PoolTracker:
                         await sent
                     raise error
             try:
-                return await sent
+                answer = await sent
             except UpstreamUnavailable:
                 # The router answers an error when the model's process exits while it loads.
                 await self.refresh(pool)
@@ -209,6 +216,9 @@ class PoolTracker:
                 raise LoadError(
                     f"model '{model}' failed to load on {backend.name} (its process exited)", 30
                 ) from None
+            # Answered: the model was loaded, whether or not a look saw it first.
+            self._loaded(pool, backend)
+            return answer
         finally:
             watch.cancel()
             pool.waiters[model] -= 1
@@ -224,12 +234,7 @@ class PoolTracker:
             await self._refresh_soon(pool)
             state = backend.load_state
             if state in SERVING_STATES:
-                started = pool.load_started.pop(model, None)
-                if started is not None:
-                    seconds = self._clock() - started
-                    self._metrics.loads.labels(model, backend.name, "loaded").inc()
-                    self._metrics.load_seconds.labels(model).observe(seconds)
-                    log.info("model %s loaded on %s in %.1f s", model, backend.name, seconds)
+                self._loaded(pool, backend)
                 return
             saw_loading = saw_loading or state == "loading"
             if state == "failed" and saw_loading:
@@ -241,6 +246,17 @@ class PoolTracker:
                     self._metrics.loads.labels(model, backend.name, "timeout").inc()
                 raise LoadError(f"model '{model}' did not finish loading within {load_timeout:g} s", 5)
             await asyncio.sleep(POLL_SECONDS)
+
+    def _loaded(self, pool: _Pool, backend: Backend) -> None:
+        """Count the load the model's waiting requests saw end (once)."""
+        self._set_state(backend, LOADED)  # known now, before the next look
+        started = pool.load_started.pop(backend.model, None)
+        if started is None:
+            return
+        seconds = self._clock() - started
+        self._metrics.loads.labels(backend.model, backend.name, "loaded").inc()
+        self._metrics.load_seconds.labels(backend.model).observe(seconds)
+        log.info("model %s loaded on %s in %.1f s", backend.model, backend.name, seconds)
 
     async def _refresh_soon(self, pool: _Pool) -> None:
         """One look at the router for every request watching a load there."""

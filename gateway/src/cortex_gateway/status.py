@@ -71,6 +71,9 @@ def _backend_rows(backends: Iterable[Any], gauges: Gauges) -> list[dict[str, Any
                 **_cache_figures(gauges["cache_hit"].get(key, 0), gauges["cache_miss"].get(key, 0)),
             }
         )
+        if getattr(backend, "pool", None) is not None:
+            # Loaded on demand there: this worker's last look at the router.
+            rows[-1].update(pool=backend.pool, loaded=backend.load_state)
     return rows
 
 

@@ -117,7 +117,9 @@ def test_models_lists_every_model(client):
     vllm = ["smollm2-135m-vllm", "all-minilm-l6-v2-vllm"]
     # Each SmolLM2's LoRA adapter is a model name of its own (test_adapters.py).
     adapters = ["smollm2-135m-pirate", "smollm2-135m-vllm-pirate"]
-    assert listed == sorted([MODEL, EMBEDDING_MODEL, *vllm, *adapters])
+    # The pool's models are listed whether loaded or not (test_pools.py).
+    pool = ["smollm2-on-demand", "smollm2-on-demand-brief"]
+    assert listed == sorted([MODEL, EMBEDDING_MODEL, *vllm, *adapters, *pool])
 
 
 def test_each_replica_is_its_own_container_and_port(host):
@@ -265,15 +267,19 @@ def test_health_check_timer_writes_metrics_for_every_engine_and_the_gateway(host
     assert host.service("cortex-healthcheck.timer").is_enabled
     host.run_expect([0], "systemctl start cortex-healthcheck.service")
     metrics = host.file("/var/lib/prometheus/node-exporter/cortex_health.prom").content_string
-    containers = json.loads(host.check_output("cat /etc/cortex-healthcheck/config.json"))["engines"]
-    # Two chat replicas and the embedding model on each engine.
-    assert sorted(e["engine"] for e in containers) == ["llamacpp"] * 3 + ["vllm"] * 3
-    for engine in containers:
-        labels = f'model="{engine["name"]}",engine="{engine["engine"]}",container="{engine["container"]}"'
+    engines = json.loads(host.check_output("cat /etc/cortex-healthcheck/config.json"))["engines"]
+    # Two chat replicas and the embedding model on each engine, and the pool's
+    # two models in one container, checked once under the pool's name.
+    assert sorted(e["engine"] for e in engines) == ["llamacpp"] * 5 + ["vllm"] * 3
+    containers = {e["container"]: e for e in engines}
+    assert len(containers) == 7
+    for engine in containers.values():
+        name = f"pool {engine['pool']['name']}" if engine.get("pool") else engine["name"]
+        labels = f'model="{name}",engine="{engine["engine"]}",container="{engine["container"]}"'
         assert f"cortex_model_up{{{labels}}} 1" in metrics
     assert 'cortex_gateway_healthz_up{url="http://127.0.0.1:80/healthz"} 1' in metrics
     assert "cortex_nginx_up 1" in metrics
-    assert "all 6 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
+    assert "all 7 engine(s) and the gateway healthy" in journal(host, "cortex-healthcheck")
 
 
 # The public nginx site, as clients reach it.
@@ -320,7 +326,7 @@ def test_the_status_playbook_prints_the_fleet_table():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if "cortex-molecule" in line and "llamacpp" in line]
-    assert len(rows) == 3
+    assert len(rows) == 4  # two chat replicas, the embedding model and the pool
     assert all("running" in row and "healthy" in row and "<-" not in row for row in rows)
 
 

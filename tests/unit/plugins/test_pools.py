@@ -10,7 +10,11 @@ from pathlib import Path
 
 import gguf
 import pytest
-from ansible_collections.cortex.serving.plugins.module_utils._fleet import proxy_read_timeout, routing_table
+from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
+    prometheus_targets,
+    proxy_read_timeout,
+    routing_table,
+)
 from ansible_collections.cortex.serving.plugins.module_utils._gguf_info import read_gguf_info
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
@@ -286,3 +290,9 @@ def test_the_health_check_looks_at_a_pool_once_and_never_loads_its_models(tmp_pa
     assert healthcheck.run_once(config, now=1000.0) == 0
     assert checked == [("pool small", True)]
     assert list(json.loads((tmp_path / "state.json").read_text())["containers"]) == ["cortex-small-0"]
+
+
+def test_prometheus_scrapes_no_pool_router_that_a_scrape_would_make_load():
+    endpoints = instance_endpoints([the_pool()])
+    files = prometheus_targets([], [("h", "10.0.0.5", endpoints)])
+    assert files["cortex-engines-h.json"] == []
