@@ -301,11 +301,13 @@ def llamacpp_command(model, defaults=None, context_length=None):
     return args + rendered + llamacpp_feature_args(model, gpus) + extra
 
 
-def vllm_command(model, defaults=None):
+def vllm_command(model, defaults=None, nodes=1, listen=None):
     """The ``vllm serve`` arguments for one model (after VLLM_ENTRYPOINT).
 
     A model without GPUs runs on CPUs, in the CPU image. The API key is not
-    among the arguments: the entrypoint exports it from the key file.
+    among the arguments: the entrypoint exports it from the key file. A model
+    that spans ``nodes`` hosts has that many times its GPUs for its ranks,
+    and listens on the host's network at ``listen`` (address, port).
     """
     name = model.get("name")
     if not name:
@@ -316,12 +318,14 @@ def vllm_command(model, defaults=None):
     gpus = model.get("gpus") or []
     tensor = _whole(name, "vllm.tensor_parallel_size", options.get("tensor_parallel_size", 1))
     pipeline = _whole(name, "vllm.pipeline_parallel_size", options.get("pipeline_parallel_size", 1))
-    if gpus and tensor * pipeline != len(gpus):
+    if nodes > 1:
+        pass  # the layout is checked against every host's GPUs (_multinode.check_layout)
+    elif gpus and tensor * pipeline != len(gpus):
         raise EngineCommandError(
             "model %s: vllm.tensor_parallel_size: %d x pipeline_parallel_size %d = %d GPUs, but the model has %d (%s)"
             % (name, tensor, pipeline, tensor * pipeline, len(gpus), ", ".join(str(g) for g in gpus))
         )
-    if not gpus and tensor * pipeline != 1:
+    if not gpus and tensor * pipeline != 1 and nodes == 1:
         raise EngineCommandError(
             "model %s: vllm.tensor_parallel_size: a model without GPUs runs in one vLLM process on CPUs; "
             "give it gpus for tensor or pipeline parallelism" % name
@@ -351,5 +355,6 @@ def vllm_command(model, defaults=None):
     rendered, extra = _render(
         name, "vllm", options, VLLM_OPTIONS, VLLM_OWN, booleans=None if gpus else VLLM_CPU_BOOLEANS
     )
-    served = ["--served-model-name", name, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # noqa: S104
+    address, port = listen or ("0.0.0.0", VLLM_PORT)  # noqa: S104 - the container's own network
+    served = ["--served-model-name", name, "--host", address, "--port", str(port)]
     return target + served + rendered + vllm_feature_args(model) + extra

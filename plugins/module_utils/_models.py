@@ -40,6 +40,14 @@ from ansible_collections.cortex.serving.plugins.module_utils._features import (
     draft_fetch_name,
     feature_files,
 )
+from ansible_collections.cortex.serving.plugins.module_utils._multinode import (
+    check_layout,
+    check_multinode,
+    group_id,
+    multinode_args,
+    multinode_env,
+    ray_commands,
+)
 from ansible_collections.cortex.serving.plugins.module_utils._pools import (
     PRESET_FILE,
     check_member,
@@ -273,6 +281,8 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
     seen = {}
     checked = []
     absent = []
+    # Per model that spans hosts: this host's place in its group (_multinode).
+    spans = {}
     # Every name a client can ask for on this host: models and their adapters.
     served_names = {}
     for position, model in enumerate(models):
@@ -358,6 +368,15 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             elif pool_of(model) in members:
                 members[pool_of(model)].append(model)
             continue
+        if model.get("multinode") is not None:
+            node = check_multinode(model, host, problems, cfg.get("interfaces"))
+            if model.get("replicas", 1) != 1:
+                problems.append(
+                    "model %s: replicas: a model that spans hosts runs one rank per host; "
+                    "give it more hosts or GPUs instead" % name
+                )
+            if node is not None:
+                spans[name] = node
         for key in misplaced_member_keys(model):
             problems.append(
                 "model %s: %s: a setting of a model in a pool; this model has no pool" % (name, key)
@@ -548,6 +567,20 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     command = llamacpp_command(
                         entry, context_length=shape.get("context_length") or cfg["default_context"]
                     )
+                elif name in spans:
+                    node = spans[name]
+                    command = vllm_command(
+                        entry, nodes=node["nnodes"], listen=(cfg["address"], host_port)
+                    ) + multinode_args(node)
+                    check_layout(
+                        name,
+                        int(engine_options.get("tensor_parallel_size") or 1),
+                        int(engine_options.get("pipeline_parallel_size") or 1),
+                        node["nnodes"],
+                        len(gpus),
+                        (model.get("plan") or {}).get("hf_config") or shape.get("hf_config"),
+                        problems,
+                    )
                 else:
                     command = vllm_command(entry)
             except EngineCommandError as exc:
@@ -618,9 +651,58 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "model_file": entry["model_file"],
                 }
             )
+            if name in spans:
+                instances[-1].update(_span_fields(instances[-1], model, spans[name], cfg, vllm_cpu))
     if problems:
         raise ModelsError(problems)
     return {"host": host, "instances": instances, "absent": absent}
+
+
+def _span_fields(instance, model, node, cfg, vllm_cpu):
+    """What differs for this host's rank of a model that spans hosts.
+
+    The rank shares the host's network (the group's traffic goes to ports of
+    torch's own choosing); rank 0 listens on the role's address and port and
+    is the group's API; the other ranks have none. Docker never restarts a
+    rank alone (it would wait for a group that is gone): the health-check
+    timer restarts each host's rank while the group is unhealthy.
+    """
+    rank = node["rank"]
+    fields = {
+        "network_mode": "host",
+        "container_port": instance["port"],
+        "rank": rank,
+        "group": {
+            "id": group_id(model),
+            "hosts": node["hosts"],
+            "backend": node["backend"],
+            "api": "http://%s:%d" % (node["addresses"][0], instance["port"]),
+        },
+        "env": dict(instance["env"], **multinode_env(node)),
+        "restart_policy": "no",
+        # Where the group's API is, for this host's health checks (rank 0's).
+        "group_url": "http://%s:%d" % (node["master_addr"], instance["port"]) if rank else instance["url"],
+    }
+    fields["healthcheck"] = _healthcheck("vllm", instance["health_timeout"], instance["port"])
+    if rank:
+        # No API of its own: its health is the group's, seen at rank 0.
+        fields.update(headless=True, health_path=None, healthcheck={"test": ["NONE"]})
+    if node["backend"] == "ray":
+        fields.update(_ray_fields(instance, node))
+    return fields
+
+
+def _ray_fields(instance, node):
+    """The ray backend: a Ray node per host; the head also runs vllm serve
+    once every node has joined (rendered and checked; vLLM on CPUs refuses Ray)."""
+    start = " ".join(ray_commands(node)[:-1])  # without --block: the head goes on
+    if node["rank"]:
+        return {"entrypoint": ray_commands(node), "command": []}
+    wait = (
+        "until [ \"$(ray status 2>/dev/null | grep -c ' node_')\" -ge %d ]; do sleep 2; done" % node["nnodes"]
+    )
+    serve = VLLM_ENTRYPOINT[2]
+    return {"entrypoint": ["/bin/sh", "-c", "%s && %s && %s" % (start, wait, serve), "vllm-serve"]}
 
 
 # Marks the pseudo model entry of a pool in host_instances (its models under it).
@@ -790,14 +872,15 @@ def fetch_list(models):
     return items
 
 
-def _healthcheck(engine, start_period):
-    """Docker's own health check of an engine container, with its start period."""
+def _healthcheck(engine, start_period, port=None):
+    """Docker's own health check of an engine container, with its start period
+    (``port``: where it listens when it shares the host's network)."""
     if engine == "llamacpp":
         test = ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:%d/health" % LLAMACPP_PORT]
     else:
         probe = (
             "import http.client, sys; c = http.client.HTTPConnection('127.0.0.1', %d, timeout=4); "
-            "c.request('GET', '/health'); sys.exit(c.getresponse().status != 200)" % VLLM_PORT
+            "c.request('GET', '/health'); sys.exit(c.getresponse().status != 200)" % (port or VLLM_PORT)
         )
         test = ["CMD", "python3", "-c", probe]
     return {
@@ -872,5 +955,5 @@ def instance_endpoints(instances):
             "adapters": i.get("adapters") or [],
         }
         for i in instances
-        if i["state"] == "started" and not i.get("pool")
+        if i["state"] == "started" and not i.get("pool") and not i.get("headless")
     ] + endpoints
