@@ -17,7 +17,8 @@ description:
   - Every problem is reported at once, one line each, naming the model and the field.
   - The collection also has the filters C(routing_table), which merges the
     C(model_servers_endpoints) facts of several hosts into the gateway's models and replicas,
-    C(instance_endpoints), the gateway's view of a host's started instances, and
+    C(instance_endpoints), the gateway's view of a host's started instances,
+    C(headless_endpoints), a host's ranks without an API of models that span hosts (watched through rank 0), and
     C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
     C(model_fetch_list), the models (not absent) and their LoRA adapters and draft models, each as an entry
     with its own C(name), C(engine) and C(source), for the role to fetch,
@@ -80,6 +81,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
     fetch_list,
+    headless_endpoints,
     host_instances,
     instance_endpoints,
 )
@@ -142,6 +144,7 @@ class FilterModule(object):
         return {
             "model_instances": _model_instances,
             "instance_endpoints": instance_endpoints,
+            "headless_endpoints": headless_endpoints,
             "model_source_files": source_files,
             "model_fetch_list": fetch_list,
             "routing_table": _routing_table,

@@ -37,6 +37,8 @@ def routing_table(host_endpoints):
                     "backends": [],
                 },
             )
+            if endpoint.get("health_probe"):
+                entry["health_probe"] = endpoint["health_probe"]
             if entry["engine"] != endpoint["engine"]:
                 raise FleetError(
                     "model %s: host %s serves it with engine %s, another host with %s"

@@ -908,6 +908,25 @@ def _concurrency(engine, options):
     return int(options.get("max_num_seqs") or 256)
 
 
+def headless_endpoints(instances):
+    """This host's ranks without an API (models that span hosts), for the
+    health-check timer: each watched through its group's API at rank 0."""
+    return [
+        {
+            "name": i["model"],
+            "engine": i["engine"],
+            "replica": 0,
+            "container": i["container"],
+            "url": i["group_url"],
+            "start_period": i["health_timeout"],
+            "kind": i["kind"],
+            "headless": True,
+        }
+        for i in instances
+        if i["state"] == "started" and i.get("headless")
+    ]
+
+
 def instance_endpoints(instances):
     """The gateway's view of a host's started instances: a pool's models each
     at the pool's URL, with what the gateway needs to wait for their loads."""
@@ -938,8 +957,11 @@ def instance_endpoints(instances):
                     },
                 }
             )
-    return [
-        {
+    resident = []
+    for i in instances:
+        if i["state"] != "started" or i.get("pool") or i.get("headless"):
+            continue
+        endpoint = {
             "name": i["model"],
             "engine": i["engine"],
             "replica": i["replica"],
@@ -954,6 +976,9 @@ def instance_endpoints(instances):
             "kind": i["kind"],
             "adapters": i.get("adapters") or [],
         }
-        for i in instances
-        if i["state"] == "started" and not i.get("pool") and not i.get("headless")
-    ] + endpoints
+        if i.get("group"):
+            # Rank 0 of a model that spans hosts: its /health sees only its own
+            # host's processes; the gateway sends it a 1-token request instead.
+            endpoint["health_probe"] = i["kind"]
+        resident.append(endpoint)
+    return resident + endpoints

@@ -108,6 +108,7 @@ class Gateway:
                     backend.max_concurrency = backend_config.max_concurrency
                     backend.pool = backend_config.pool
                     backend.max_resident = backend_config.max_resident
+                    backend.health_probe = model.health_probe
                 backends.append(backend)
         for field_name in RESTART_FIELDS:
             if getattr(config, field_name) != getattr(self.config, field_name):

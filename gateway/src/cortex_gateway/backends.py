@@ -34,6 +34,12 @@ class Health(enum.StrEnum):
 # Each engine's liveness endpoint. llama-server answers 503 while it loads the
 # model and 200 once it serves; vLLM's /health answers 200 once it serves.
 HEALTH_PATHS = {"llamacpp": "/health", "vllm": "/health"}
+# The 1-token requests of a health probe, and how long one may take.
+PROBES = {
+    "completion": ("/v1/completions", {"prompt": "ping", "max_tokens": 1}),
+    "embedding": ("/v1/embeddings", {"input": "ping"}),
+}
+PROBE_SECONDS = 20.0
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +65,9 @@ class Backend:
     load_state: str = "loaded"
     # How many of the pool's models its router keeps loaded at once.
     max_resident: int = 0
+    # A 1-token request the health monitor sends after /health answers 200:
+    # "completion" or "embedding" (None: /health alone; see ModelConfig).
+    health_probe: str | None = None
 
     @property
     def draining(self) -> bool:
@@ -92,6 +101,7 @@ class Backend:
             pool=backend.pool,
             load_state="unknown" if backend.pool else "loaded",
             max_resident=backend.max_resident,
+            health_probe=model.health_probe,
         )
 
     def set_health(self, health: Health) -> None:
@@ -144,12 +154,32 @@ class HealthMonitor:
         except (aiohttp.ClientError, TimeoutError):
             backend.record_failure(self._unhealthy_after)
             return
+        if status == 200 and backend.health_probe is not None:
+            status = await self._probe(backend)
         if status == 200:
             backend.record_success()
         elif status == 503 and backend.health is not Health.READY:
             backend.set_health(Health.STARTING)  # still loading the model
         else:
             backend.record_failure(self._unhealthy_after)
+
+    async def _probe(self, backend: Backend) -> int:
+        """A 1-token request through the whole engine: the status, 0 when it
+        failed or took longer than PROBE_SECONDS (a group with a lost host
+        hangs, while its first process still answers /health)."""
+        path, body = PROBES[backend.health_probe or "completion"]
+        headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
+        try:
+            async with self._session.post(
+                backend.url + path,
+                json={"model": backend.model, **body},
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS),
+            ) as resp:
+                await resp.read()
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            return 0
 
     def replace_backends(self, backends: Iterable[Backend]) -> None:
         """Poll these from the next round on (after a config reload)."""

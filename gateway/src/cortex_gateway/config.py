@@ -23,6 +23,7 @@ from .limits import KeyPolicy
 from .queueing import QueuePolicy
 
 ENGINES = ("llamacpp", "vllm")
+HEALTH_PROBES = ("completion", "embedding")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -83,6 +84,10 @@ class ModelConfig:
     # Seconds a request waits for the model to load on a pool backend (0: the
     # model has no pool backend: it is always resident).
     load_timeout: float = 0.0
+    # How the health monitor checks it beyond /health: "completion" or
+    # "embedding" sends a 1-token request (a model whose engine spans hosts:
+    # its /health sees only the first host's process); None: /health alone.
+    health_probe: str | None = None
 
     def lora_field(self, adapter: AdapterConfig | None) -> list[dict[str, float]] | None:
         """The `lora` field a llama.cpp request carries: every adapter of the
@@ -254,6 +259,9 @@ def _model(raw: Any, where: str) -> ModelConfig:
     load_timeout = 0.0
     if "load_timeout" in raw or pooled:
         load_timeout = _positive(raw.get("load_timeout", 120), f"{where}.load_timeout")
+    probe = raw.get("health_probe")
+    if probe is not None and probe not in HEALTH_PROBES:
+        raise ConfigError(f"{where}.health_probe: must be one of {', '.join(HEALTH_PROBES)}, got {probe!r}")
     return ModelConfig(
         name=name,
         engine=engine,
@@ -263,6 +271,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
         routing=_routing_policy(raw.get("routing", {}), f"{where}.routing"),
         adapters=tuple(adapters),
         load_timeout=load_timeout,
+        health_probe=probe,
     )
 
 

@@ -147,7 +147,9 @@ def check_engine(engine, config, run, now):
     if status != 200:
         result["problem"] = "{}/health answered {}".format(engine["url"], status or "nothing")
         return result
-    if config["probe_every"] and run % config["probe_every"] == 0 and not engine.get("pool"):
+    # A pool's probe would load a model meant to stay unloaded; a headless
+    # rank's group is probed by rank 0's host.
+    if config["probe_every"] and run % config["probe_every"] == 0 and not engine.get("pool") and not engine.get("headless"):
         path, body = probe_body(engine)
         key = None
         if config.get("api_key_file"):
