@@ -569,6 +569,16 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     )
                 elif name in spans:
                     node = spans[name]
+                    pipeline = int(engine_options.get("pipeline_parallel_size") or 1)
+                    if not gpus and pipeline > 1:
+                        # On CPUs, eager mode skips the warm-up that gives the
+                        # later pipeline stages their buffers: the first request crashed.
+                        if (model.get("vllm") or {}).get("enforce_eager"):
+                            problems.append(
+                                "model %s: vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager "
+                                "mode; leave it out (the ranks compile their graphs)" % name
+                            )
+                        entry["vllm"] = engine_options = dict(engine_options, enforce_eager=False)
                     command = vllm_command(
                         entry, nodes=node["nnodes"], listen=(cfg["address"], host_port)
                     ) + multinode_args(node)
