@@ -690,8 +690,13 @@ def _span_fields(instance, model, node, cfg, vllm_cpu):
         },
         "env": dict(instance["env"], **multinode_env(node)),
         "restart_policy": "no",
-        # Where the group's API is, for this host's health checks (rank 0's).
-        "group_url": "http://%s:%d" % (node["master_addr"], instance["port"]) if rank else instance["url"],
+        # Where the group's API is, for this host's health checks: rank 0's,
+        # when it listens beyond its own host's loopback (None: not seen from here).
+        "group_url": instance["url"]
+        if not rank
+        else None
+        if _loopback(cfg["address"])
+        else "http://%s:%d" % (node["master_addr"], instance["port"]),
     }
     fields["healthcheck"] = _healthcheck("vllm", instance["health_timeout"], instance["port"])
     if rank:
@@ -700,6 +705,10 @@ def _span_fields(instance, model, node, cfg, vllm_cpu):
     if node["backend"] == "ray":
         fields.update(_ray_fields(instance, node))
     return fields
+
+
+def _loopback(address):
+    return str(address).startswith("127.") or str(address) in ("::1", "localhost")
 
 
 def _ray_fields(instance, node):

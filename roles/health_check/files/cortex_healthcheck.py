@@ -142,6 +142,11 @@ def check_engine(engine, config, run, now):
     if not running:
         result["problem"] = "the container {} is {}".format(engine["container"], info["State"].get("Status"))
         return result
+    if not engine.get("url"):
+        # A waiting rank of a model that spans hosts, whose group's API this
+        # host cannot reach: its container running is what can be seen here.
+        result["up"] = 1
+        return result
     status, seconds = http(engine["url"] + "/health", config["timeout"])
     result["latency"] = seconds
     if status != 200:
@@ -149,7 +154,12 @@ def check_engine(engine, config, run, now):
         return result
     # A pool's probe would load a model meant to stay unloaded; a headless
     # rank's group is probed by rank 0's host.
-    if config["probe_every"] and run % config["probe_every"] == 0 and not engine.get("pool") and not engine.get("headless"):
+    if (
+        config["probe_every"]
+        and run % config["probe_every"] == 0
+        and not engine.get("pool")
+        and not engine.get("headless")
+    ):
         path, body = probe_body(engine)
         key = None
         if config.get("api_key_file"):

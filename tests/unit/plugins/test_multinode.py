@@ -84,7 +84,10 @@ def test_each_rank_shares_its_hosts_network_with_its_own_address_and_interface()
     assert first["restart_policy"] == second["restart_policy"] == "no"
     assert second["headless"] is True
     assert second["healthcheck"] == {"test": ["NONE"]}
-    assert second["group_url"] == f"http://10.1.0.10:{first['port']}"
+    # Engines on loopback: the waiting rank's host cannot see the group's API.
+    assert second["group_url"] is None
+    internal = rank("node-b", defaults={**ONE_NIC, "address": "10.1.0.11"})
+    assert internal["group_url"] == f"http://10.1.0.10:{first['port']}"
 
 
 def test_only_rank_zero_is_routed_and_every_rank_has_the_groups_identity():
