@@ -20,12 +20,16 @@ from tests.role_defaults import model_servers_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "inventories" / "example"
-GPUS = {"l40s-a": 1, "l40s-b": 1, "h100-a": 2, "l40s-quad-a": 4}
+GPUS = {"l40s-a": 1, "l40s-b": 1, "h100-a": 2, "l40s-quad-a": 4, "h100-pair-a": 8, "h100-pair-b": 8}
+H100 = {"memory_total_mib": 81559}
 L40S = [{"index": 0, "memory_total_mib": 46068}]
 
 
 def models(host: str) -> list[dict]:
-    return yaml.safe_load((EXAMPLE / "host_vars" / f"{host}.yml").read_text())["cortex_models"]
+    path = EXAMPLE / "host_vars" / f"{host}.yml"
+    if not path.exists():  # the pair's model is in its group's vars
+        path = EXAMPLE / "group_vars" / "h100_pair.yml"
+    return yaml.safe_load(path.read_text())["cortex_models"]
 
 
 def test_every_host_plans_and_the_routes_merge():
@@ -34,7 +38,14 @@ def test_every_host_plans_and_the_routes_merge():
         planned = host_instances(models(host), host, count, {"address": host})
         endpoints.append((host, instance_endpoints(planned["instances"])))
     table = {m["name"]: m for m in routing_table(endpoints)}
-    assert sorted(table) == ["bge-small-en-v1.5", "gpt-oss-120b", "llama-3.1-8b-instruct"]
+    assert sorted(table) == [
+        "bge-small-en-v1.5",
+        "gpt-oss-120b",
+        "llama-3.1-405b-instruct",
+        "llama-3.1-8b-instruct",
+    ]
+    # Only the first host of the model over two hosts serves its API.
+    assert [b["host"] for b in table["llama-3.1-405b-instruct"]["backends"]] == ["h100-pair-a"]
     assert [b["host"] for b in table["llama-3.1-8b-instruct"]["backends"]] == ["l40s-a", "l40s-b"]
     assert table["llama-3.1-8b-instruct"]["engine"] == "vllm"
     assert table["llama-3.1-8b-instruct"]["adapters"] == [{"name": "llama-3.1-8b-sql", "scale": 1.0}]
@@ -113,3 +124,20 @@ def test_gpt_oss_20b_drafts_for_120b_on_the_second_h100(gpt_oss_120b, tmp_path):
     assert after[0]["need"] == before[0]["need"]
     added = after[1]["weights"] - before[1]["weights"]
     assert draft["tensor_bytes"] - draft["token_embd_bytes"] <= added <= draft["tensor_bytes"]
+
+
+def test_llama_405b_spans_two_hosts_of_eight_h100s_and_each_hosts_share_fits():
+    entries = models("h100-pair-a")
+    shapes = {m["name"]: m["plan"] for m in entries}
+    for host, rank in (("h100-pair-a", "0"), ("h100-pair-b", "1")):
+        defaults = {**model_servers_defaults(), "interfaces": ["lo", "eno1", "ib0"]}
+        (instance,) = host_instances(entries, host, 8, defaults, shapes)["instances"]
+        command = instance["command"]
+        assert command[command.index("--node-rank") + 1] == rank
+        assert command[command.index("--master-addr") + 1] == "10.30.0.41"
+        assert instance["env"]["NCCL_SOCKET_IFNAME"] == "ib0"
+        assert instance["env"]["NCCL_IB_HCA"] == "mlx5"
+        result = plan([instance], shapes, [{"index": i, **H100} for i in range(8)])
+        assert result["fits"], table(result)
+        # A sixteenth of 405 GB of FP8 weights on each of the 16 GPUs.
+        assert {r["weights"] for r in result["rows"]} == {int(405e9 / 16)}
