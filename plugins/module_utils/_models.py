@@ -75,6 +75,11 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 
+# vLLM on CPUs, compiling: its cache in an in-memory folder it may execute from.
+COMPILE_DIR = "/var/cache/cortex-compile"
+COMPILE_TMPFS = COMPILE_DIR + ":exec,mode=1777"
+COMPILE_ENV = {"VLLM_CACHE_ROOT": COMPILE_DIR + "/vllm"}
+
 # What each engine needs from the role when the inventory says nothing.
 BUILTIN_DEFAULTS = {
     "address": "127.0.0.1",
@@ -596,6 +601,10 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             except EngineCommandError as exc:
                 problems.append(str(exc))
                 continue
+            # vLLM on CPUs that compiles its graphs (not eager) loads the code
+            # it compiled from its cache: a folder it may execute from (the
+            # /tmp tmpfs is noexec).
+            compiles = vllm_cpu and not engine_options.get("enforce_eager")
             concurrency = _concurrency(engine, engine_options)
             tensor_parallel = int(engine_options.get("tensor_parallel_size") or 1) if engine == "vllm" else 1
             container = "%s%s-%d" % (cfg["container_prefix"], name, replica)
@@ -636,7 +645,12 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "command": command,
                     "env": dict(
                         (str(k), str(v))
-                        for k, v in _merge(cfg.get("vllm_cpu_env") if vllm_cpu else {}, env).items()
+                        for k, v in _merge(
+                            _merge(
+                                cfg.get("vllm_cpu_env") if vllm_cpu else {}, COMPILE_ENV if compiles else {}
+                            ),
+                            env,
+                        ).items()
                     ),
                     "restart_policy": restart,
                     "health_path": "/health",
@@ -652,6 +666,8 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     # a few hundred MiB).
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
                     "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
+                    # Writable in-memory folders under the read-only root.
+                    "tmpfs": ["/tmp", COMPILE_TMPFS] if compiles else ["/tmp"],  # noqa: S108 - the container's
                     "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
                     "healthcheck": _healthcheck(engine, health_timeout),
                     # Seconds between `docker stop`'s SIGTERM and its SIGKILL:
