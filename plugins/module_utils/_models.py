@@ -956,6 +956,7 @@ def headless_endpoints(instances):
             "start_period": i["health_timeout"],
             "kind": i["kind"],
             "headless": True,
+            "spans": True,
         }
         for i in instances
         if i["state"] == "started" and i.get("headless")
@@ -1015,5 +1016,6 @@ def instance_endpoints(instances):
             # Rank 0 of a model that spans hosts: its /health sees only its own
             # host's processes; the gateway sends it a 1-token request instead.
             endpoint["health_probe"] = i["kind"]
+            endpoint["spans"] = True
         resident.append(endpoint)
     return resident + endpoints

@@ -224,7 +224,17 @@ def _model(raw: Any, where: str) -> ModelConfig:
     _expect(raw, dict, where)
     _no_unknown(
         raw,
-        {"name", "engine", "owned_by", "backends", "timeouts", "routing", "adapters", "load_timeout"},
+        {
+            "name",
+            "engine",
+            "owned_by",
+            "backends",
+            "timeouts",
+            "routing",
+            "adapters",
+            "load_timeout",
+            "health_probe",
+        },
         where,
     )
     name = _expect(raw.get("name"), str, f"{where}.name")

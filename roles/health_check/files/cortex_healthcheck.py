@@ -341,7 +341,15 @@ def run_once(config, now=None):
                 level,
                 "{} ({}): {}; {}".format(engine["name"], engine["container"], result["problem"], reason),
             )
-        if action == "restart":
+        if action == "restart" and engine.get("spans"):
+            # One rank restarted alone would wait for a group that is gone:
+            # a converge stops and starts the whole group (playbooks/models.yml).
+            log(
+                ERR,
+                "{}: {} is a rank of a model that spans hosts; not restarted alone: run playbooks/models.yml "
+                "to start its group again".format(engine["name"], engine["container"]),
+            )
+        elif action == "restart":
             done, error = restart(engine["container"])
             if done:
                 log(WARNING, "{}: restarted {}: {}".format(engine["name"], engine["container"], reason))

@@ -9,10 +9,12 @@ import copy
 import pytest
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
+    headless_endpoints,
     host_instances,
     instance_endpoints,
 )
 
+from .test_pools import load_healthcheck
 from .vllm_parser import parse
 
 HF_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
@@ -175,3 +177,41 @@ def test_a_bad_layout_or_network_is_named_before_any_host_changes(
     model = {k: v for k, v in model.items() if v is not None}
     found = problems(model, host, gpu_count, defaults)
     assert any(message in line for line in found), found
+
+
+def test_the_health_check_never_restarts_one_rank_of_a_group_alone(tmp_path, monkeypatch):
+    healthcheck = load_healthcheck()
+    restarted, logged = [], []
+
+    def down(engine, config, run, now):
+        return {
+            "engine": engine,
+            "up": 0,
+            "latency": None,
+            "probe_ok": None,
+            "starting": False,
+            "problem": "down",
+        }
+
+    monkeypatch.setattr(healthcheck, "check_engine", down)
+    monkeypatch.setattr(healthcheck, "restart", lambda container: restarted.append(container) or (True, ""))
+    monkeypatch.setattr(healthcheck, "log", lambda level, message: logged.append(message))
+    solo = host_instances([{"name": "solo", "engine": "llamacpp", "source": {"path": "/m/x.gguf"}}], "h", 0)
+    # Rank 0's host; the waiting rank's host is checked the same way (the next loop).
+    engines = instance_endpoints(solo["instances"]) + instance_endpoints([rank("node-a")])
+    config = {
+        "engines": engines,
+        "state_file": str(tmp_path / "state.json"),
+        "textfile_dir": str(tmp_path),
+        "policy": {"restart_after": 1, "backoff_seconds": 60, "max_restarts_per_hour": 3},
+        "timeout": 5,
+        "probe_every": 0,
+    }
+    assert healthcheck.run_once(config, now=1000.0) == 1
+    # The model of one host is restarted; the group's rank is not, and the log says what to run.
+    assert restarted == ["cortex-solo-0"]
+    assert sum("run playbooks/models.yml" in line for line in logged) == 1
+    config.update(engines=headless_endpoints([rank("node-b")]), state_file=str(tmp_path / "other.json"))
+    assert healthcheck.run_once(config, now=1000.0) == 1
+    assert restarted == ["cortex-solo-0"]
+    assert sum("run playbooks/models.yml" in line for line in logged) == 2
