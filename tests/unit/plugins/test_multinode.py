@@ -32,13 +32,13 @@ SPANNING = {
 ONE_NIC = {"interfaces": ["lo", "eth0", "docker0", "veth1a2b"]}
 
 
-def rank(host: str, model=None, gpu_count=0, defaults=ONE_NIC) -> dict:
-    return host_instances([model or SPANNING], host, gpu_count, defaults)["instances"][0]
+def rank(host: str, model=None, gpu_count=0, defaults=None) -> dict:
+    return host_instances([model or SPANNING], host, gpu_count, defaults or ONE_NIC)["instances"][0]
 
 
-def problems(model, host="node-a", gpu_count=0, defaults=ONE_NIC) -> list[str]:
+def problems(model, host="node-a", gpu_count=0, defaults=None) -> list[str]:
     with pytest.raises(ModelsError) as error:
-        host_instances([model], host, gpu_count, defaults)
+        host_instances([model], host, gpu_count, defaults or ONE_NIC)
     return error.value.problems
 
 
