@@ -77,7 +77,9 @@ _GIB = 1024 * _MIB
 
 # vLLM on CPUs, compiling: its cache in an in-memory folder it may execute from.
 COMPILE_DIR = "/var/cache/cortex-compile"
-COMPILE_TMPFS = COMPILE_DIR + ":exec,mode=1777"
+# Owned by the engine's user: a tmpfs "mode" is lost when Docker starts the
+# container again (seen: the folder came back root's 0755), its uid is not.
+COMPILE_TMPFS = COMPILE_DIR + ":exec,uid=%d,gid=%d"
 COMPILE_ENV = {"VLLM_CACHE_ROOT": COMPILE_DIR + "/vllm"}
 
 # What each engine needs from the role when the inventory says nothing.
@@ -114,6 +116,8 @@ BUILTIN_DEFAULTS = {
     # also profiles memory and captures CUDA graphs before it answers.
     "health_timeout": {"llamacpp": [120, 30], "vllm": [600, 60]},
     "default_context": 4096,
+    # The user id the engines run as (the role's model_servers_engine_uid).
+    "engine_uid": 10001,
 }
 
 
@@ -667,7 +671,11 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                     "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
                     "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
                     # Writable in-memory folders under the read-only root.
-                    "tmpfs": ["/tmp", COMPILE_TMPFS] if compiles else ["/tmp"],  # noqa: S108 - the container's
+                    "tmpfs": (
+                        ["/tmp", COMPILE_TMPFS % (int(cfg["engine_uid"]), int(cfg["engine_uid"]))]  # noqa: S108 - the container's
+                        if compiles
+                        else ["/tmp"]  # noqa: S108 - the container's
+                    ),
                     "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
                     "healthcheck": _healthcheck(engine, health_timeout),
                     # Seconds between `docker stop`'s SIGTERM and its SIGKILL:

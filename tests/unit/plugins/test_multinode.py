@@ -215,3 +215,23 @@ def test_the_health_check_never_restarts_one_rank_of_a_group_alone(tmp_path, mon
     assert healthcheck.run_once(config, now=1000.0) == 1
     assert restarted == ["cortex-solo-0"]
     assert sum("run playbooks/models.yml" in line for line in logged) == 2
+
+
+def test_vllm_on_cpus_that_compiles_gets_a_cache_it_may_execute_from():
+    first = rank("node-a")
+    # The /tmp tmpfs is noexec: compiled code loaded from there failed. A tmpfs
+    # "mode" is lost when Docker starts the container again; its owner is not.
+    assert first["tmpfs"] == ["/tmp", "/var/cache/cortex-compile:exec,uid=10001,gid=10001"]
+    assert first["env"]["VLLM_CACHE_ROOT"] == "/var/cache/cortex-compile/vllm"
+    assert "--enforce-eager" not in first["command"]
+    eager = {"name": "eager", "engine": "vllm", "source": {"path": "/m"}, "vllm": {"enforce_eager": True}}
+    (alone,) = host_instances([eager], "h", 0)["instances"]
+    assert alone["tmpfs"] == ["/tmp"]
+    assert "VLLM_CACHE_ROOT" not in alone["env"]
+
+
+def test_pipeline_parallelism_on_cpus_is_never_eager():
+    found = problems(changed(vllm={"enforce_eager": True}))
+    assert any(
+        "vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager mode" in p for p in found
+    ), found
