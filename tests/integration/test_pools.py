@@ -25,6 +25,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._pools import PRESE
 
 from ..unit.gateway.conftest import AUTH, ENGINE_KEY
 from ..unit.gateway.test_metrics import scrape, value
+from ..unit.gateway.test_pools import alternate
 from ..unit.gateway.test_resilience import wait_ready
 from .conftest import docker
 from .test_engine_features import wait_healthy
@@ -150,21 +151,10 @@ async def test_alternating_models_load_and_evict_each_other_and_every_request_is
 ):
     client = await gateway_client(gateway_config(pool))
     await wait_ready(client, "smollm2-chat", 1)
-    outcomes: dict[str, int] = {}
-
-    async def one(model: str) -> None:
-        try:
-            async with asyncio.timeout(240):
-                status, body = await chat(client, model)
-            outcome = "ok" if status == 200 and body.get("model") == model else f"{status}: {body}"
-        except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded
-            outcome = f"{type(exc).__name__}: {exc}"
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
     # Three waves of four requests, the two models interleaved: each wave
     # needs both models, and only one fits at a time.
-    for _wave in range(3):
-        await asyncio.gather(*(one("smollm2-chat" if i % 2 else "smollm2-brief") for i in range(4)))
+    models = ("smollm2-brief", "smollm2-chat")
+    outcomes = await alternate(lambda model: chat(client, model), models, waves=3, per_wave=4, seconds=240)
     assert outcomes == {"ok": 12}
     listed = await states(client)
     assert sorted(listed.values()).count("loaded") <= 1, listed

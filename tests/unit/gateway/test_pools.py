@@ -132,6 +132,26 @@ async def ask(client, model: str) -> tuple[int, dict]:
     return answer.status, await answer.json()
 
 
+async def alternate(ask_model, models, waves: int, per_wave: int, seconds: float = 30) -> dict[str, int]:
+    """Waves of requests that alternate between the models, all of a wave at
+    once; every outcome counted: ok (answered by the model asked for), the
+    status and body, or the exception (each request bounded by ``seconds``)."""
+    outcomes: dict[str, int] = {}
+
+    async def one(model: str) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                status, body = await ask_model(model)
+            outcome = "ok" if status == 200 and body.get("model") == model else f"{status}: {body}"
+        except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded
+            outcome = f"{type(exc).__name__}: {exc}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    for _wave in range(waves):
+        await asyncio.gather(*(one(models[i % len(models)]) for i in range(per_wave)))
+    return outcomes
+
+
 async def listed_states(client) -> dict[str, object]:
     listing = await (await client.get("/v1/models", headers=AUTH)).json()
     return {card["id"]: card.get("status", {}).get("value") for card in listing["data"]}
@@ -167,20 +187,8 @@ async def test_alternating_models_in_a_pool_of_one_all_answer_and_evict_each_oth
     router = FakeRouter(answer_delay=0.05)
     client = await gateway_client(pool_config(await engine_server(router)))
     await wait_ready(client, "alpha", 1)
-    outcomes: dict[str, int] = {}
-
-    async def one(model: str) -> None:
-        try:
-            async with asyncio.timeout(30):
-                status, body = await ask(client, model)
-                key = "ok" if status == 200 and body["model"] == model else f"{status} {body}"
-        except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded
-            key = f"{type(exc).__name__}: {exc}"
-        outcomes[key] = outcomes.get(key, 0) + 1
-
     # Two waves of interleaved requests, several at once.
-    for _wave in range(2):
-        await asyncio.gather(*(one("alpha" if i % 2 else "beta") for i in range(12)))
+    outcomes = await alternate(lambda model: ask(client, model), ("alpha", "beta"), waves=2, per_wave=12)
     assert outcomes == {"ok": 24}
     assert router.most_resident == 1
     assert len(router.load_calls) >= 2

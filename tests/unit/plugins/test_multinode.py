@@ -14,7 +14,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import (
     instance_endpoints,
 )
 
-from .test_pools import load_healthcheck
+from .test_pools import healthcheck_config, load_healthcheck
 from .vllm_parser import parse
 
 HF_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
@@ -199,14 +199,7 @@ def test_the_health_check_never_restarts_one_rank_of_a_group_alone(tmp_path, mon
     solo = host_instances([{"name": "solo", "engine": "llamacpp", "source": {"path": "/m/x.gguf"}}], "h", 0)
     # Rank 0's host; the waiting rank's host is checked the same way (the next loop).
     engines = instance_endpoints(solo["instances"]) + instance_endpoints([rank("node-a")])
-    config = {
-        "engines": engines,
-        "state_file": str(tmp_path / "state.json"),
-        "textfile_dir": str(tmp_path),
-        "policy": {"restart_after": 1, "backoff_seconds": 60, "max_restarts_per_hour": 3},
-        "timeout": 5,
-        "probe_every": 0,
-    }
+    config = healthcheck_config(tmp_path, engines, restart_after=1)
     assert healthcheck.run_once(config, now=1000.0) == 1
     # The model of one host is restarted; the group's rank is not, and the log says what to run.
     assert restarted == ["cortex-solo-0"]
@@ -221,12 +214,12 @@ def test_vllm_on_cpus_that_compiles_gets_a_cache_it_may_execute_from():
     first = rank("node-a")
     # The /tmp tmpfs is noexec: compiled code loaded from there failed. A tmpfs
     # "mode" is lost when Docker starts the container again; its owner is not.
-    assert first["tmpfs"] == ["/tmp", "/var/cache/cortex-compile:exec,uid=10001,gid=10001"]
+    assert first["tmpfs"] == ["/tmp", "/var/cache/cortex-compile:exec,uid=10001,gid=10001"]  # noqa: S108
     assert first["env"]["VLLM_CACHE_ROOT"] == "/var/cache/cortex-compile/vllm"
     assert "--enforce-eager" not in first["command"]
     eager = {"name": "eager", "engine": "vllm", "source": {"path": "/m"}, "vllm": {"enforce_eager": True}}
     (alone,) = host_instances([eager], "h", 0)["instances"]
-    assert alone["tmpfs"] == ["/tmp"]
+    assert alone["tmpfs"] == ["/tmp"]  # noqa: S108
     assert "VLLM_CACHE_ROOT" not in alone["env"]
 
 

@@ -253,6 +253,18 @@ def test_a_pool_model_without_a_known_shape_is_reported(shapes):
     assert result["unknown"] == ["unknown-model"]
 
 
+def healthcheck_config(tmp_path, engines, probe_every=0, restart_after=3) -> dict:
+    """The health-check timer's config for these engines, its files under tmp_path."""
+    return {
+        "engines": engines,
+        "state_file": str(tmp_path / "state.json"),
+        "textfile_dir": str(tmp_path),
+        "policy": {"restart_after": restart_after, "backoff_seconds": 60, "max_restarts_per_hour": 3},
+        "timeout": 5,
+        "probe_every": probe_every,
+    }
+
+
 def load_healthcheck():
     spec = importlib.util.spec_from_file_location(
         "cortex_healthcheck", ROOT / "roles" / "health_check" / "files" / "cortex_healthcheck.py"
@@ -278,15 +290,7 @@ def test_the_health_check_looks_at_a_pool_once_and_never_loads_its_models(tmp_pa
         }
 
     monkeypatch.setattr(healthcheck, "check_engine", check_engine)
-    endpoints = instance_endpoints([the_pool()])
-    config = {
-        "engines": endpoints,
-        "state_file": str(tmp_path / "state.json"),
-        "textfile_dir": str(tmp_path),
-        "policy": {"restart_after": 3, "backoff_seconds": 60, "max_per_hour": 3},
-        "timeout": 5,
-        "probe_every": 1,
-    }
+    config = healthcheck_config(tmp_path, instance_endpoints([the_pool()]), probe_every=1)
     assert healthcheck.run_once(config, now=1000.0) == 0
     assert checked == [("pool small", True)]
     assert list(json.loads((tmp_path / "state.json").read_text())["containers"]) == ["cortex-small-0"]
