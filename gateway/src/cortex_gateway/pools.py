@@ -221,6 +221,8 @@ class PoolTracker:
             return answer
         finally:
             watch.cancel()
+            if not sent.done():
+                sent.cancel()  # the client went away: so does its upstream request
             pool.waiters[model] -= 1
             if not pool.waiters[model]:
                 del pool.waiters[model]
