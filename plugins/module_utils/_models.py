@@ -18,6 +18,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import hashlib
+import ipaddress
 import json
 import re
 import zlib
@@ -686,32 +687,27 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
                 }
             )
             if name in spans:
-                instances[-1].update(_span_fields(instances[-1], model, spans[name], cfg, vllm_cpu))
+                instances[-1].update(_span_fields(instances[-1], model, spans[name], cfg))
     if problems:
         raise ModelsError(problems)
     return {"host": host, "instances": instances, "absent": absent}
 
 
-def _span_fields(instance, model, node, cfg, vllm_cpu):
+def _span_fields(instance, model, node, cfg):
     """What differs for this host's rank of a model that spans hosts.
 
     The rank shares the host's network (the group's traffic goes to ports of
     torch's own choosing); rank 0 listens on the role's address and port and
-    is the group's API; the other ranks have none. Docker never restarts a
-    rank alone (it would wait for a group that is gone): the health-check
-    timer restarts each host's rank while the group is unhealthy.
+    is the group's API; the other ranks have none. Nothing restarts a rank
+    alone (it would wait for a group that is gone): models.yml stops and
+    starts the whole group (tasks/groups.yml).
     """
     rank = node["rank"]
     fields = {
         "network_mode": "host",
         "container_port": instance["port"],
         "rank": rank,
-        "group": {
-            "id": group_id(model),
-            "hosts": node["hosts"],
-            "backend": node["backend"],
-            "api": "http://%s:%d" % (node["addresses"][0], instance["port"]),
-        },
+        "group": {"id": group_id(model), "hosts": node["hosts"]},
         "env": dict(instance["env"], **multinode_env(node)),
         "restart_policy": "no",
         # Where the group's API is, for this host's health checks: rank 0's,
@@ -732,7 +728,10 @@ def _span_fields(instance, model, node, cfg, vllm_cpu):
 
 
 def _loopback(address):
-    return str(address).startswith("127.") or str(address) in ("::1", "localhost")
+    try:
+        return ipaddress.ip_address(str(address)).is_loopback
+    except ValueError:
+        return str(address) == "localhost"
 
 
 def _ray_fields(instance, node):

@@ -19,7 +19,7 @@ from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
 from .limits import Refusal
 from .metrics import StreamTap, usage_of
-from .pools import LOADED, SERVING_STATES, LoadError
+from .pools import LOAD_STATES, LoadError
 from .proxy import (
     ClientGone,
     UpstreamAnswerError,
@@ -81,7 +81,7 @@ class Forwarder:
 
     def _load_state(self, model: str) -> str:
         states = [b.load_state for b in self.gateway.router.backends(model)]
-        for state in (LOADED, *sorted(SERVING_STATES - {LOADED}), "loading", "unloaded", "failed"):
+        for state in LOAD_STATES:
             if state in states:
                 return state
         return "unknown"

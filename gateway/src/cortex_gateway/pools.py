@@ -43,6 +43,8 @@ T = TypeVar("T")
 LOADED = "loaded"
 SERVING_STATES = frozenset({LOADED, "sleeping"})
 RESIDENT_STATES = frozenset({LOADED, "loading", "sleeping"})
+# Every state, most ready first (/v1/models names the best of a model's backends).
+LOAD_STATES = (LOADED, "sleeping", "loading", "unloaded", "failed")
 # How often a load in progress is looked at.
 POLL_SECONDS = 0.25
 
