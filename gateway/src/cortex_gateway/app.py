@@ -173,6 +173,12 @@ class Gateway:
     def _on_hangup(self) -> None:
         asyncio.get_running_loop().create_task(self.reload(), name="config-reload")
 
+    async def answers_health(self, backend: Backend) -> bool:
+        """Does the backend answer its health check right now?"""
+        if self._monitor is None:
+            return True  # not serving: nothing to ask
+        return await self._monitor.answers(backend)
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -145,13 +145,27 @@ class HealthMonitor:
         self._unhealthy_after = unhealthy_after
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def check(self, backend: Backend) -> None:
+    async def answers(self, backend: Backend) -> bool:
+        """One health check now: does the engine answer it (200)? A failure
+        counts as a poll's would; a 200 is not taken for readiness here."""
+        status = await self._health_status(backend)
+        if status != 200:
+            backend.record_failure(self._unhealthy_after)
+        return status == 200
+
+    async def _health_status(self, backend: Backend) -> int:
+        """The health endpoint's status, 0 when it could not be reached."""
         url = backend.url + HEALTH_PATHS[backend.engine]
         try:
             async with self._session.get(url, timeout=self._timeout) as resp:
                 await resp.read()
-                status = resp.status
+                return resp.status
         except (aiohttp.ClientError, TimeoutError):
+            return 0
+
+    async def check(self, backend: Backend) -> None:
+        status = await self._health_status(backend)
+        if status == 0:
             backend.record_failure(self._unhealthy_after)
             return
         if status == 200 and backend.health_probe is not None:

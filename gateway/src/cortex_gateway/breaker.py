@@ -33,7 +33,7 @@ class BreakerPolicy:
 class Failure(enum.Enum):
     REFUSED = "refused"  # connection refused or reset before an answer
     TIMEOUT = "timeout"
-    STATUS = "status"  # 502/503/504 from the engine
+    STATUS = "status"  # 503 from the engine: it did not take the request
     STREAM_CUT = "stream_cut"  # a stream the engine stalled, trickled or broke off midway
 
 

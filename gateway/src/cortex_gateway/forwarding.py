@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 
 from .affinity import PREFIX_AFFINITY, request_chain
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Response header with the gateway's own time for the request, in ms.
 OVERHEAD_HEADER = "X-Cortex-Overhead-Ms"
+# An engine's answer that is the request's own error, unless the engine's
+# health check fails as well (then the engine is broken).
+BROKEN_OR_BAD_STATUS = 500
 # The status recorded for a request whose client hung up mid-stream.
 CLIENT_CLOSED = 499
 # The name (never the value) of the client key a request came with.
@@ -239,12 +245,13 @@ class Forwarder:
             timing.upstream_started = self.gateway.clock()
             try:
                 try:
-                    sent = _upstream_body(body, payload, stream and backend.engine == "vllm", lora)
+                    sent = _upstream_body(body, payload, stream, lora)
                     # On a pool, the router loads the model first if it must;
                     # the wait for that load is bounded by the model's load timeout.
-                    upstream = await self.gateway.pools.while_loading(
+                    upstream = await self.gateway.pools.send(
                         backend,
-                        open_upstream(
+                        partial(
+                            open_upstream,
                             session,
                             backend,
                             request.path,
@@ -255,19 +262,42 @@ class Forwarder:
                         ),
                         load_timeout,
                     )
+                    if (
+                        isinstance(upstream, aiohttp.ClientResponse)
+                        and upstream.status == BROKEN_OR_BAD_STATUS
+                        and backend.pool is None
+                        and not await self.gateway.answers_health(backend)
+                    ):
+                        # A 500 from an engine whose health check fails too:
+                        # the engine is broken and ran nothing, so another
+                        # replica may answer. (One that answers its health
+                        # check gave this request its own error, relayed below.)
+                        upstream.release()
+                        raise UpstreamUnavailable("answered 500, and its health check fails", Failure.STATUS)
                 except LoadError as exc:
                     return error_response(
                         503, str(exc), code="model_not_loaded", headers={"Retry-After": str(exc.retry_after)}
                     )
                 except UpstreamUnavailable as exc:
-                    # Nothing reached the client yet: the next replica may answer.
                     self._count_failure(backend, exc.kind, exc.retry_after)
+                    if exc.reached:
+                        # The engine may be running it: never a second time elsewhere.
+                        log.warning("backend %s (%s) did not answer: %s", backend.name, model, exc)
+                        timed_out = exc.kind is Failure.TIMEOUT
+                        return error_response(
+                            504 if timed_out else 502,
+                            f"the model server for '{model}' did not answer: {exc}",
+                            code="upstream_timeout" if timed_out else "upstream_unavailable",
+                        )
+                    # Nothing reached an engine: the next replica may answer.
                     failures.append(f"{backend.name}: {exc}")
                     log.warning("backend %s (%s) failed before the first byte: %s", backend.name, model, exc)
                     if not self._has_untried(served, tried):
                         break
                     continue
                 backend.breaker.record_success()
+                if isinstance(upstream, web.Response):
+                    return upstream  # a pool router's error, read whole (pools.send)
                 engine = backend.engine
                 if stream and upstream.status == 200:
                     # The stream's headers go out now: the overhead so far.
@@ -280,6 +310,7 @@ class Forwarder:
                             timeouts.idle,
                             headers={OVERHEAD_HEADER: f"{before * 1000:.3f}"},
                             tap=tap,
+                            transform=None if _client_wants_usage(payload) else _strip_usage_events,
                             on_cut=lambda cut_by=backend: self._count_failure(cut_by, Failure.STREAM_CUT),
                         )
                     except ClientGone as gone:
@@ -296,13 +327,9 @@ class Forwarder:
                     log.warning("backend %s (%s): %s", backend.name, model, exc)
                     if not exc.engine_fault:
                         return error_response(502, str(exc), code=exc.code)
+                    # The engine ran the request: it is not run again elsewhere.
                     self._count_failure(backend, Failure.REFUSED)
-                    # Nothing of a whole answer has reached the client: the
-                    # next replica may give it (at the cost of generating twice).
-                    failures.append(f"{backend.name}: {exc}")
-                    if not self._has_untried(served, tried):
-                        return error_response(502, str(exc), code=exc.code)
-                    continue
+                    return error_response(502, str(exc), code=exc.code)
                 timing.upstream_ended = self.gateway.clock()
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)
@@ -400,23 +427,66 @@ def _unknown_model(name: str) -> web.Response:
     return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
 
 
-def _upstream_body(body: bytes, payload: dict, stream_usage: bool, lora: list | None) -> bytes:
+def _client_wants_usage(payload: dict) -> bool:
+    """Did the client ask for a stream's usage chunk (stream_options.include_usage)?"""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _upstream_body(body: bytes, payload: dict, stream: bool, lora: list | None) -> bytes:
     """The body for the engine: the client's bytes, unless something must be set.
 
-    A streamed request for vLLM asks for the usage event at the end (vLLM
-    sends a stream's token counts only when asked; the gateway needs them for
-    usage records and limits), unless the client asked for its own. A request
-    for a llama.cpp model with adapters carries the `lora` field the gateway
-    chose. Every other body goes on byte for byte.
+    Every stream asks for the usage event at the end: both engines send a
+    stream's token counts only when asked, and usage records and token limits
+    need them whatever the client chose (a client that did not ask gets the
+    stream without that event: _strip_usage_events). A request for a llama.cpp
+    model with adapters carries the `lora` field the gateway chose. Every other
+    body goes on byte for byte.
     """
     changes: dict[str, object] = {}
-    if stream_usage and "stream_options" not in payload:
-        changes["stream_options"] = {"include_usage": True}
+    if stream and not _client_wants_usage(payload):
+        options = payload.get("stream_options")
+        changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     if lora is not None:
         changes["lora"] = lora
     if not changes:
         return body
     return json.dumps({**payload, **changes}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_EVENT_BOUNDARY = re.compile(rb"(\r?\n\r?\n)")
+
+
+def _strip_usage_events(data: bytes) -> bytes:
+    """Whole SSE events without the usage-only event (empty `choices`) that the
+    gateway asked the engine for on a client's behalf."""
+    if b'"usage"' not in data:
+        return data
+    parts = _EVENT_BOUNDARY.split(data)
+    kept: list[bytes] = []
+    # parts alternate: event, boundary, event, boundary, ..., tail
+    for index in range(0, len(parts), 2):
+        event = parts[index]
+        boundary = parts[index + 1] if index + 1 < len(parts) else b""
+        if b'"usage"' in event and _is_usage_event(event):
+            continue
+        kept.append(event + boundary)
+    return b"".join(kept)
+
+
+def _is_usage_event(event: bytes) -> bool:
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                parsed = json.loads(line[5:])
+            except ValueError:
+                return False
+            return (
+                isinstance(parsed, dict)
+                and parsed.get("choices") == []
+                and isinstance(parsed.get("usage"), dict)
+            )
+    return False
 
 
 def _model_and_stream(body: bytes) -> tuple[dict, str, bool] | web.Response:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 from .backends import Backend
-from .proxy import UpstreamUnavailable
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -47,6 +47,24 @@ RESIDENT_STATES = frozenset({LOADED, "loading", "sleeping"})
 LOAD_STATES = (LOADED, "sleeping", "loading", "unloaded", "failed")
 # How often a load in progress is looked at.
 POLL_SECONDS = 0.25
+# The router's answers that need a look at their body (pools.send): what it
+# says when it never ran a request, and when the model's process failed.
+ROUTER_ERROR_STATUSES = frozenset({400, 500})
+NEVER_RAN_MARKS = (b"is not running", b"proxy error: Could not establish connection")
+FAILED_LOAD_MARK = b"failed to load"
+# The most of a router's error answer that is read to tell which it is.
+ROUTER_ERROR_BYTES = 64 * 1024
+
+
+async def _small_body(answer: aiohttp.ClientResponse) -> bytes:
+    """An error answer's body, at most ROUTER_ERROR_BYTES of it."""
+    try:
+        body = await answer.content.read(ROUTER_ERROR_BYTES)
+    except aiohttp.ClientError:
+        body = b""
+    finally:
+        answer.close()
+    return body
 
 
 class LoadError(Exception):
@@ -183,19 +201,72 @@ class PoolTracker:
                 async with asyncio.timeout(min(POLL_SECONDS, max(deadline - self._clock(), 0.0))):
                     await pool.turns.wait()
 
-    async def while_loading(self, backend: Backend, request: Awaitable[T], load_timeout: float) -> T:
-        """Await ``request`` (a request sent to a pool whose model is not
-        loaded) while watching the load: LoadError when the model has not
-        loaded within ``load_timeout`` or its process failed."""
+    async def send(
+        self,
+        backend: Backend,
+        request: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        load_timeout: float,
+    ) -> aiohttp.ClientResponse | web.Response:
+        """Send a request (``request()`` sends it once) to ``backend``; on a
+        pool, watch the load it may wait for (``while_loading``) and send it
+        again when the router answers that it never ran it.
+
+        A router that swaps models can lose the race between its load and
+        its proxying: the model it loaded is unloaded again for another
+        model's load before the request reaches its process. It then answers
+        400 "is not running", or 500 "proxy error: Could not establish
+        connection" (the process was gone). Neither request ran, so it goes
+        to the router again (its model is loaded again) until its load
+        timeout. A router's other errors are the request's answer (read
+        whole here, since its body was looked at).
+        """
+        if backend.pool is None:
+            return await request()
+        deadline = self._clock() + load_timeout
+        while True:
+            answer = await self.while_loading(backend, request, load_timeout)
+            if answer.status not in ROUTER_ERROR_STATUSES:
+                return answer
+            body = await _small_body(answer)
+            if FAILED_LOAD_MARK in body:
+                pool = self.pool_of(backend)
+                if pool is not None:
+                    await self.refresh(pool)
+                if backend.load_state == "failed":
+                    model = backend.model
+                    if pool is not None and pool.load_started.pop(model, None) is not None:
+                        self._metrics.loads.labels(model, backend.name, "failed").inc()
+                    raise LoadError(
+                        f"model '{model}' failed to load on {backend.name} (its process exited)", 30
+                    )
+            never_ran = any(mark in body for mark in NEVER_RAN_MARKS)
+            if not never_ran or self._clock() >= deadline:
+                return web.Response(status=answer.status, body=body, content_type=answer.content_type)
+            log.info(
+                "model %s on %s: the router unloaded it before running the request; sending it again",
+                backend.model, backend.name,
+            )  # fmt: skip
+            self._set_state(backend, "unloaded")
+            await asyncio.sleep(POLL_SECONDS / 5)
+
+    async def while_loading(
+        self,
+        backend: Backend,
+        request: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        load_timeout: float,
+    ) -> aiohttp.ClientResponse:
+        """Send ``request()`` (a request to a pool whose model is not loaded)
+        while watching the load: LoadError when the model has not loaded
+        within ``load_timeout`` or its process failed."""
         pool = self.pool_of(backend)
         if pool is not None:
             await self._refresh_soon(pool)
         if pool is None or not self.waiting_for_load(backend):
-            return await request
+            return await request()
         model = backend.model
         pool.waiters[model] = pool.waiters.get(model, 0) + 1
         pool.load_started.setdefault(model, self._clock())
-        sent = asyncio.ensure_future(request)
+        sent = asyncio.ensure_future(request())
         watch = asyncio.create_task(self._watch(pool, backend, self._clock() + load_timeout, load_timeout))
         try:
             done, _pending = await asyncio.wait({sent, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -206,20 +277,10 @@ class PoolTracker:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await sent
                     raise error
-            try:
-                answer = await sent
-            except UpstreamUnavailable:
-                # The router answers an error when the model's process exits while it loads.
-                await self.refresh(pool)
-                if backend.load_state != "failed":
-                    raise
-                if pool.load_started.pop(model, None) is not None:
-                    self._metrics.loads.labels(model, backend.name, "failed").inc()
-                raise LoadError(
-                    f"model '{model}' failed to load on {backend.name} (its process exited)", 30
-                ) from None
-            # Answered: the model was loaded, whether or not a look saw it first.
-            self._loaded(pool, backend)
+            answer = await sent
+            if answer.status not in ROUTER_ERROR_STATUSES:
+                # Answered: the model was loaded, whether or not a look saw it first.
+                self._loaded(pool, backend)
             return answer
         finally:
             watch.cancel()

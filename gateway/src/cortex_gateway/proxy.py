@@ -18,19 +18,32 @@ from .breaker import Failure
 from .config import Timeouts
 from .errors import error_body
 
-# Upstream statuses after which another replica may still be tried: nothing
-# has reached the client yet, and the fault is the server's, not the request's.
-# Each counts against the engine's circuit breaker.
-RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
+# The upstream status after which another replica may still be tried: the
+# engine says it did not take the request (llama-server while it loads its
+# model, an engine out of room), so nothing ran. It counts against the
+# engine's circuit breaker. Every other status is the request's answer and
+# goes to the client as it is: a 500 that one request causes is that
+# request's error, not the replica's, and is never sent to another replica.
+RETRYABLE_STATUSES = frozenset({503})
 
 
 class UpstreamUnavailable(Exception):
-    """The backend could not be reached or would not answer; nothing was sent."""
+    """The backend could not be reached or would not answer.
 
-    def __init__(self, message: str, kind: Failure, retry_after: float | None = None) -> None:
+    ``reached`` says the engine may have the request (it was written, and no
+    answer came within the first-byte bound, or the connection broke after
+    it was written): such a request is answered, never sent to another
+    replica, where it would run a second time. Otherwise nothing reached the
+    engine (no connection, or the engine refused it with a 503).
+    """
+
+    def __init__(
+        self, message: str, kind: Failure, retry_after: float | None = None, *, reached: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+        self.reached = reached
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -64,10 +77,19 @@ async def open_upstream(
                 # sat idle (or an engine container replaced under it): the
                 # request never got through, so send it once more.
                 upstream = await session.post(backend.url + path, data=body, headers=headers, timeout=timeout)
+    except aiohttp.ConnectionTimeoutError as exc:
+        # No connection within the connect bound: nothing was sent.
+        raise UpstreamUnavailable(f"no connection within {timeouts.connect:g}s", Failure.TIMEOUT) from exc
     except TimeoutError as exc:
-        raise UpstreamUnavailable(f"no answer within {timeouts.first_byte:g}s", Failure.TIMEOUT) from exc
-    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(
+            f"no answer within {timeouts.first_byte:g}s", Failure.TIMEOUT, reached=True
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(str(exc) or type(exc).__name__, Failure.REFUSED) from exc
+    except aiohttp.ClientError as exc:
+        # The request was written (twice, the second time on a new
+        # connection) and the connection broke before an answer.
+        raise UpstreamUnavailable(str(exc) or type(exc).__name__, Failure.REFUSED, reached=True) from exc
     if upstream.status in RETRYABLE_STATUSES:
         retry_after = _retry_after(upstream.headers.get("Retry-After"))
         upstream.release()
@@ -151,9 +173,14 @@ def _events_end(data: bytes) -> int:
 
 
 async def _relay_events(
-    response: web.StreamResponse, data: bytes, tap: Callable[[bytes], None] | None
+    response: web.StreamResponse,
+    data: bytes,
+    tap: Callable[[bytes], None] | None,
+    transform: Callable[[bytes], bytes] | None,
 ) -> None:
-    await response.write(data)
+    out = data if transform is None else transform(data)
+    if out:
+        await response.write(out)
     if tap is not None:
         tap(data)
 
@@ -170,6 +197,7 @@ async def relay_stream(
     *,
     headers: dict[str, str] | None = None,
     tap: Callable[[bytes], None] | None = None,
+    transform: Callable[[bytes], bytes] | None = None,
     on_cut: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay server-sent events as they arrive, each one whole.
@@ -177,8 +205,9 @@ async def relay_stream(
     A stream that breaks midway, or sends no whole event for ``idle`` seconds,
     ends with an SSE error event (and no [DONE]), so the client sees an error
     rather than a hang or a silent cut; ``on_cut`` is then told (the engine's
-    fault, counted against it). ``tap`` sees the events after they were
-    written (timing, usage).
+    fault, counted against it). ``transform`` takes whole events and returns
+    what the client gets of them; ``tap`` sees the events as the engine sent
+    them, after they were written (timing, usage).
     """
     response = web.StreamResponse(
         status=upstream.status,
@@ -216,13 +245,13 @@ async def relay_stream(
                 break
             if not chunk:
                 if pending:  # the last event, without its blank line
-                    await _relay_events(response, pending, tap)
+                    await _relay_events(response, pending, tap, transform)
                 completed = True
                 break
             pending += chunk
             end = _events_end(pending)
             if end:
-                await _relay_events(response, pending[:end], tap)
+                await _relay_events(response, pending[:end], tap, transform)
                 pending = pending[end:]
                 deadline = loop.time() + idle
             if len(pending) > MAX_EVENT_BYTES:

@@ -46,6 +46,10 @@ class FakeEngine:
     stream_gate: asyncio.Event | None = None
     # Streamed events written one byte at a time, this many seconds apart.
     trickle: float | None = None
+    # As vLLM: a stream's usage event only when the request asks for it
+    # (stream_options.include_usage), and `"usage": null` in every other
+    # chunk then. Otherwise (llama.cpp) always.
+    usage_when_asked: bool = False
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -95,6 +99,9 @@ class FakeEngine:
             return response
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        options = payload.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        send_usage = asked or not self.usage_when_asked
         for i in range(self.chunks):
             if self.break_stream_after is not None and i == self.break_stream_after:
                 assert request.transport is not None
@@ -104,6 +111,7 @@ class FakeEngine:
                 "id": "c",
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
+                **({"usage": None} if self.usage_when_asked and asked else {}),
             }
             data = b"data: " + json.dumps(event).encode() + b"\n\n"
             if self.trickle is None:
@@ -115,7 +123,9 @@ class FakeEngine:
         if self.stream_gate is not None:
             await self.stream_gate.wait()
         usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
-        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        if send_usage:
+            event = {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -12,8 +12,11 @@ from .test_metrics import scrape, value
 from .test_resilience import wait_ready
 
 
-async def test_an_engine_answering_500_fails_and_another_replica_answers(engine_server, gateway_client):
-    broken, fine = FakeEngine(status=500), FakeEngine()
+async def test_an_engine_refusing_with_503_fails_and_another_replica_answers(engine_server, gateway_client):
+    """A 503 says the engine did not take the request: it goes to another
+    replica, and counts against the refusing one's breaker. (An engine's 500
+    is the request's own answer: test_request_semantics.py.)"""
+    broken, fine = FakeEngine(status=503), FakeEngine()
     urls = [await engine_server(broken), await engine_server(fine)]
     client = await gateway_client(make_config({"chat": urls}))
     await wait_ready(client, "chat", 2)
@@ -23,7 +26,7 @@ async def test_an_engine_answering_500_fails_and_another_replica_answers(engine_
         statuses.append(response.status)
     assert statuses == [200] * 10
     backend = next(b for b in client.gateway.router.backends("chat") if b.url == urls[0])
-    # Every 500 was a failure of that engine, and it was soon left alone.
+    # Every 503 was a failure of that engine, and it was soon left alone.
     assert list(backend.breaker.outcomes) == [False] * len(broken.received)
     assert len(broken.received) <= 3
     assert backend.breaker.state is BreakerState.OPEN or not backend.routable

@@ -38,6 +38,11 @@ class FakeRouter:
     # (event, model) in order: load, unload, start, end.
     events: list[tuple[str, str]] = field(default_factory=list)
     most_resident: int = 0
+    # The real router's race between a load and its proxying (llama-server's
+    # server-models.cpp): the model is unloaded again before the request
+    # reaches its process, and the router answers one of these without
+    # running it. Each is answered once, in this order, to the next requests.
+    swap_losses: list[tuple[int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for model in self.models:
@@ -101,6 +106,13 @@ class FakeRouter:
 
     async def complete(self, request: web.Request) -> web.Response:
         model = json.loads(await request.read())["model"]
+        if self.swap_losses:
+            status, message = self.swap_losses.pop(0)
+            self.events.append(("lost", model))
+            self.states[model] = "unloaded"
+            if status == 400:
+                return web.json_response({"error": {"code": 400, "message": message}}, status=400)
+            return web.Response(status=status, text=message)  # the proxy thread's plain body
         if not await self._ready(model):
             return web.json_response({"error": {"message": f"model name={model} failed to load"}}, status=500)
         self.busy[model] += 1
@@ -227,6 +239,36 @@ async def test_a_waiting_load_holds_new_requests_for_the_busy_model(engine_serve
     assert statuses == [200, 200, 200]
     starts = [model for event, model in router.events if event == "start"]
     assert starts == ["alpha", "alpha", "beta", "alpha"]
+
+
+async def test_a_request_the_router_lost_to_a_swap_is_sent_again_and_answered(engine_server, gateway_client):
+    """Defect 13: the router answered 500 (or 400) for a request it never ran,
+    because the model was unloaded between its load and the proxying; the
+    client got 502 upstream_unavailable."""
+    router = FakeRouter(
+        swap_losses=[
+            (500, "proxy error: Could not establish connection"),
+            (400, "model name=alpha is not running"),
+            (500, "proxy error: Could not establish connection"),
+        ]
+    )
+    client = await gateway_client(pool_config(await engine_server(router)))
+    await wait_ready(client, "alpha", 1)
+    results = [await ask(client, "alpha") for _request in range(3)]
+    assert [(status, body.get("model")) for status, body in results] == [(200, "alpha")] * 3
+    # Each lost request ran once, after it was sent again.
+    assert [event for event, _model in router.events].count("lost") == 3
+    assert [event for event, _model in router.events].count("start") == 3
+
+
+async def test_a_routers_other_errors_are_the_requests_answer(engine_server, gateway_client):
+    router = FakeRouter(swap_losses=[(500, "something else broke")])
+    client = await gateway_client(pool_config(await engine_server(router)))
+    await wait_ready(client, "alpha", 1)
+    answer = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": []}, headers=AUTH)
+    assert answer.status == 500
+    assert await answer.text() == "something else broke"
+    assert [event for event, _model in router.events] == ["lost"]
 
 
 async def test_a_load_that_does_not_finish_in_time_is_a_503_naming_the_model(engine_server, gateway_client):

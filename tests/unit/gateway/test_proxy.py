@@ -54,8 +54,14 @@ async def test_stream_is_relayed_as_server_sent_events(engine_server, gateway_cl
     text = (await resp.read()).decode()
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-2]] == ["t0", "t1", "t2", "t3"]
-    assert json.loads(events[-2])["usage"]["completion_tokens"] == 4  # the final usage event, passed through
+    # The usage event the gateway asked for is not relayed: this client did not ask for it.
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["t0", "t1", "t2", "t3"]
+    assert all("usage" not in json.loads(e) for e in events[:-1])
+    # Asked for, the final usage event is passed through.
+    asked = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await client.post("/v1/chat/completions", json=asked, headers=AUTH)
+    events = [line[6:] for line in (await resp.read()).decode().splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 4
 
 
 async def test_stream_broken_midway_ends_with_an_error_event(engine_server, gateway_client):
@@ -124,20 +130,27 @@ async def test_a_replica_that_cut_a_stream_gets_no_new_ones_for_a_while(engine_s
     assert backend.breaker.state.value == "open"
 
 
-async def test_a_whole_answer_broken_midway_is_asked_of_the_next_replica(engine_server, gateway_client):
-    """Nothing of a non-streamed answer reaches the client before it is whole:
-    a replica that breaks it off (or trickles it past the bound) costs a retry, not a 502."""
+async def test_a_whole_answer_broken_midway_is_a_502_and_never_run_twice(engine_server, gateway_client):
+    """Nothing of a non-streamed answer reaches the client before it is whole,
+    but the engine ran the request: a replica that breaks the answer off
+    costs a 502 (and its breaker a failure), never a second generation."""
     broken = FakeEngine(cut_answer=True, answer_bytes=200_000)
     good = FakeEngine()
     urls = [await engine_server(broken), await engine_server(good)]
     client = await gateway_client(make_config({"m": urls}))
+    statuses = []
     for _attempt in range(4):
         resp = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
-        assert resp.status == 200, await resp.text()
-        assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
-    assert len(good.received) == 4
-    # The broken replica was tried and then left by its breaker.
-    assert 1 <= len(broken.received) <= 2
+        statuses.append(resp.status)
+        if resp.status == 502:
+            assert (await resp.json())["error"]["code"] == "upstream_answer_broken"
+        else:
+            assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
+    assert len(broken.received) + len(good.received) == 4  # each request ran once
+    assert statuses.count(502) == len(broken.received) >= 1
+    backend = next(b for b in client.gateway.router.backends("m") if b.url == urls[0])
+    # Its headers came (a success), then its body broke (a failure), each time.
+    assert list(backend.breaker.outcomes).count(False) == len(broken.received)
 
 
 async def test_refused_replica_is_skipped_for_the_next(engine_server, gateway_client):
@@ -183,7 +196,7 @@ async def test_healthz_needs_no_key_and_counts_ready_backends(engine_server, gat
     assert (await resp.json())["ready_backends"] == {"m": 1}
 
 
-async def test_vllm_streams_are_asked_for_their_usage(engine_server, gateway_client):
+async def test_every_stream_asks_the_engine_for_its_usage(engine_server, gateway_client):
     engine = FakeEngine(chunks=2)
     config = make_config({"m": [await engine_server(engine)]})
     config["models"][0]["engine"] = "vllm"
@@ -200,7 +213,8 @@ async def test_vllm_streams_are_asked_for_their_usage(engine_server, gateway_cli
     await plain.read()
     sent = [json.loads(body) for _path, body, _key in engine.received]
     assert sent[0]["stream_options"] == {"include_usage": True}
-    assert sent[1]["stream_options"] == {"include_usage": False}  # the client's own choice stands
+    # A client's opt-out does not switch off counting (the client still gets no usage chunk).
+    assert sent[1]["stream_options"] == {"include_usage": True}
     assert "stream_options" not in sent[2]
 
 

@@ -244,5 +244,5 @@ async def test_a_models_own_first_byte_timeout_wins(engine_server, gateway_clien
     await wait_ready(client, "quick", 1)
     assert (await client.post("/v1/completions", json={"model": "slow"}, headers=AUTH)).status == 200
     timed_out = await client.post("/v1/completions", json={"model": "quick"}, headers=AUTH)
-    assert timed_out.status == 502
+    assert timed_out.status == 504
     assert "no answer within 0.2s" in (await timed_out.json())["error"]["message"]
