@@ -142,8 +142,10 @@ async def relay_whole(upstream: aiohttp.ClientResponse, idle: float, max_bytes: 
             "upstream_answer_broken",
             engine_fault=True,
         ) from exc
-    except UpstreamAnswerError:
-        upstream.close()  # the rest is not read: the connection cannot be reused
+    except (UpstreamAnswerError, asyncio.CancelledError):
+        # The rest is not read (an answer too large, or a client that left):
+        # closing the connection also stops the engine's generation.
+        upstream.close()
         raise
     upstream.release()
     return web.Response(

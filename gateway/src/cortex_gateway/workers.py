@@ -140,6 +140,9 @@ def _run_worker(
         **where,
         reuse_port=reuse_port,
         access_log=None,
+        # A client that hangs up cancels its handler, and with it the
+        # upstream request: the engine stops generating for nobody.
+        handler_cancellation=True,
         shutdown_timeout=DRAIN_SECONDS,
         print=lambda *_: None,
     )

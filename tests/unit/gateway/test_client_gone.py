@@ -1,0 +1,76 @@
+"""A client that hangs up takes its work with it: the gateway's handler is
+cancelled (aiohttp's handler cancellation, on in every worker), and its
+upstream request is closed, so the engine stops generating for nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from .conftest import AUTH, gateway_process, make_config
+
+
+class SlowEngine:
+    """Answers /health at once and a completion after ``seconds``; notes when
+    a completion's connection was dropped before the answer (its handler is
+    cancelled: this engine's server cancels handlers of closed connections)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: list[float] = []
+        self.dropped: list[float] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", self.complete)
+        return app
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def complete(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.started.append(time.monotonic())
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.dropped.append(time.monotonic())
+            raise
+        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+
+async def test_a_client_that_hangs_up_drops_the_engines_request_within_a_second(tmp_path):
+    """Defect 4: the workers ran aiohttp without handler cancellation, so a
+    non-streamed generation went on for a client that had left."""
+    engine = SlowEngine(seconds=20)
+    server = TestServer(engine.app(), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with gateway_process(make_config({"chat": [url]}), tmp_path) as gateway:
+            timeout = aiohttp.ClientTimeout(total=1.0)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                try:
+                    async with session.post(
+                        gateway.base + "/v1/chat/completions",
+                        json={"model": "chat", "messages": []},
+                        headers=AUTH,
+                    ) as answer:
+                        await answer.read()
+                    raise AssertionError(f"answered {answer.status} before the client left")
+                except TimeoutError:
+                    gone = time.monotonic()  # the client's session closes the connection
+            for _attempt in range(40):
+                if engine.dropped:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(engine.started) == 1
+            assert engine.dropped, "the engine's request went on after the client left"
+            assert engine.dropped[0] - gone < 1.0
+    finally:
+        await server.close()
