@@ -18,8 +18,9 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import astuple, dataclass, fields
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,15 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     ttft_ms REAL,
-    latency_ms REAL NOT NULL
+    latency_ms REAL NOT NULL,
+    request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
+# Each record's request id, unique: a batch written again (a retry after a
+# lost acknowledgement, a stop during a write) adds no row twice. Rows of
+# tables made before the column have none (NULLs never clash).
+REQUEST_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS usage_request_id ON usage (request_id)"
 GROUPS = ("key", "model", "day")
 
 
@@ -56,13 +62,15 @@ class UsageRecord:
     completion_tokens: int
     ttft_ms: float | None
     latency_ms: float
+    # The record's own key: what keeps a batch written twice to one row each.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def _insert_sql(mark: str) -> str:
+def _insert_sql(mark: str, verb: str = "INSERT", suffix: str = "") -> str:
     """The INSERT of one record, with the database driver's parameter mark."""
     columns = ", ".join(f.name for f in fields(UsageRecord))
     marks = ", ".join(mark for _field in fields(UsageRecord))
-    return f"INSERT INTO usage ({columns}) VALUES ({marks})"  # noqa: S608 - our own column names
+    return f"{verb} INTO usage ({columns}) VALUES ({marks}){suffix}"
 
 
 class _Store:
@@ -93,6 +101,10 @@ class SQLiteStore(_Store):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+        if "request_id" not in columns:  # a table made by an older gateway
+            self._db.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
+        self._db.execute(REQUEST_ID_INDEX)
 
     def write(self, records: list[UsageRecord]) -> None:
         with self._lock:
@@ -100,7 +112,7 @@ class SQLiteStore(_Store):
                 raise sqlite3.ProgrammingError("the usage database is closed")
             self._db.execute("BEGIN")  # one transaction per batch
             try:
-                self._db.executemany(_insert_sql("?"), [astuple(r) for r in records])
+                self._db.executemany(_insert_sql("?", "INSERT OR IGNORE"), [astuple(r) for r in records])
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
@@ -118,8 +130,10 @@ POSTGRES_SCHEMA = (
         ts DOUBLE PRECISION NOT NULL, key_name TEXT NOT NULL, model TEXT NOT NULL, engine TEXT NOT NULL,
         backend TEXT NOT NULL, stream BOOLEAN NOT NULL, status INTEGER NOT NULL,
         prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-        ttft_ms DOUBLE PRECISION, latency_ms DOUBLE PRECISION NOT NULL)""",
+        ttft_ms DOUBLE PRECISION, latency_ms DOUBLE PRECISION NOT NULL, request_id TEXT)""",
     "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS request_id TEXT",
+    REQUEST_ID_INDEX,
 )
 
 
@@ -160,7 +174,10 @@ class PostgresStore(_Store):
                 self._db = self._connect()
             try:
                 with self._db.transaction(), self._db.cursor() as cursor:
-                    cursor.executemany(_insert_sql("%s"), [astuple(r) for r in records])
+                    cursor.executemany(
+                        _insert_sql("%s", suffix=" ON CONFLICT (request_id) DO NOTHING"),
+                        [astuple(r) for r in records],
+                    )
             except psycopg.OperationalError:
                 self._db.close()
                 raise
@@ -281,6 +298,9 @@ class UsageRecorder:
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=capacity)
         self._pending: list[UsageRecord] = []
         self._task: asyncio.Task[None] | None = None
+        # A batch write under way in its thread: a stop that cancels the
+        # writer waits for it, so the batch is neither lost nor written twice.
+        self._writing: asyncio.Future[None] | None = None
 
     @property
     def buffered(self) -> int:
@@ -321,11 +341,20 @@ class UsageRecorder:
         return taken
 
     async def _write(self, records: list[UsageRecord]) -> bool:
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self.store.write, list(records)))
+        # Shielded: a cancel (the stop) leaves the write to finish; close() waits for it.
+        return await self._outcome(asyncio.shield(self._writing), len(records))
+
+    async def _outcome(self, write: Awaitable[None], count: int) -> bool:
         try:
-            await asyncio.to_thread(self.store.write, records)
+            await write
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any database error: keep the batch, keep serving
-            log.error("could not write %d usage record(s), keeping them to try again: %s", len(records), exc)
+            log.error("could not write %d usage record(s), keeping them to try again: %s", count, exc)
+            self._writing = None
             return False
+        self._writing = None
         return True
 
     async def close(self) -> None:
@@ -334,6 +363,8 @@ class UsageRecorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writing is not None and await self._outcome(self._writing, len(self._pending)):
+            self._pending = []  # the write the stop interrupted went through
         while self._pending or not self._queue.empty():
             self._pending.extend(self._take(self.batch - len(self._pending)))
             if not await self._write(self._pending):

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import signal
+import sqlite3
+import threading
+import time
 
 import aiohttp
 from cortex_gateway.__main__ import main
 from cortex_gateway.app import Gateway
 from cortex_gateway.auth import hash_key
 from cortex_gateway.config import parse_config
-from cortex_gateway.usage import UsageRecord, UsageRecorder, report
+from cortex_gateway.usage import SQLiteStore, UsageRecord, UsageRecorder, report
 
 from .conftest import AUTH, FakeEngine, gateway_process, make_config
 from .test_metrics import scrape, value
@@ -187,3 +190,52 @@ async def test_the_gateway_exports_dropped_usage_records(engine_server, gateway_
     assert ("cortex_gateway_usage_records_dropped_total", ()) in samples
     client.gateway.usage.on_drop(3)
     assert value(await scrape(client), "cortex_gateway_usage_records_dropped_total") == 3
+
+
+class SlowSQLiteStore(SQLiteStore):
+    """A real SQLite store whose batch write takes longer than a stop waits:
+    ``writing`` is set once a write is under way."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.writing = threading.Event()
+
+    def write(self, records: list[UsageRecord]) -> None:
+        self.writing.set()
+        time.sleep(0.5)
+        super().write(records)
+
+
+async def test_a_stop_during_a_batch_write_writes_each_record_once(tmp_path):
+    """Defect 6: the stop cancelled the writer while its thread was committing
+    a batch; the batch was not cleared and the close wrote it again."""
+    store = SlowSQLiteStore(tmp_path / "usage.db")
+    recorder = UsageRecorder(store, every=0.01)
+    await recorder.start()
+    recorder.record(record(1))
+    assert await asyncio.to_thread(store.writing.wait, 5)
+    await recorder.close()  # while the write is under way
+    assert report(tmp_path / "usage.db", [])[0]["requests"] == 1
+
+
+def test_a_table_from_an_older_gateway_gains_the_request_id_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "usage.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE usage (ts REAL NOT NULL, key_name TEXT NOT NULL, model TEXT NOT NULL,"
+        " engine TEXT NOT NULL, backend TEXT NOT NULL, stream INTEGER NOT NULL, status INTEGER NOT NULL,"
+        " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, ttft_ms REAL,"
+        " latency_ms REAL NOT NULL);"
+        " INSERT INTO usage VALUES (1.0, 'old', 'm', 'llamacpp', 'b', 0, 200, 1, 1, NULL, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    store.open()
+    again = record(3)
+    try:
+        store.write([record(2), again])
+        store.write([again])  # one record, written twice
+    finally:
+        store.close()
+    assert [row["requests"] for row in report(path, [])] == [3]
