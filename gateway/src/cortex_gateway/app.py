@@ -49,8 +49,11 @@ class Gateway:
         drains_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         prefix_index_path: str | None = None,
+        early_hangup: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
+        # Whether a SIGHUP came before the app listened for it (a worker's start).
+        self._early_hangup = early_hangup
         # What the request path reads its times from (tests give their own).
         self.clock = clock
         self.config_path = config_path
@@ -222,6 +225,14 @@ class Gateway:
         if self.drains.shared:
             self._apply_drains(await asyncio.to_thread(self.drains.load))
             loop.add_signal_handler(signal.SIGUSR1, self._on_drains_changed)
+        # A reload may come while the first health round runs (it can take
+        # seconds): listen for it from now on, and make up for one that came
+        # before the app was there to take it.
+        if self.config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+            if self._early_hangup is not None and self._early_hangup():
+                log.info("a reload was asked for while this worker started: reloading")
+                self._on_hangup()
         # Know the backends' state before the first request, then keep polling.
         await monitor.check_all()
         await self.pools.refresh_all()
@@ -231,8 +242,6 @@ class Gateway:
             if self.metrics.multiprocess_dir
             else None
         )
-        if self.config_path is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             yield
         finally:

@@ -111,6 +111,7 @@ def _run_worker(
     drains_path: str | None = None,
     listener: socket.socket | None = None,
     prefix_index_path: str | None = None,
+    early_hangup: HangupLatch | None = None,
 ) -> None:
     # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
     # prometheus_client decides where values live when it is first imported.
@@ -127,6 +128,7 @@ def _run_worker(
         limits_table=table,
         drains_path=drains_path,
         prefix_index_path=prefix_index_path,
+        early_hangup=early_hangup.taken if early_hangup is not None else None,
     )
     app = gateway.build_app()
     # The admin API on its own address, up while the public app is.
@@ -240,8 +242,13 @@ class Supervisor:
         return status
 
     def _spawn(self, number: int) -> None:
+        # SIGHUP stays blocked across the fork, so a reload sent while the
+        # worker starts is held for it (not lost, and not its default action,
+        # which would end it) until its latch is in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             self.children[pid] = number
             return
         # The worker. Its own process group: a Ctrl-C in a terminal or a kill of
@@ -250,11 +257,14 @@ class Supervisor:
         # the supervisor, however that ends.
         os.setpgid(0, 0)
         _end_with_parent()
-        # Default stop signals until aiohttp installs its own, and a SIGHUP
-        # before the app listens for it must not end the worker.
+        # Default stop signals until aiohttp installs its own. A SIGHUP before
+        # the app listens for it is kept, and the app reloads once it does:
+        # the worker may have been forked with the config that reload replaced.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        hangup = HangupLatch()
+        signal.signal(signal.SIGHUP, hangup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the app reads the drains file at start
         code = 0
         try:
@@ -267,6 +277,7 @@ class Supervisor:
                 self.drains_path,
                 self.listener,
                 prefix_index_path=self.prefix_index_path,
+                early_hangup=hangup,
             )
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)
@@ -312,6 +323,21 @@ class Supervisor:
     def _on_drains_changed(self, _sig: int, _frame: object) -> None:
         # A worker changed the drains file (an admin request): every worker reads it.
         self._forward(signal.SIGUSR1)
+
+
+class HangupLatch:
+    """A worker's SIGHUP handler until its app takes SIGHUP over: notes that a
+    reload was asked for (``taken()`` answers once)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def __call__(self, _sig: int, _frame: object) -> None:
+        self.pending = True
+
+    def taken(self) -> bool:
+        pending, self.pending = self.pending, False
+        return pending
 
 
 def _end_with_parent() -> None:

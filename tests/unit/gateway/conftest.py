@@ -32,6 +32,8 @@ class FakeEngine:
     """An OpenAI-compatible engine that records what it was sent."""
 
     health_status: int = 200
+    # Seconds each health check takes (a slow engine holds a worker's start).
+    health_delay: float = 0.0
     chunks: int = 3
     chunk_delay: float = 0.0
     break_stream_after: int | None = None
@@ -60,6 +62,7 @@ class FakeEngine:
         return app
 
     async def health(self, _request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay)
         return web.json_response({"status": "ok"}, status=self.health_status)
 
     async def complete(self, request: web.Request) -> web.StreamResponse:

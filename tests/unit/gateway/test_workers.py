@@ -16,7 +16,16 @@ from cortex_gateway.auth import hash_key
 from cortex_gateway.limits import CounterTable, KeyPolicy, Limiter, Refusal
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import AUTH, CLIENT_KEY, FakeEngine, gateway_process, listeners, make_config, socket_activated
+from .conftest import (
+    AUTH,
+    CLIENT_KEY,
+    FakeEngine,
+    free_port,
+    gateway_process,
+    listeners,
+    make_config,
+    socket_activated,
+)
 
 WORKERS = 3
 
@@ -266,3 +275,53 @@ def test_workers_run_on_uvloop_unless_told_otherwise(monkeypatch):
     monkeypatch.setenv(EVENT_LOOP_VARIABLE, "trio")
     with pytest.raises(ConfigError, match="CORTEX_GATEWAY_EVENT_LOOP: must be uvloop or asyncio, got 'trio'"):
         new_event_loop()
+
+
+async def test_a_reload_sent_while_the_workers_start_reaches_every_worker(engine_server, tmp_path):
+    """Defect 7: a new worker ignored SIGHUP until its first health checks
+    ended, so a reload sent meanwhile was lost in it until the next reload."""
+    slow = FakeEngine(health_delay=1.5)  # each worker's first health round takes this long
+    chat, embed = await engine_server(slow), await engine_server(FakeEngine())
+    config = make_config({"chat": [chat]}, workers=2)
+    config["listen"]["port"] = free_port()
+    config["admin_listen"] = {"host": "127.0.0.1", "port": free_port()}
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "gateway.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path), stdout=log, stderr=log,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{config['listen']['port']}"
+    try:
+        # Both workers forked, and neither listening yet (their first health round runs).
+        for _attempt in range(100):
+            if len(children(process.pid)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(children(process.pid)) == 2
+        assert listeners(config["listen"]["port"]) == 0
+        config["models"] += make_config({"embed": [embed]})["models"]
+        path.write_text(yaml.safe_dump(config))
+        process.send_signal(signal.SIGHUP)
+        for _attempt in range(100):
+            if listeners(config["listen"]["port"]) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert listeners(config["listen"]["port"]) == 2
+        seen: list[set[str]] = []
+        for _attempt in range(50):
+            seen = [{m["id"] for m in (await ask(base, "/v1/models", "GET"))[1]["data"]}
+                    for _request in range(16)]  # fmt: skip
+            if all(models == {"chat", "embed"} for models in seen):
+                break
+            await asyncio.sleep(0.1)
+        assert all(models == {"chat", "embed"} for models in seen), seen
+    finally:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        log.close()
