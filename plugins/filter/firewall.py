@@ -15,7 +15,7 @@ description:
     hosts allowed to reach them, returns what the C(engine_firewall) role writes into its nftables table.
   - Every host of the allowed groups must have an IP address (C(engine_firewall_address), else
     C(ansible_host)); every problem is reported at once, naming the host or value, before any host changes.
-positional: models, port_base, port_span, hostvars, groups, allow_groups, allow, enabled
+positional: models, port_base, port_span, hostvars, groups, allow_groups, allow, enabled, pools
 options:
   _input:
     description: The address the engines' ports are published on (C(model_servers_bind_address)).
@@ -56,6 +56,11 @@ options:
     description: C(auto) (on unless the engines are published on loopback), C(true) or C(false).
     type: raw
     default: auto
+  pools:
+    description: The host's C(cortex_model_pools) list; a pool's explicit C(port) outside the range is guarded too.
+    type: list
+    elements: dict
+    default: []
 """
 
 EXAMPLES = r"""
@@ -103,7 +108,16 @@ from ansible_collections.cortex.serving.plugins.module_utils._firewall import (
 
 
 def _engine_firewall_rules(
-    bind_address, models, port_base, port_span, hostvars, groups, allow_groups, allow, enabled="auto"
+    bind_address,
+    models,
+    port_base,
+    port_span,
+    hostvars,
+    groups,
+    allow_groups,
+    allow,
+    enabled="auto",
+    pools=None,
 ):
     # A group the inventory lacks allows no one (an inventory without gateways).
     sources = []
@@ -115,7 +129,7 @@ def _engine_firewall_rules(
             )
     try:
         return firewall_rules(
-            bind_address, sources, allow, engine_ports(models, port_base, port_span), enabled
+            bind_address, sources, allow, engine_ports(models, port_base, port_span, pools), enabled
         )
     except FirewallError as exc:
         raise AnsibleFilterError(

@@ -27,17 +27,18 @@ def _network(value):
         return None
 
 
-def engine_ports(models, port_base, port_span):
+def engine_ports(models, port_base, port_span, pools=None):
     """Port intervals ("lo-hi" or "port") covering every port an engine of
-    these models can be published on: the automatic range, and explicit ports
-    (one per replica) outside it. Guarding the range, not today's ports, means
-    an engine started later is never reachable before the firewall knows it."""
+    these models, or a pool's router, can be published on: the automatic
+    range, and explicit ports (one per replica; one per pool) outside it.
+    Guarding the range, not today's ports, means an engine started later is
+    never reachable before the firewall knows it."""
     base, span = int(port_base), int(port_span)
     intervals = [(base, base + span - 1)]
-    for model in models or []:
-        port = model.get("port") if isinstance(model, dict) else None
+    for entry in list(models or []) + list(pools or []):
+        port = entry.get("port") if isinstance(entry, dict) else None
         if isinstance(port, int) and not isinstance(port, bool):
-            replicas = model.get("replicas", 1)
+            replicas = entry.get("replicas", 1)
             replicas = replicas if isinstance(replicas, int) and replicas > 0 else 1
             intervals.append((port, port + replicas - 1))
     merged = []

@@ -130,3 +130,26 @@ def test_a_broken_ruleset_is_refused_by_the_same_check(tmp_path):
         ["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True, timeout=30, check=False
     )
     assert checked.returncode != 0
+
+
+def test_a_pools_own_port_is_guarded():
+    """Defect 8: the ports came from cortex_models only, so a pool with an
+    explicit port outside the range was published to anyone."""
+    from ansible_collections.cortex.serving.plugins.filter.firewall import FilterModule
+
+    plan_filter = FilterModule().filters()["engine_firewall_rules"]
+    hostvars = {"gw": {"ansible_host": "10.20.0.51"}}
+    groups = {"gateways": ["gw"]}
+    pools = [{"name": "small", "port": 30500, "max_resident": 1}, {"name": "auto"}]
+    plan = plan_filter("10.20.0.11", [], 18080, 2000, hostvars, groups, ["gateways"], [], "auto", pools)
+    assert plan["ports"] == ["18080-20079", "30500"]
+
+
+def test_the_role_plans_with_the_hosts_pools():
+    plan_task = (ROLE / "tasks" / "plan.yml").read_text()
+    assert "engine_firewall_enabled, engine_firewall_pools)" in plan_task
+    defaults = (ROLE / "defaults" / "main.yml").read_text()
+    assert (
+        'engine_firewall_pools: "{{ model_servers_pools | default(cortex_model_pools | default([])) }}"'
+        in defaults
+    )
