@@ -225,10 +225,17 @@ def ray_commands(node):
     ]  # fmt: skip
 
 
+# A model's keys that never reach a rank's container: the gateway's routing
+# and timeouts, the desired state, and the restart policy (a rank is never
+# restarted alone: its policy is always "no").
+NOT_RANK_KEYS = frozenset(("state", "routing", "timeouts", "restart_policy"))
+
+
 def group_id(model):
-    """One identity for every rank of the group: a change to any rank's
-    definition replaces every rank, so no rank is left in an old group."""
-    kept = dict((k, v) for k, v in model.items() if k != "state")
+    """One identity for every rank of the group: a change to what reaches any
+    rank replaces every rank, so no rank is left in an old group; a change of
+    the gateway's settings alone leaves the group running."""
+    kept = dict((k, v) for k, v in model.items() if k not in NOT_RANK_KEYS)
     if isinstance(kept.get("source"), dict):
         kept["source"] = dict((k, v) for k, v in kept["source"].items() if k != "token")
     text = json.dumps(kept, sort_keys=True, default=str)

@@ -228,3 +228,32 @@ def test_pipeline_parallelism_on_cpus_is_never_eager():
     assert any(
         "vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager mode" in p for p in found
     ), found
+
+
+@pytest.mark.parametrize(
+    "gateway_only",
+    [
+        {"routing": {"policy": "prefix_affinity"}},
+        {"timeouts": {"first_byte": 900}},
+        {"restart_policy": "always"},
+        {"state": "started"},
+    ],
+)
+def test_a_gateway_only_change_keeps_the_groups_identity(gateway_only):
+    """Defect 10: the identity digested the whole entry, so tuning a timeout
+    of a model over several hosts stopped every rank on every host."""
+    assert rank("node-a", changed(**gateway_only))["group"]["id"] == rank("node-a")["group"]["id"]
+
+
+@pytest.mark.parametrize(
+    "engine_change",
+    [
+        {"vllm": {"max_model_len": 1024}},
+        {"source": {"path": "/srv/models/other"}},
+        {"env": {"NCCL_DEBUG": "INFO"}},
+        {"multinode": {"master_port": 29600}},
+        {"health_timeout": 900},
+    ],
+)
+def test_what_reaches_the_ranks_changes_the_groups_identity(engine_change):
+    assert rank("node-a", changed(**engine_change))["group"]["id"] != rank("node-a")["group"]["id"]
