@@ -29,9 +29,22 @@ LEFT_BEHIND = [
     "gateway/src/cortex_gateway/__pycache__/app.cpython-311.pyc",
     "tests/unit/.hypothesis/examples/y",
     ".cache/collections/x",
+    # Virtualenvs and packaging output, at the top and deeper (gateway/.venv
+    # is where a contributor's editor or `uv` puts the gateway's own).
+    ".venv/bin/activate",
+    "gateway/.venv/bin/activate",
+    "gateway/.venv/lib/python3.11/site-packages/x.py",
+    "venv/bin/activate",
+    "gateway/venv/pyvenv.cfg",
+    "gateway/src/cortex_gateway.egg-info/PKG-INFO",
+    "gateway/build/lib/cortex_gateway/app.py",
+    ".tox/py311/x",
+    "gateway/.mypy_cache/3.11/x.json",
+    "gateway/.coverage",
 ]
 FORBIDDEN_PARTS = {
     ".credentials", ".ansible", ".hypothesis", ".ruff_cache", ".pytest_cache", "__pycache__", ".cache",
+    ".venv", "venv", "cortex_gateway.egg-info", "build", ".tox", ".mypy_cache", ".coverage",
 }  # fmt: skip
 
 
