@@ -245,7 +245,9 @@ class Forwarder:
             timing.upstream_started = self.gateway.clock()
             try:
                 try:
-                    sent = _upstream_body(body, payload, stream, lora)
+                    # A pool's router serves the parent's name; the adapter is the `lora` field.
+                    engine_model = served if adapter is not None and backend.pool is not None else None
+                    sent = _upstream_body(body, payload, stream, lora, engine_model)
                     # On a pool, the router loads the model first if it must;
                     # the wait for that load is bounded by the model's load timeout.
                     upstream = await self.gateway.pools.send(
@@ -433,17 +435,22 @@ def _client_wants_usage(payload: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _upstream_body(body: bytes, payload: dict, stream: bool, lora: list | None) -> bytes:
+def _upstream_body(
+    body: bytes, payload: dict, stream: bool, lora: list | None, model: str | None = None
+) -> bytes:
     """The body for the engine: the client's bytes, unless something must be set.
 
     Every stream asks for the usage event at the end: both engines send a
     stream's token counts only when asked, and usage records and token limits
     need them whatever the client chose (a client that did not ask gets the
     stream without that event: _strip_usage_events). A request for a llama.cpp
-    model with adapters carries the `lora` field the gateway chose. Every other
-    body goes on byte for byte.
+    model with adapters carries the `lora` field the gateway chose; ``model``,
+    when given, is the name the engine serves (a pool's router knows an
+    adapter by its parent's name only). Every other body goes on byte for byte.
     """
     changes: dict[str, object] = {}
+    if model is not None and payload.get("model") != model:
+        changes["model"] = model
     if stream and not _client_wants_usage(payload):
         options = payload.get("stream_options")
         changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}

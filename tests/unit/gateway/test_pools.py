@@ -43,6 +43,8 @@ class FakeRouter:
     # reaches its process, and the router answers one of these without
     # running it. Each is answered once, in this order, to the next requests.
     swap_losses: list[tuple[int, str]] = field(default_factory=list)
+    # Every request body the router was sent.
+    bodies: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for model in self.models:
@@ -105,7 +107,13 @@ class FakeRouter:
             self.wanted[model] -= 1
 
     async def complete(self, request: web.Request) -> web.Response:
-        model = json.loads(await request.read())["model"]
+        body = json.loads(await request.read())
+        model = body["model"]
+        self.bodies.append(body)
+        if model not in self.states:  # as llama-server's router: a name it does not serve
+            return web.json_response(
+                {"error": {"code": 400, "message": f"model '{model}' not found"}}, status=400
+            )
         if self.swap_losses:
             status, message = self.swap_losses.pop(0)
             self.events.append(("lost", model))
@@ -259,6 +267,24 @@ async def test_a_request_the_router_lost_to_a_swap_is_sent_again_and_answered(en
     # Each lost request ran once, after it was sent again.
     assert [event for event, _model in router.events].count("lost") == 3
     assert [event for event, _model in router.events].count("start") == 3
+
+
+async def test_an_adapter_of_a_pool_model_is_asked_of_the_router_by_its_parents_name(
+    engine_server, gateway_client
+):
+    """Defect 11: the body kept `model: <adapter>`, a name the router does not serve."""
+    router = FakeRouter()
+    config = pool_config(await engine_server(router))
+    config["models"][0]["adapters"] = [{"name": "alpha-pirate", "scale": 0.5}]
+    client = await gateway_client(config)
+    await wait_ready(client, "alpha", 1)
+    status, body = await ask(client, "alpha-pirate")
+    assert status == 200, body
+    assert router.bodies[-1]["model"] == "alpha"
+    assert router.bodies[-1]["lora"] == [{"id": 0, "scale": 0.5}]
+    status, body = await ask(client, "alpha")
+    assert status == 200, body
+    assert router.bodies[-1]["lora"] == [{"id": 0, "scale": 0.0}]
 
 
 async def test_a_routers_other_errors_are_the_requests_answer(engine_server, gateway_client):
