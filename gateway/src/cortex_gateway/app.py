@@ -27,6 +27,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pools import PoolTracker
 from .routing import Router
+from .slots import SlotTable
 from .usage import UsageRecorder, store_for
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         prefix_index_path: str | None = None,
         early_hangup: Callable[[], bool] | None = None,
+        slot_table: SlotTable | None = None,
     ) -> None:
         self.config = config
         # Whether a SIGHUP came before the app listened for it (a worker's start).
@@ -67,6 +69,9 @@ class Gateway:
             for model in config.models.values()
             for backend in model.backends
         ]
+        # Worker processes count engine slots in one shared table (slots.py).
+        self.slots = slot_table
+        self._share_slots(self.backends)
         self.router = Router(self.backends)
         # Prefix affinity: its settings as started (the index is sized by them),
         # and the index, in a file the workers share or, alone, a private one.
@@ -104,6 +109,7 @@ class Gateway:
                 backend = kept.get((model.name, backend_config.url))
                 if backend is None:
                     backend = Backend.from_config(model, backend_config, config.breaker)
+                    self._share_slots([backend])
                     added.append(backend)
                 else:
                     backend.engine = model.engine
@@ -127,6 +133,12 @@ class Gateway:
         if self._monitor is not None:
             self._monitor.replace_backends(backends)
         return added
+
+    def _share_slots(self, backends: list[Backend]) -> None:
+        if self.slots is not None:
+            for backend in backends:
+                backend.slot_table = self.slots
+                backend.slot_column = self.slots.column(backend.model, backend.url)
 
     # --- drains --------------------------------------------------------------
 

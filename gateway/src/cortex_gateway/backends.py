@@ -18,6 +18,7 @@ import aiohttp
 
 from .breaker import BreakerPolicy, CircuitBreaker
 from .config import BackendConfig, ModelConfig
+from .slots import SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class Backend:
     api_key: str | None
     max_concurrency: int
     health: Health = Health.STARTING
-    outstanding: int = 0
+    # Requests this worker has on the engine now (``outstanding`` counts every worker's).
+    own_in_flight: int = 0
     # Requests of this worker that prefer this replica (prefix affinity) and
     # are waiting for a slot, or about to look for one.
     affine_waiting: int = 0
@@ -68,6 +70,35 @@ class Backend:
     # A 1-token request the health monitor sends after /health answers 200:
     # "completion" or "embedding" (None: /health alone; see ModelConfig).
     health_probe: str | None = None
+    # Where every worker of the gateway counts this backend's slots (slots.py),
+    # and its column there; None: this worker counts alone.
+    slot_table: SlotTable | None = None
+    slot_column: int | None = None
+
+    @property
+    def outstanding(self) -> int:
+        """Requests on the engine now: from every worker when they share a slot table."""
+        if self.slot_table is not None and self.slot_column is not None:
+            return self.slot_table.in_flight(self.slot_column)
+        return self.own_in_flight
+
+    @outstanding.setter
+    def outstanding(self, value: int) -> None:
+        self.own_in_flight = value
+
+    def take_slot(self) -> bool:
+        """Take one of the engine's slots for a request (the caller saw one free);
+        False when another worker took the last one meanwhile."""
+        shared = self.slot_table is not None and self.slot_column is not None
+        if shared and not self.slot_table.take(self.slot_column, self.max_concurrency):  # type: ignore[union-attr]
+            return False
+        self.own_in_flight += 1
+        return True
+
+    def give_slot(self) -> None:
+        self.own_in_flight -= 1
+        if self.slot_table is not None and self.slot_column is not None:
+            self.slot_table.give(self.slot_column)
 
     @property
     def draining(self) -> bool:

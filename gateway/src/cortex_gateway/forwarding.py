@@ -31,7 +31,7 @@ from .proxy import (
     relay_stream,
     relay_whole,
 )
-from .queueing import Admission, QueueFull
+from .queueing import RECHECK_SECONDS, SHARED_RECHECK_SECONDS, Admission, QueueFull
 from .usage import UsageRecord
 
 if TYPE_CHECKING:
@@ -352,7 +352,8 @@ class Forwarder:
     def _admission(self, model: str) -> Admission:
         admission = self.admissions.get(model)
         if admission is None or admission.policy != self.gateway.config.queue:
-            admission = self.admissions[model] = Admission(self.gateway.config.queue)
+            recheck = SHARED_RECHECK_SECONDS if self.gateway.slots is not None else RECHECK_SECONDS
+            admission = self.admissions[model] = Admission(self.gateway.config.queue, recheck)
         return admission
 
     def _affinity_chain(self, request: web.Request, payload: dict, served: str, name: str) -> list[int]:

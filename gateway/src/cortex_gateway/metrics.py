@@ -164,7 +164,8 @@ class Metrics:
             self.backend_up.labels(*labels).set(1.0 if b.routable else 0.0)
             self.backend_draining.labels(*labels).set(1.0 if b.draining else 0.0)
             self.breaker_state.labels(*labels).set(BREAKER_VALUES[b.breaker.state])
-            self.in_flight.labels(*labels).set(b.outstanding)
+            # This worker's own: the series adds up over the live workers.
+            self.in_flight.labels(*labels).set(b.own_in_flight)
         self.usage_buffered.set(self._usage_buffered())
         waiting = self._waiting()
         for model, count in waiting.items():

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 RECHECK_SECONDS = 0.5
+# With slots shared between workers (slots.py).
+SHARED_RECHECK_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +40,11 @@ class QueueFull(Exception):
 class Admission:
     """The waiting room of one model."""
 
-    def __init__(self, policy: QueuePolicy) -> None:
+    def __init__(self, policy: QueuePolicy, recheck: float = RECHECK_SECONDS) -> None:
         self.policy = policy
+        # How often a waiter looks again without being woken: often when
+        # other workers free slots too (they cannot wake this one's waiters).
+        self.recheck = recheck
         self.waiting = 0
         self._changed = asyncio.Condition()
 
@@ -51,8 +56,7 @@ class Admission:
     ) -> tuple[Backend, float]:
         """Wait for a backend with a free slot; returns it (slot taken) and the wait in seconds."""
         backend = pick()
-        if backend is not None:
-            backend.outstanding += 1
+        if backend is not None and backend.take_slot():
             return backend, 0.0
         if self.waiting >= self.capacity(backends):
             raise QueueFull(retry_after=max(1, math.ceil(self.policy.max_wait / 4)))
@@ -63,13 +67,13 @@ class Admission:
             async with asyncio.timeout(self.policy.max_wait), self._changed:
                 while True:
                     backend = pick()
-                    if backend is not None:
-                        backend.outstanding += 1
+                    if backend is not None and backend.take_slot():
                         break
                     # Woken by a released slot; look again now and then anyway,
-                    # since health and breakers change without a release.
+                    # since health and breakers (and other workers) change
+                    # without a release here.
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(RECHECK_SECONDS):
+                        async with asyncio.timeout(self.recheck):
                             await self._changed.wait()
         except TimeoutError:
             raise QueueFull(retry_after=max(1, math.ceil(self.policy.max_wait))) from None
@@ -78,7 +82,7 @@ class Admission:
         return backend, loop.time() - started
 
     async def release(self, backend: Backend) -> None:
-        backend.outstanding -= 1
+        backend.give_slot()
         async with self._changed:
             # Every waiter looks: with prefix affinity a freed slot suits only
             # the requests that may take that replica (the queue is bounded).

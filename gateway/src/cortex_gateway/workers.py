@@ -21,8 +21,14 @@ one dies. What the workers share:
   reload and when it is started again; a worker started after a reload never
   serves the configuration the gateway was started with.
 
+- engine slots: one table of in-flight requests per backend (slots.SlotTable),
+  so an engine never gets more requests at once than its slots, however many
+  workers send to it; a dead worker's slots are given back by the supervisor.
+
 What they do not share: each worker checks backend health and keeps its own
-circuit breakers and queues (a queue's bound applies per worker).
+circuit breakers and waiting rooms (a queue's bound applies per worker; a
+waiter also looks again every few hundredths of a second for a slot another
+worker freed).
 
 Started by systemd with socket activation (cortex-gateway.socket), the
 workers accept on the listening socket systemd passed instead of binding
@@ -50,6 +56,7 @@ from pathlib import Path
 
 from .config import RESTART_FIELDS, ConfigError, GatewayConfig, read_config
 from .drains import create_shared
+from .slots import SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,7 @@ def _run_worker(
     listener: socket.socket | None = None,
     prefix_index_path: str | None = None,
     early_hangup: HangupLatch | None = None,
+    slots: tuple[str, int] | None = None,
 ) -> None:
     # Imported here, after the supervisor has set PROMETHEUS_MULTIPROC_DIR:
     # prometheus_client decides where values live when it is first imported.
@@ -122,6 +130,8 @@ def _run_worker(
     from .limits import CounterTable
 
     table = CounterTable(table_path) if table_path else None
+    # The engines' slots, counted with every other worker (path, this worker's number).
+    slot_table = SlotTable(slots[0], config.workers, slots[1]) if slots else None
     gateway = Gateway(
         config,
         config_path=config_path,
@@ -129,6 +139,7 @@ def _run_worker(
         drains_path=drains_path,
         prefix_index_path=prefix_index_path,
         early_hangup=early_hangup.taken if early_hangup is not None else None,
+        slot_table=slot_table,
     )
     app = gateway.build_app()
     # The admin API on its own address, up while the public app is.
@@ -197,6 +208,12 @@ class Supervisor:
         prefix_index_path = runtime / "prefix-index"
         prefix_index_path.unlink(missing_ok=True)
         self.prefix_index_path = str(prefix_index_path)
+        # The engines' slots, counted across the workers: new each start, and a
+        # dead worker's row emptied before it starts again.
+        slots_path = runtime / "slots"
+        slots_path.unlink(missing_ok=True)
+        self.slots_path = str(slots_path)
+        self.slot_table = SlotTable(self.slots_path, self.config.workers, 0)
         if self.config_path is not None:
             self.accepted_path = runtime / "config.yml"
             self._accept(read_config(self.config_path)[1])
@@ -225,6 +242,7 @@ class Supervisor:
             if number is None:
                 continue
             multiprocess.mark_process_dead(pid, str(metrics_dir))
+            self.slot_table.clear_worker(number)  # its requests died with it
             code = os.waitstatus_to_exitcode(wait_status)
             if self.stopping:
                 continue
@@ -278,6 +296,7 @@ class Supervisor:
                 self.listener,
                 prefix_index_path=self.prefix_index_path,
                 early_hangup=hangup,
+                slots=(self.slots_path, number),
             )
         except BaseException:  # a worker reports and exits; never returns into the supervisor
             log.exception("worker %d failed", number)

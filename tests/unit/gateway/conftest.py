@@ -53,6 +53,9 @@ class FakeEngine:
     # chunk then. Otherwise (llama.cpp) always.
     usage_when_asked: bool = False
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
+    # Requests being answered now, and the most there ever were at once.
+    running: int = 0
+    most_running: int = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -66,6 +69,14 @@ class FakeEngine:
         return web.json_response({"status": "ok"}, status=self.health_status)
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            return await self._complete(request)
+        finally:
+            self.running -= 1
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append((request.path, body, request.headers.get("Authorization")))
         payload = json.loads(body)

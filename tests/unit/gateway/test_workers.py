@@ -14,6 +14,7 @@ import pytest
 import yaml
 from cortex_gateway.auth import hash_key
 from cortex_gateway.limits import CounterTable, KeyPolicy, Limiter, Refusal
+from cortex_gateway.slots import SlotTable
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import (
@@ -325,3 +326,35 @@ async def test_a_reload_sent_while_the_workers_start_reaches_every_worker(engine
             process.kill()
             await process.wait()
         log.close()
+
+
+async def test_an_engines_slots_are_counted_across_every_worker(engine_server, tmp_path):
+    """Defect 5: in-flight counts and queues were per worker, so with two
+    workers an engine with one slot got two requests at once."""
+    engine = FakeEngine(delay=0.4)
+    config = make_config({"chat": [await engine_server(engine)]}, workers=2)
+    config["models"][0]["backends"][0]["max_concurrency"] = 1
+    async with gateway_process(config, tmp_path) as gateway:
+        # Each request on a connection of its own: the kernel spreads them over both workers.
+        answers = await asyncio.gather(*(ask(gateway.base) for _request in range(6)))
+    assert [status for status, _body in answers] == [200] * 6
+    assert len(engine.received) == 6
+    assert engine.most_running == 1
+
+
+def test_a_slot_is_taken_once_across_workers_and_a_dead_workers_slots_come_back(tmp_path):
+    path = str(tmp_path / "slots")
+    first, second = SlotTable(path, 2, 0), SlotTable(path, 2, 1)
+    column = first.column("chat", "http://10.0.0.1:8080")
+    assert second.column("chat", "http://10.0.0.1:8080") == column
+    # Another model on the same address (a pool's router) has slots of its own.
+    assert first.column("other", "http://10.0.0.1:8080") != column
+    assert first.take(column, 2)
+    assert second.take(column, 2)
+    assert not first.take(column, 2)
+    assert first.in_flight(column) == second.in_flight(column) == 2
+    second.clear_worker(1)  # the supervisor, for a dead worker
+    assert first.in_flight(column) == 1
+    assert second.take(column, 2)
+    first.give(column)
+    assert second.in_flight(column) == 1
