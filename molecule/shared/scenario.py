@@ -54,6 +54,12 @@ def admin_key() -> str:
     return credential("gateway-admin-key", "admin")
 
 
+def admin_base(host) -> str:
+    """Where the running gateway's admin API answers on its host (it says so
+    in its runtime folder; a test may have moved it)."""
+    return host.check_output("cat /run/cortex-gateway/admin-url").strip()
+
+
 def admin_get(host, url: str, key: str) -> tuple[int, str]:
     """GET on the host itself (the admin API is not on the public site): the status and the body."""
     answer = host.check_output(f"curl -sk -w '\\n%{{http_code}}' -H 'Authorization: Bearer {key}' '{url}'")
@@ -61,7 +67,7 @@ def admin_get(host, url: str, key: str) -> tuple[int, str]:
     return int(status), body
 
 
-def streamed_chat(client, model: str, max_tokens: int) -> tuple[list, list[str]]:
+def streamed_chat(client, model: str, max_tokens: int, **extra: object) -> tuple[list, list[str]]:
     """A greedy streamed chat through the gateway: every chunk, and the text
     pieces, which must be more than one (a stream, not one answer)."""
     chunks = list(
@@ -71,6 +77,7 @@ def streamed_chat(client, model: str, max_tokens: int) -> tuple[list, list[str]]
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
+            **extra,
         )
     )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]

@@ -1,4 +1,4 @@
-"""Command line: serve, check a config, hash a key."""
+"""Command line: serve, check a config, hash a key, report usage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from . import workers
 from .auth import hash_key
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, restart_key
 from .usage import day_start, store_for, to_csv
 
 DEFAULT_CONFIG = "/etc/cortex-gateway/config.yml"
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=DEFAULT_CONFIG)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", default=DEFAULT_CONFIG)
+    key = commands.add_parser(
+        "restart-key", help="print the digest of a config's settings that only a restart applies"
+    )
+    key.add_argument("--config", default=DEFAULT_CONFIG)
     commands.add_parser("hash-key", help="read an API key on stdin, print its sha256")
     usage = commands.add_parser("usage", help="report usage by key, model and day")
     usage.add_argument("--config", default=DEFAULT_CONFIG, help="take the database from this config")
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         print(f"{args.config}: ok, {len(config.models)} model(s)")
+        return 0
+    if args.command == "restart-key":
+        print(restart_key(config))
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

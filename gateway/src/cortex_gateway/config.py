@@ -7,6 +7,8 @@ Parsing is strict, and every error names the field that is wrong
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -574,3 +576,24 @@ RESTART_FIELDS = (
     # The shared prefix index is sized when the workers start.
     "affinity",
 )
+
+
+def restart_key(config: GatewayConfig) -> str:
+    """A digest of what only a restart changes: equal for two configs when a
+    reload (SIGHUP) applies every difference between them. The running gateway
+    writes its own (``cortex-gateway serve``); the role compares it with the
+    new file's (``cortex-gateway restart-key``) to reload or restart."""
+    values = [repr(getattr(config, name)) for name in RESTART_FIELDS]
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def admin_url(config: GatewayConfig) -> str:
+    """Where the admin API answers, as a URL a client on the same host can use."""
+    host = config.admin_host
+    if host in ("", "0.0.0.0"):  # noqa: S104 - the listener's address, not a bind
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.admin_port}"

@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import RESTART_FIELDS, ConfigError, GatewayConfig, read_config
+from .config import RESTART_FIELDS, ConfigError, GatewayConfig, admin_url, read_config, restart_key
 from .drains import create_shared
 from .slots import SlotTable
 
@@ -102,6 +102,7 @@ def serve(config: GatewayConfig, config_path: str | None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    publish_running(config)
     if listener is not None:
         log.info("serving on the socket systemd passed (%s:%d)", *listener.getsockname()[:2])
     if config.workers == 1:
@@ -159,6 +160,22 @@ def _run_worker(
         shutdown_timeout=DRAIN_SECONDS,
         print=lambda *_: None,
     )
+
+
+def publish_running(config: GatewayConfig) -> None:
+    """Under systemd (RuntimeDirectory=), say what this gateway runs with, for
+    the roles: where its admin API answers (drains go there, whatever the
+    inventory now says) and the digest of what only a restart changes (a
+    converge restarts instead of reloading when the new config's differs).
+    systemd removes the folder when the gateway stops."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if not runtime:
+        return
+    for name, text in (("admin-url", admin_url(config)), ("restart-key", restart_key(config))):
+        path = Path(runtime) / name
+        partial = path.with_suffix(".partial")
+        partial.write_text(text + "\n")
+        partial.replace(path)
 
 
 # The event loop the workers run: uvloop (libuv) unless this says "asyncio".

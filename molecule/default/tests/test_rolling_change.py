@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 
 import openai
+import yaml
 from scenario import (
     GATEWAY_URL,
+    admin_base,
+    admin_get,
+    admin_key,
     assert_no_failures,
     assert_replaced_one_at_a_time,
     changed_models,
@@ -32,15 +36,27 @@ def container_ids(host, names: tuple[str, ...] = tuple(CONTAINERS)) -> dict[str,
     return {name: json.loads(host.check_output(f"docker inspect {name}"))[0]["Id"] for name in names}
 
 
+def gateway_pid(host) -> str:
+    return host.check_output("systemctl show --property MainPID --value cortex-gateway")
+
+
 def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(host, client_key, tmp_path):
     """Its option changed and its replicas 2 -> 1 in one converge: replica 0 is
     drained, replaced and put back; then replica 1, no longer planned, is
-    drained and removed. The clients see no failure through either."""
+    drained and removed. The clients see no failure through either.
+
+    The same converge moves the gateway's admin API to another port, which
+    only a restart applies: the drains (before the gateway's own play) reach
+    the running gateway where it listens, and the gateway is then restarted
+    on the new port, with nginx in step."""
     before = container_ids(host, (*CONTAINERS, *VLLM_CONTAINERS))
+    pid_before = gateway_pid(host)
+    assert admin_base(host) == "http://127.0.0.1:8001"
+    changed = changed_models(tmp_path, MODEL, "llamacpp", "ctx_size", 6144, replicas=1)
+    moved = {**yaml.safe_load(changed.read_text()), "gateway_admin_listen_port": 8011}
+    changed.write_text(yaml.safe_dump(moved))
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
-    result, loop, streams = converge_under_load(
-        client, MODEL, changed_models(tmp_path, MODEL, "llamacpp", "ctx_size", 6144, replicas=1), "site.yml"
-    )
+    result, loop, streams = converge_under_load(client, MODEL, changed, "site.yml")
     replaced, removed = CONTAINERS[0], CONTAINERS[1]
     assert_replaced_one_at_a_time(result, [replaced], "cortex-molecule", drained_too=1)
     log = result.stdout
@@ -56,3 +72,11 @@ def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(ho
     assert_no_failures(loop, streams)
     inspect = json.loads(host.check_output(f"docker inspect {replaced}"))[0]
     assert "6144" in inspect["Config"]["Cmd"]
+    # Restarted (a reload would have kept the old admin listener), on the new port.
+    assert "Restart cortex-gateway for settings only a restart applies" in result.stdout
+    assert gateway_pid(host) != pid_before
+    assert admin_base(host) == "http://127.0.0.1:8011"
+    assert admin_get(host, "http://127.0.0.1:8011/admin/backends", admin_key())[0] == 200
+    assert host.run("curl -s -o /dev/null http://127.0.0.1:8001/").rc != 0, "the old admin port still answers"
+    # nginx moved with it: the status page over TLS answers.
+    assert admin_get(host, "https://127.0.0.1/admin/status.json", admin_key())[0] == 200

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scenario import (
     GATEWAY_URL,
+    admin_base,
     admin_get,
     admin_key,
     assert_real_sentence_embeddings,
@@ -118,28 +119,41 @@ def test_vllm_and_llamacpp_give_the_same_answer_from_the_same_weights(client):
 
 
 def usage_of(host, model: str) -> dict:
-    status, body = admin_get(host, "http://127.0.0.1:8001/admin/usage?group_by=model", admin_key())
+    status, body = admin_get(host, f"{admin_base(host)}/admin/usage?group_by=model", admin_key())
     assert status == 200, body
     rows = [r for r in json.loads(body)["data"] if r["model"] == model]
     return rows[0] if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
-def test_a_streamed_vllm_chat_ends_with_a_usage_event_that_the_gateway_records(host, client):
+def usage_after(host, model: str, before: dict) -> dict:
+    """The model's usage row once one more request is recorded (written in batches, about every second)."""
+    deadline = time.monotonic() + 15
+    while usage_of(host, model)["requests"] == before["requests"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = usage_of(host, model)
+    assert after["requests"] == before["requests"] + 1, (before, after)
+    return after
+
+
+def test_a_streamed_vllm_chat_is_counted_whether_or_not_the_client_asks_for_usage(host, client):
     before = usage_of(host, CHAT)
     chunks, pieces = streamed_chat(client, CHAT, 24)
-    # The client did not ask for usage; the gateway asked vLLM for it.
+    # The client did not ask for usage: it gets no usage chunk, but the
+    # gateway asked vLLM for it and records the tokens.
+    assert all(chunk.usage is None for chunk in chunks), chunks[-1]
+    assert all(chunk.choices for chunk in chunks), chunks[-1]
+    quiet = usage_after(host, CHAT, before)
+    assert quiet["completion_tokens"] - before["completion_tokens"] >= len(pieces)
+    assert quiet["prompt_tokens"] > before["prompt_tokens"]
+    # Asked for, the usage chunk comes last, and the record holds what it says.
+    chunks, pieces = streamed_chat(client, CHAT, 24, stream_options={"include_usage": True})
     usage = chunks[-1].usage
     assert usage is not None, chunks[-1]
     assert chunks[-1].choices == []
     assert usage.completion_tokens >= len(pieces)
-    assert usage.prompt_tokens > 0
-    deadline = time.monotonic() + 15  # records are written in batches, about every second
-    while usage_of(host, CHAT)["requests"] == before["requests"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    after = usage_of(host, CHAT)
-    assert after["requests"] == before["requests"] + 1
-    assert after["prompt_tokens"] - before["prompt_tokens"] == usage.prompt_tokens
-    assert after["completion_tokens"] - before["completion_tokens"] == usage.completion_tokens
+    after = usage_after(host, CHAT, quiet)
+    assert after["prompt_tokens"] - quiet["prompt_tokens"] == usage.prompt_tokens
+    assert after["completion_tokens"] - quiet["completion_tokens"] == usage.completion_tokens
 
 
 def test_a_completion_through_vllm(client):

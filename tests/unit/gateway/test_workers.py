@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -358,3 +359,35 @@ def test_a_slot_is_taken_once_across_workers_and_a_dead_workers_slots_come_back(
     assert second.take(column, 2)
     first.give(column)
     assert second.in_flight(column) == 1
+
+
+async def test_a_running_gateway_says_where_its_admin_api_is_and_what_a_restart_would_change(
+    engine_server, tmp_path
+):
+    """What the roles read (defect 2): drains go to the admin address the
+    running gateway listens on, and a converge compares the restart key of
+    the new config file with the running one's to reload or restart."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    config = make_config({"chat": [await engine_server(FakeEngine())]}, workers=2)
+    async with gateway_process(config, tmp_path, env={"RUNTIME_DIRECTORY": str(runtime)}) as gateway:
+        admin = (runtime / "admin-url").read_text().strip()
+        assert admin == gateway.admin_base
+        running_key = (runtime / "restart-key").read_text().strip()
+
+        def key_of(changed: dict) -> str:
+            path = tmp_path / "new.yml"
+            path.write_text(yaml.safe_dump(changed))
+            return subprocess.run(
+                [sys.executable, "-m", "cortex_gateway", "restart-key", "--config", str(path)],
+                capture_output=True, text=True, check=True, timeout=60,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            ).stdout.strip()  # fmt: skip
+
+        assert key_of(gateway.config) == running_key
+        # A reload applies these: the same key.
+        assert key_of({**gateway.config, "timeouts": {"first_byte": 30}, "models": []}) == running_key
+        # Only a restart applies these.
+        assert key_of({**gateway.config, "admin_listen": {"host": "127.0.0.1", "port": 1}}) != running_key
+        assert key_of({**gateway.config, "limits": {"max_body_bytes": 1024}}) != running_key
+        assert key_of({**gateway.config, "workers": 3}) != running_key
