@@ -15,7 +15,7 @@ description:
     hosts allowed to reach them, returns what the C(engine_firewall) role writes into its nftables table.
   - Every host of the allowed groups must have an IP address (C(engine_firewall_address), else
     C(ansible_host)); every problem is reported at once, naming the host or value, before any host changes.
-positional: models, port_base, port_span, hostvars, groups, allow_groups, allow, enabled, pools
+positional: models, port_base, port_span, hostvars, groups, allow_groups, allow, enabled, pools, host
 options:
   _input:
     description: The address the engines' ports are published on (C(model_servers_bind_address)).
@@ -61,6 +61,11 @@ options:
     type: list
     elements: dict
     default: []
+  host:
+    description:
+      - The host's inventory name. The ports of a model over several hosts with this host among them (the
+        ranks listen on every address) are guarded too, open to the group's own hosts only.
+    type: str
 """
 
 EXAMPLES = r"""
@@ -79,6 +84,17 @@ _value:
     active:
       description: Whether the host gets the ruleset.
       type: bool
+    engines:
+      description: Whether the engine ports are guarded (the engines are published beyond loopback, or C(enabled) is true).
+      type: bool
+    groups:
+      description:
+        - One entry per model over several hosts with this host among them, C(enabled) being anything but false.
+        - Each has C(model), C(family), C(daddr) (the address the group reaches this host on), C(ports) (the
+          master port, NCCL's and Gloo's ephemeral range, and Ray's ports for the ray backend) and C(peers)
+          (the group's addresses, the only sources let in).
+      type: list
+      elements: dict
     family:
       description: C(ip) or C(ip6), the published address's family.
       type: str
@@ -104,6 +120,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._firewall import (
     FirewallError,
     engine_ports,
     firewall_rules,
+    group_guards,
 )
 
 
@@ -118,18 +135,24 @@ def _engine_firewall_rules(
     allow,
     enabled="auto",
     pools=None,
+    host=None,
 ):
     # A group the inventory lacks allows no one (an inventory without gateways).
     sources = []
     for group in allow_groups:
-        for host in groups.get(group, []):
-            values = hostvars[host]
+        for member in groups.get(group, []):
+            values = hostvars[member]
             sources.append(
-                (host, values.get("engine_firewall_address") or values.get("ansible_host") or host)
+                (member, values.get("engine_firewall_address") or values.get("ansible_host") or member)
             )
     try:
         return firewall_rules(
-            bind_address, sources, allow, engine_ports(models, port_base, port_span, pools), enabled
+            bind_address,
+            sources,
+            allow,
+            engine_ports(models, port_base, port_span, pools),
+            enabled,
+            group_guards(models, host),
         )
     except FirewallError as exc:
         raise AnsibleFilterError(

@@ -14,6 +14,20 @@ __metaclass__ = type
 
 import ipaddress
 
+from ansible_collections.cortex.serving.plugins.module_utils._multinode import (
+    DEFAULT_MASTER_PORT,
+    DEFAULT_RAY_PORT,
+)
+
+# A model over several hosts shares each host's network: its ranks listen on
+# every address. The torch store on master_port (rank 0), Ray's GCS on
+# ray_port and, for Ray, its client server and workers' ports, and NCCL's and
+# Gloo's ports, which the kernel picks from its ephemeral range (Linux's
+# default net.ipv4.ip_local_port_range). Only the group's own hosts may reach
+# them on the address the group talks over.
+EPHEMERAL_PORTS = "32768-60999"
+RAY_EXTRA_PORTS = ("8265", "10001-19999")
+
 
 class FirewallError(ValueError):
     """Inventory values the firewall cannot be built from; args[0] lists every problem."""
@@ -41,6 +55,49 @@ def engine_ports(models, port_base, port_span, pools=None):
             replicas = entry.get("replicas", 1)
             replicas = replicas if isinstance(replicas, int) and replicas > 0 else 1
             intervals.append((port, port + replicas - 1))
+    return _merged("%d-%d" % interval for interval in intervals)
+
+
+def group_guards(models, host):
+    """For each model of ``models`` that spans hosts with ``host`` among them:
+    the address its group reaches this host on, the ports its ranks listen
+    on there, and the group's addresses (the only sources let in). The
+    model's own checks (_multinode.check_multinode) have named any bad value;
+    an entry that cannot be read is left to them."""
+    guards = []
+    for model in models or []:
+        spec = model.get("multinode") if isinstance(model, dict) else None
+        hosts = spec.get("hosts") if isinstance(spec, dict) else None
+        if not isinstance(hosts, list):
+            continue
+        entries = [e for e in hosts if isinstance(e, dict) and e.get("host") and e.get("address")]
+        mine = [e for e in entries if str(e["host"]) == str(host)]
+        networks = [_network(e["address"]) for e in entries]
+        if not mine or None in networks:
+            continue
+        address = ipaddress.ip_address(str(mine[0]["address"]).strip())
+        ports = [str(spec.get("master_port", DEFAULT_MASTER_PORT)), EPHEMERAL_PORTS]
+        if spec.get("backend") == "ray":
+            ports.append(str(spec.get("ray_port", DEFAULT_RAY_PORT)))
+            ports.extend(RAY_EXTRA_PORTS)
+        guards.append(
+            {
+                "model": str(model.get("name")),
+                "family": "ip6" if address.version == 6 else "ip",
+                "daddr": str(address),
+                "ports": _merged(ports),
+                "peers": sorted({str(n) for n in networks}, key=ipaddress.ip_network),
+            }
+        )
+    return guards
+
+
+def _merged(ports):
+    """Port numbers and "lo-hi" intervals, merged and sorted, as nft writes them."""
+    intervals = []
+    for port in ports:
+        low, _dash, high = str(port).partition("-")
+        intervals.append((int(low), int(high or low)))
     merged = []
     for low, high in sorted(intervals):
         if merged and low <= merged[-1][1] + 1:
@@ -50,12 +107,14 @@ def engine_ports(models, port_base, port_span, pools=None):
     return ["%d" % low if low == high else "%d-%d" % (low, high) for low, high in merged]
 
 
-def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
+def firewall_rules(bind_address, sources, extra, ports, enabled="auto", groups=None):
     """The role's plan. sources: (host, address) pairs of the hosts allowed by
-    group; extra: addresses or CIDRs the operator allows besides them.
+    group; extra: addresses or CIDRs the operator allows besides them;
+    groups: group_guards() of this host's models.
 
-    Returns active (whether a ruleset is wanted), family and daddr (the
-    published address, None for all addresses), ports, ipv4 and ipv6."""
+    Returns active (whether a ruleset is wanted), engines (whether the engine
+    ports are guarded), family and daddr (the published address, None for all
+    addresses), ports, ipv4 and ipv6, and the groups' guards."""
     problems = []
     bind = str(bind_address).strip()
     try:
@@ -78,8 +137,10 @@ def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
     if problems:
         raise FirewallError(problems)
     # Engines on loopback need no rules, and the allowed hosts no IP address.
-    active = bool(ports) and (enabled is True or (enabled == "auto" and not published.is_loopback))
-    for host, address in sources if active else []:
+    engines = bool(ports) and (enabled is True or (enabled == "auto" and not published.is_loopback))
+    # A group's ranks listen on every address whatever the engines' bind.
+    guards = list(groups or []) if enabled is not False else []
+    for host, address in sources if engines else []:
         network = _network(address)
         if network is None:
             problems.append(
@@ -97,7 +158,9 @@ def firewall_rules(bind_address, sources, extra, ports, enabled="auto"):
         return sorted({str(n) for n in networks if n.version == version}, key=ipaddress.ip_network)
 
     return {
-        "active": active,
+        "active": engines or bool(guards),
+        "engines": engines,
+        "groups": guards,
         "family": "ip6" if published.version == 6 else "ip",
         "daddr": None if unspecified else str(published),
         "ports": list(ports),

@@ -74,6 +74,48 @@ def test_the_group_answers_through_the_gateway_as_one_host_does(client):
     assert ask(client, MODEL) == ask(client, ONE_HOST)
 
 
+def listening_ports(host) -> set[int]:
+    """TCP ports the host listens on beyond loopback (IPv4 and IPv6)."""
+    loopback = {"0100007F", "00000000000000000000000001000000"}
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in host.check_output(f"cat {table}").splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, port = local.rsplit(":", 1)
+            if state == "0A" and address not in loopback:
+                ports.add(int(port, 16))
+    return ports
+
+
+def connects(prefix: list[str], address: str, ports: list[int]) -> dict[int, bool]:
+    """Whether a new TCP connection to each port gets through, from where ``prefix`` runs."""
+    probe = "; ".join(
+        f"if timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{port}' 2>/dev/null; then echo {port} yes; "
+        f"else echo {port} no; fi"
+        for port in ports
+    )
+    out = subprocess.run(
+        [*prefix, "bash", "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    return {int(port): said == "yes" for port, said in (line.split() for line in out.stdout.splitlines())}
+
+
+def test_the_groups_ports_answer_the_groups_own_hosts_only():
+    """The ranks share their hosts' network: the torch store (master_port) and
+    the ports NCCL and Gloo pick listen on every address. The engine firewall
+    lets only the group's hosts reach them: a host on the same network that is
+    not in the group cannot, the other rank's host can."""
+    first = node("cortex-mn-a")
+    guarded = sorted(p for p in listening_ports(first) if p == 29500 or 32768 <= p <= 60999)
+    assert 29500 in guarded, guarded  # the torch store of rank 0 (the default master_port)
+    sample = guarded[:3]
+    outsider = ["docker", "run", "--rm", "--network", "cortex-multinode", "cortex/debian:12"]
+    assert connects(outsider, "172.30.78.10", sample) == dict.fromkeys(sample, False)
+    assert connects(["docker", "exec", "cortex-mn-b"], "172.30.78.10", sample) == dict.fromkeys(sample, True)
+    ruleset = first.check_output("nft list table inet cortex_engine_firewall")
+    assert "ip daddr 172.30.78.10 tcp dport @group_0_ports ip saddr != @group_0_peers" in ruleset
+
+
 def test_a_lost_host_makes_the_model_unavailable_and_a_converge_makes_the_group_whole(client, client_key):
     # A group with a lost host may hang a request: these give up early.
     impatient = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=15, max_retries=0)

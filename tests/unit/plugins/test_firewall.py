@@ -13,10 +13,21 @@ from ansible_collections.cortex.serving.plugins.module_utils._firewall import (
     FirewallError,
     engine_ports,
     firewall_rules,
+    group_guards,
 )
 
 ROLE = Path(__file__).resolve().parents[3] / "roles" / "engine_firewall"
 GATEWAYS = [("gw-a", "10.20.0.51"), ("gw-b", "10.20.0.52")]
+# A model over two hosts (its multinode section), and the same on Ray.
+SPANNING = {
+    "name": "big",
+    "engine": "vllm",
+    "multinode": {
+        "hosts": [{"host": "node-a", "address": "10.1.0.10"}, {"host": "node-b", "address": "10.1.0.11"}],
+        "master_port": 29501,
+    },
+}
+SPANNING_RAY = {**SPANNING, "multinode": {**SPANNING["multinode"], "backend": "ray"}}
 # Engines published on every address (the tests are about that value, not a bind).
 EVERY_ADDRESS = "0.0.0.0"  # noqa: S104
 
@@ -36,6 +47,8 @@ def test_the_example_fleet_allows_its_gateways_only():
     plan = firewall_rules("10.20.0.11", GATEWAYS, ["10.20.0.90/32", "fd00::/64"], ["18080-20079"])
     assert plan == {
         "active": True,
+        "engines": True,
+        "groups": [],
         "family": "ip",
         "daddr": "10.20.0.11",
         "ports": ["18080-20079"],
@@ -99,8 +112,13 @@ def render(plan: dict) -> str:
         firewall_rules("10.20.0.11", GATEWAYS, ["fd00::1"], ["18080-20079", "30000-30003"]),
         firewall_rules("fd00::11", GATEWAYS, [], ["18080-20079"]),
         firewall_rules(EVERY_ADDRESS, [], [], ["18100"]),  # nothing allowed: empty sets
+        # Engines on loopback, a group's ranks guarded on the host's own address.
+        firewall_rules("127.0.0.1", [], [], ["18080-20079"], groups=group_guards([SPANNING], "node-a")),
+        firewall_rules(
+            "10.1.0.10", GATEWAYS, [], ["18080-20079"], groups=group_guards([SPANNING_RAY], "node-b")
+        ),
     ],
-    ids=["ipv4", "ipv6-bind", "no-one-allowed"],
+    ids=["ipv4", "ipv6-bind", "no-one-allowed", "group-only", "engines-and-ray-group"],
 )
 def test_the_rendered_ruleset_is_accepted_by_nft(plan, tmp_path):
     assert shutil.which("nft"), "nft is missing: scripts/bootstrap installs Debian's nftables"
@@ -111,8 +129,13 @@ def test_the_rendered_ruleset_is_accepted_by_nft(plan, tmp_path):
         ["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True, timeout=30, check=False
     )
     assert checked.returncode == 0, checked.stderr + text
-    assert "jump engine_access" in text
-    if plan["daddr"]:
+    assert ("jump engine_access" in text) is plan["engines"]
+    for number, guard in enumerate(plan["groups"]):
+        assert (
+            f"ct state new ip daddr {guard['daddr']} tcp dport @group_{number}_ports "
+            f"ip saddr != @group_{number}_peers counter drop"
+        ) in text
+    if plan["daddr"] and plan["engines"]:
         assert (
             f"ct original {plan['family']} daddr {plan['daddr']} ct original proto-dst @engine_ports" in text
         )
@@ -147,9 +170,32 @@ def test_a_pools_own_port_is_guarded():
 
 def test_the_role_plans_with_the_hosts_pools():
     plan_task = (ROLE / "tasks" / "plan.yml").read_text()
-    assert "engine_firewall_enabled, engine_firewall_pools)" in plan_task
+    assert "engine_firewall_enabled, engine_firewall_pools, inventory_hostname)" in plan_task
     defaults = (ROLE / "defaults" / "main.yml").read_text()
     assert (
         'engine_firewall_pools: "{{ model_servers_pools | default(cortex_model_pools | default([])) }}"'
         in defaults
     )
+
+
+def test_a_groups_ports_are_open_to_the_group_alone():
+    """Defect 9: with host networking a rank's torch store, Ray and NCCL/Gloo
+    ports answered any address; they are guarded on the address the group
+    talks over, whatever the engines' own bind."""
+    guards = group_guards([SPANNING, {"name": "alone", "engine": "llamacpp"}], "node-b")
+    assert guards == [
+        {
+            "model": "big",
+            "family": "ip",
+            "daddr": "10.1.0.11",
+            "ports": ["29501", "32768-60999"],
+            "peers": ["10.1.0.10/32", "10.1.0.11/32"],
+        }
+    ]
+    ray = group_guards([SPANNING_RAY], "node-a")[0]
+    assert ray["ports"] == ["6379", "8265", "10001-19999", "29501", "32768-60999"]
+    assert group_guards([SPANNING], "elsewhere") == []
+    plan = firewall_rules("127.0.0.1", GATEWAYS, [], ["18080-20079"], groups=guards)
+    assert (plan["active"], plan["engines"], plan["groups"]) == (True, False, guards)
+    # The operator's opt-out covers the groups too.
+    assert firewall_rules("127.0.0.1", GATEWAYS, [], ["18080-20079"], False, guards)["active"] is False
