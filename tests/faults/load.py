@@ -54,6 +54,10 @@ class Tally:
         return self.outcomes[CUT_WITH_ERROR_EVENT] + self.outcomes[CUT_CLOSED]
 
 
+# Clients looping non-streamed requests, one request in flight each.
+PLAIN_LOOPS = 2
+
+
 async def _one(session: aiohttp.ClientSession, url: str, key: str, model: str, stream: bool, tally: Tally,
                hang_seconds: float, max_tokens: int) -> None:  # fmt: skip
     body = {
@@ -131,7 +135,7 @@ async def run_load(
     model: str,
     stop: asyncio.Event,
     *,
-    plain: int = 2,
+    plain: int = PLAIN_LOOPS,
     streams: int = 2,
     max_requests: int = 400,
     max_seconds: float = 120,

@@ -7,8 +7,9 @@ lost, and whether /healthz answered throughout. The rows make the table in
 docs/faults.md (`pytest tests/faults` prints it).
 
 What must hold: no failed request where another replica could serve it (a
-stream already under way on an engine that dies is cut, with an error event),
-no stream that hangs, no usage record lost that the database took, and the
+request already under way on an engine that dies is answered with an error:
+a stream is cut with an error event, a plain request gets a 502 or 504; it
+is never run a second time on another replica), no stream that hangs, no usage record lost that the database took, and the
 gateway answering /healthz throughout (except while it is itself restarted)."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from cortex_gateway.auth import hash_key
 from ..unit.gateway.conftest import AUTH, CLIENT_KEY, gateway_process, make_config
 from ..unit.gateway.test_workers import children, metric
 from .conftest import MODEL, ROWS, Nginx
-from .load import CUT_CLOSED, CUT_WITH_ERROR_EVENT, OK, Tally, run_load
+from .load import CUT_CLOSED, CUT_WITH_ERROR_EVENT, OK, PLAIN_LOOPS, Tally, run_load
 
 # Short bounds, so that each fault shows within seconds.
 TIMEOUTS = {"connect": 2, "first_byte": 10, "idle": 5}
@@ -103,12 +104,22 @@ def report(fault: str, tally: Tally, misses: list[str], lost: int, **extra) -> d
     return row
 
 
-def assert_only_streams_on_the_broken_replica_were_cut(row: dict, tally: Tally) -> None:
+# What a request the broken engine had already taken is answered with: the
+# gateway's own error (never the same request run again on another replica).
+UNDER_WAY_ANSWERS = ("gateway 502", "gateway 504")
+
+
+def assert_only_requests_under_way_on_the_broken_replica_failed(row: dict, tally: Tally) -> None:
     """What another replica could serve was served: the only failures are
-    streams already under way, each ended with an SSE error event."""
+    requests the broken engine had already taken. A stream ends with an SSE
+    error event; a non-streamed request is answered 502 or 504 with an error
+    that says why, and is not sent to the other replica, where it would run
+    a second time. At most the load's streams and plain requests in flight."""
     assert tally.sent >= 6, row
-    assert tally.failed == tally.outcomes[CUT_WITH_ERROR_EVENT], row
+    answered = sum(tally.outcomes[outcome] for outcome in UNDER_WAY_ANSWERS)
+    assert tally.failed == tally.outcomes[CUT_WITH_ERROR_EVENT] + answered, row
     assert tally.outcomes[CUT_WITH_ERROR_EVENT] <= 4, row  # at most the streams in flight
+    assert answered <= PLAIN_LOOPS, row  # at most the plain requests in flight
     assert row["hung"] == 0, row
     assert row["lost"] == 0, row
     assert row["health_ok"], row
@@ -159,7 +170,7 @@ async def test_an_engine_killed_mid_stream(healthy_engines, nginx, gateway_socke
     row, tally = await run_fault(
         "engine killed (SIGKILL) mid-stream", [a.url, b.url], nginx, gateway_socket, tmp_path, kill
     )
-    assert_only_streams_on_the_broken_replica_were_cut(row, tally)
+    assert_only_requests_under_way_on_the_broken_replica_failed(row, tally)
 
 
 async def test_an_engine_frozen_with_sigstop(healthy_engines, nginx, gateway_socket, tmp_path):
@@ -172,7 +183,7 @@ async def test_an_engine_frozen_with_sigstop(healthy_engines, nginx, gateway_soc
     row, tally = await run_fault(
         "engine frozen (SIGSTOP)", [a.url, b.url], nginx, gateway_socket, tmp_path, freeze
     )
-    assert_only_streams_on_the_broken_replica_were_cut(row, tally)
+    assert_only_requests_under_way_on_the_broken_replica_failed(row, tally)
 
 
 async def test_an_engine_that_answers_500(healthy_engines, nginx, gateway_socket, tmp_path, fault_proxy):
@@ -199,7 +210,7 @@ async def test_an_engine_that_trickles(healthy_engines, nginx, gateway_socket, t
     row, tally = await run_fault(
         "engine trickles a byte every 2 s", [url, b.url], nginx, gateway_socket, tmp_path, trickle
     )
-    assert_only_streams_on_the_broken_replica_were_cut(row, tally)
+    assert_only_requests_under_way_on_the_broken_replica_failed(row, tally)
 
 
 async def test_a_gateway_worker_killed(healthy_engines, nginx, gateway_socket, tmp_path):

@@ -171,6 +171,7 @@ def publish_running(config: GatewayConfig) -> None:
     runtime = os.environ.get("RUNTIME_DIRECTORY")
     if not runtime:
         return
+    Path(runtime).mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, text in (("admin-url", admin_url(config)), ("restart-key", restart_key(config))):
         path = Path(runtime) / name
         partial = path.with_suffix(".partial")
