@@ -9,8 +9,9 @@ docs/faults.md (`pytest tests/faults` prints it).
 What must hold: no failed request where another replica could serve it (a
 request already under way on an engine that dies is answered with an error:
 a stream is cut with an error event, a plain request gets a 502 or 504; it
-is never run a second time on another replica), no stream that hangs, no usage record lost that the database took, and the
-gateway answering /healthz throughout (except while it is itself restarted)."""
+is never run a second time on another replica), no stream that hangs, no
+usage record lost that the database took, and the gateway answering /healthz
+throughout (except while it is itself restarted)."""
 
 from __future__ import annotations
 
