@@ -24,6 +24,10 @@
 #                (llama-server accepts drafted tokens at random: random weights agree on
 #                nothing, so a real acceptance rate cannot be had from them), tokens/s at 1
 #                and 8 streams, and memory against model_plan with the draft counted
+# buffers        llama.cpp's own account of weights, KV cache and compute buffer with nothing
+#                allocated (llama-fit-params --fit-print), beside model_plan's, for gpt-oss-120b and
+#                Llama-3-8B over slots, contexts up to 1M cells, KV cache types and experts on the host;
+#                and a small model served at 32 streams for the CUDA overhead (NVML against buffers)
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
 #                tensor where this llama.cpp has it), then on one GPU at a context that fits it
@@ -185,6 +189,55 @@ for step in "${steps[@]}"; do
         --model "$file" --out "$out/serve-llama3-70b-q8_0-1gpu.json" --collections "$work/collections" \
         --deadline "$deadline" --n-predict 64 \
         --config "one_gpu=--parallel 32 -c 131072 -ngl 999 -fa on -b 512 -ub 512 --cache-ram 0 -kvu" >/dev/null
+      ;;
+    buffers)
+      # llama.cpp's own account of every buffer (weights, KV, compute) with
+      # nothing allocated (llama-fit-params --fit-print), beside model_plan's,
+      # for command lines too large to load, and the CUDA overhead of a
+      # process (NVML against its buffers) after 32 streams ran.
+      fit="$work/build-sm$arch/bin/llama-fit-params"
+      if [[ ! -x "$fit" ]]; then
+        # The role's line has --kv-unified, which llama-fit-params does not
+        # take: the bench's build of it does (the option's examples widened).
+        sed -i 's/set_env("LLAMA_ARG_KV_UNIFIED").set_examples({LLAMA_EXAMPLE_SERVER,/set_env("LLAMA_ARG_KV_UNIFIED").set_examples({LLAMA_EXAMPLE_FIT_PARAMS, LLAMA_EXAMPLE_SERVER,/' "$src/common/arg.cpp"
+        cmake --build "$work/build-sm$arch" --target llama-fit-params -j "$(nproc)" 2>&1 | tail -n 2
+      fi
+      oss="$(model gpt-oss-120b MXFP4 --fill sparse-experts)"
+      dense="$(model llama3-8b Q8_0)"
+      small="$(model llama3.2-1b F16)"
+      role="-ngl 999 -kvu -fa on -b 512 -ub 512"
+      oss_configs=()
+      for slots_ctx in "32 262144" "32 1048576" "32 565248" "17 557056" "32 524288" "8 262144" "4 131072" "1 131072"; do
+        read -r slots ctx <<<"$slots_ctx"
+        oss_configs+=(--config "p${slots}_c${ctx}=$role -np $slots -c $ctx")
+        oss_configs+=(--config "p${slots}_c${ctx}_q8_0=$role -np $slots -c $ctx -ctk q8_0 -ctv q8_0")
+      done
+      oss_configs+=(
+        --config "p32_c1048576_ncmoe11=$role -np 32 -c 1048576 --n-cpu-moe 11"
+        --config "p32_c1048576_q8_0_ncmoe11=$role -np 32 -c 1048576 -ctk q8_0 -ctv q8_0 --n-cpu-moe 11"
+        --config "p32_c262144_ncmoe11=$role -np 32 -c 262144 --n-cpu-moe 11"
+        --config "p32_c262144_ncmoe36=$role -np 32 -c 262144 --n-cpu-moe 36"
+        --config "p32_c262144_cpumoe=$role -np 32 -c 262144 --cpu-moe"
+        --config "p32_c262144_ub1024=-ngl 999 -kvu -fa on -b 1024 -ub 1024 -np 32 -c 262144"
+        --config "p32_c262144_ub256=-ngl 999 -kvu -fa on -b 256 -ub 256 -np 32 -c 262144"
+        --config "p32_c262144_nokvu=-ngl 999 -fa on -b 512 -ub 512 -np 32 -c 262144"
+        --config "p32_c262144_q4_0=$role -np 32 -c 262144 -ctk q4_0 -ctv q4_0"
+        --config "p32_c262144_kq8_vf16=$role -np 32 -c 262144 -ctk q8_0"
+      )
+      python3 "$repo/tests/bench/gpu/buffers.py" --fit-params "$fit" --model "$oss" \
+        --collections "$work/collections" --out "$out/buffers-gpt-oss-120b.json" "${oss_configs[@]}"
+      dense_configs=()
+      for slots_ctx in "32 262144" "32 524288" "32 1048576" "8 65536" "1 8192" "1 131072"; do
+        read -r slots ctx <<<"$slots_ctx"
+        dense_configs+=(--config "p${slots}_c${ctx}=$role -np $slots -c $ctx")
+        dense_configs+=(--config "p${slots}_c${ctx}_q8_0=$role -np $slots -c $ctx -ctk q8_0 -ctv q8_0")
+      done
+      python3 "$repo/tests/bench/gpu/buffers.py" --fit-params "$fit" --model "$dense" \
+        --collections "$work/collections" --out "$out/buffers-llama3-8b.json" "${dense_configs[@]}"
+      python3 "$repo/tests/bench/gpu/bench_llamacpp.py" --server "$server" --model "$small" \
+        --out "$out/overhead-llama3.2-1b.json" --collections "$work/collections" --deadline "$deadline" \
+        --n-predict 32 --levels 32 \
+        --config "p32_c262144=--parallel 32 --ctx-size 262144 -kvu -fa on -b 512 -ub 512 --cache-ram 0" >/dev/null
       ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac
