@@ -185,20 +185,44 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
             k_len, v_len, cells = int(shape["key_length"]), int(shape["value_length"]), full_cells
         return cells * int(kv_heads[il]) * (k_len * bytes_k + v_len * bytes_v)
 
-    # One micro-batch of activations (with the experts each token runs) and,
-    # with the output layer on a GPU, its logits over the whole vocabulary.
+    # The compute buffer is what llama.cpp's graph allocator reserves for the
+    # worst micro-batch: ubatch tokens against every cell of the cache.
+    # Its inputs live through the whole graph, the rest is reused as the
+    # graph goes, so the buffer is the inputs plus the largest of what one
+    # layer needs at once and what the output layer needs:
+    # - the attention masks (inputs): a row per token over the cells of one
+    #   stream, F16 with flash attention (F32 without), one for the full
+    #   layers and one for the sliding-window layers;
+    # - per layer: the activations of one micro-batch (with the experts each
+    #   token runs); the experts kept in host memory copied in one tensor at a
+    #   time for large batches (llama.cpp's op offload: measured on an H200,
+    #   the largest expert tensor); and with a quantized cache under flash
+    #   attention, the layer's K and V over every cell as F16;
+    # - the output layer: its logits over the whole vocabulary.
     vocab = int(shape.get("vocab_size") or 0)
     embedding = int(shape.get("embedding_length") or 0)
     used = int(shape.get("expert_used_count") or 0)
     expert_ff = int(shape.get("expert_feed_forward_length") or 0)
+    flash = _arg(command, "--flash-attn", "on") != "off"
     activations = ubatch * (embedding * 4 * 4 + used * expert_ff * 4 * 3)
     logits = ubatch * vocab * 4
-    # For large batches llama.cpp copies the experts it keeps in host memory
-    # to the GPU one tensor at a time (its op offload), in the compute buffer:
-    # measured on an H200, the compute buffer grew by the largest expert tensor.
+    tokens = _pad(ubatch, 64)
+    mask_bytes = 2 if flash else 4
+    masks = cells_per_stream * tokens * mask_bytes
+    if swa and swa_cells != full_cells:
+        masks += (swa_cells // streams) * tokens * mask_bytes
     staging = 0
     if host_expert_layers and _flag(command, "--op-offload", "--no-op-offload", default=True):
         staging = int(shape.get("expert_tensor_max_bytes") or max(experts[:host_expert_layers]))
+    converted = 0
+    if flash and (type_k not in ("f16", "bf16") or type_v not in ("f16", "bf16")):
+        converted = max(
+            (swa_cells if il in swa else full_cells) // streams * int(kv_heads[il]) * 2
+            * (int(shape.get("key_length_swa") or shape["key_length"]) + int(shape.get("value_length_swa") or shape["value_length"])
+               if il in swa else int(shape["key_length"]) + int(shape["value_length"]))
+            for il in range(n_layer)
+        )  # fmt: skip
+    per_layer = activations + staging + converted
     overhead = (overhead_mib if overhead_mib is not None else DEFAULT_OVERHEAD_MIB["llamacpp"]) * MIB
 
     devices = _layer_devices(n_layer, ngl, len(gpus), split)
@@ -238,13 +262,13 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
         return {"gpus": [], "host": int(host)}
     for position, gpu in enumerate(gpus):
         if split_mode in ("row", "none"):
-            compute = activations + staging if position == main_gpu else 0
+            compute = masks + per_layer if position == main_gpu else 0
             if output_position is not None and position == main_gpu:
-                compute += logits
+                compute = masks + max(per_layer, logits)
         else:
-            compute = activations + staging
+            compute = masks + per_layer
             if output_position is not None and (split_mode == "tensor" or position == output_position):
-                compute += logits
+                compute = masks + max(per_layer, logits)
         rows.append(
             {
                 "gpu": gpu,

@@ -28,6 +28,10 @@
 #                allocated (llama-fit-params --fit-print), beside model_plan's, for gpt-oss-120b and
 #                Llama-3-8B over slots, contexts up to 1M cells, KV cache types and experts on the host;
 #                and a small model served at 32 streams for the CUDA overhead (NVML against buffers)
+# advise         gpt-oss-120b at 32 slots of a context that does not fit this GPU (the role's command
+#                line), and every "would fit" setting model_plan offers, served: loaded or not, NVML
+#                against the plan, tokens/s at 1 and 32 streams (tests/bench/gpu/advise.py)
+# advise-dense   the same for Llama-3-8B Q8_0
 # multi          (2 GPUs) a Llama-3-70B-shaped Q8_0 GGUF served across both GPUs with the
 #                command line the role renders for gpus [0, 1], per split mode (layer, row,
 #                tensor where this llama.cpp has it), then on one GPU at a context that fits it
@@ -238,6 +242,17 @@ for step in "${steps[@]}"; do
         --out "$out/overhead-llama3.2-1b.json" --collections "$work/collections" --deadline "$deadline" \
         --n-predict 32 --levels 32 \
         --config "p32_c262144=--parallel 32 --ctx-size 262144 -kvu -fa on -b 512 -ub 512 --cache-ram 0" >/dev/null
+      ;;
+    advise|advise-dense)
+      # A model that does not fit this GPU with the role's command line, and
+      # every setting model_plan offers for it, served (tests/bench/gpu/advise.py).
+      if [[ "$step" == advise ]]; then
+        file="$(model gpt-oss-120b MXFP4 --fill sparse-experts)" name=gpt-oss-120b
+      else
+        file="$(model llama3-8b Q8_0)" name=llama3-8b
+      fi
+      python3 "$repo/tests/bench/gpu/advise.py" --server "$server" --model "$file" --name "$name" \
+        --out "$out/advise-$name.json" --collections "$work/collections" --deadline "$deadline"
       ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac
