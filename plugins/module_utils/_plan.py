@@ -48,9 +48,12 @@ WEIGHT_BYTES = {
 }
 VLLM_KV_BYTES = {"auto": 2.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
 
-# Calibrated on an H100 (docs/model-plan.md): CUDA context, cuBLAS workspace
-# and llama.cpp's own allocations per process and GPU, outside its buffers.
-DEFAULT_OVERHEAD_MIB = {"llamacpp": 512, "vllm": 1536}
+# What a process holds on a GPU beside its buffers: the CUDA context, cuBLAS's
+# workspace and the kernel images llama.cpp loads as its first requests run.
+# Measured on an H100 80GB (NVML against llama-server's own buffers after 32
+# streams, docs/models.md): 603 to 706 MiB over Llama-3.2-1B F16, Llama-3-8B
+# Q8_0 and gpt-oss-120b MXFP4; the largest, rounded up. vLLM's is its own.
+DEFAULT_OVERHEAD_MIB = {"llamacpp": 712, "vllm": 1536}
 
 
 class PlanError(ValueError):
@@ -185,44 +188,12 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
             k_len, v_len, cells = int(shape["key_length"]), int(shape["value_length"]), full_cells
         return cells * int(kv_heads[il]) * (k_len * bytes_k + v_len * bytes_v)
 
-    # The compute buffer is what llama.cpp's graph allocator reserves for the
-    # worst micro-batch: ubatch tokens against every cell of the cache.
-    # Its inputs live through the whole graph, the rest is reused as the
-    # graph goes, so the buffer is the inputs plus the largest of what one
-    # layer needs at once and what the output layer needs:
-    # - the attention masks (inputs): a row per token over the cells of one
-    #   stream, F16 with flash attention (F32 without), one for the full
-    #   layers and one for the sliding-window layers;
-    # - per layer: the activations of one micro-batch (with the experts each
-    #   token runs); the experts kept in host memory copied in one tensor at a
-    #   time for large batches (llama.cpp's op offload: measured on an H200,
-    #   the largest expert tensor); and with a quantized cache under flash
-    #   attention, the layer's K and V over every cell as F16;
-    # - the output layer: its logits over the whole vocabulary.
-    vocab = int(shape.get("vocab_size") or 0)
-    embedding = int(shape.get("embedding_length") or 0)
-    used = int(shape.get("expert_used_count") or 0)
-    expert_ff = int(shape.get("expert_feed_forward_length") or 0)
-    flash = _arg(command, "--flash-attn", "on") != "off"
-    activations = ubatch * (embedding * 4 * 4 + used * expert_ff * 4 * 3)
-    logits = ubatch * vocab * 4
-    tokens = _pad(ubatch, 64)
-    mask_bytes = 2 if flash else 4
-    masks = cells_per_stream * tokens * mask_bytes
-    if swa and swa_cells != full_cells:
-        masks += (swa_cells // streams) * tokens * mask_bytes
-    staging = 0
-    if host_expert_layers and _flag(command, "--op-offload", "--no-op-offload", default=True):
-        staging = int(shape.get("expert_tensor_max_bytes") or max(experts[:host_expert_layers]))
-    converted = 0
-    if flash and (type_k not in ("f16", "bf16") or type_v not in ("f16", "bf16")):
-        converted = max(
-            (swa_cells if il in swa else full_cells) // streams * int(kv_heads[il]) * 2
-            * (int(shape.get("key_length_swa") or shape["key_length"]) + int(shape.get("value_length_swa") or shape["value_length"])
-               if il in swa else int(shape["key_length"]) + int(shape["value_length"]))
-            for il in range(n_layer)
-        )  # fmt: skip
-    per_layer = activations + staging + converted
+    compute_parts = _compute_buffer(
+        shape, command, ubatch, streams, cells_per_stream, swa_cells // streams if swa else 0, kv_heads, swa,
+        experts[:host_expert_layers]
+        if host_expert_layers and _flag(command, "--op-offload", "--no-op-offload", default=True)
+        else [],
+    )  # fmt: skip
     overhead = (overhead_mib if overhead_mib is not None else DEFAULT_OVERHEAD_MIB["llamacpp"]) * MIB
 
     devices = _layer_devices(n_layer, ngl, len(gpus), split)
@@ -260,15 +231,18 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
     rows = []
     if not gpus or not on_gpu:
         return {"gpus": [], "host": int(host)}
+    layers_part, output_part = compute_parts
     for position, gpu in enumerate(gpus):
-        if split_mode in ("row", "none"):
-            compute = masks + per_layer if position == main_gpu else 0
-            if output_position is not None and position == main_gpu:
-                compute = masks + max(per_layer, logits)
+        # The output layer's GPU holds its logits too (the larger of the two
+        # phases: llama.cpp's allocator reuses the layers' memory for them).
+        holds_output = output_position is not None and (
+            position == main_gpu if split_mode in ("row", "none")
+            else split_mode == "tensor" or position == output_position
+        )  # fmt: skip
+        if split_mode in ("row", "none") and position != main_gpu:
+            compute = 0
         else:
-            compute = masks + per_layer
-            if output_position is not None and (split_mode == "tensor" or position == output_position):
-                compute = masks + max(per_layer, logits)
+            compute = max(layers_part, output_part) if holds_output else layers_part
         rows.append(
             {
                 "gpu": gpu,
@@ -279,6 +253,69 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
             }
         )
     return {"gpus": rows, "host": int(host)}
+
+
+def _compute_buffer(shape, command, ubatch, streams, full_cells, swa_cells, kv_heads, swa, host_experts):
+    """The compute buffer llama.cpp reserves on a GPU, as (for the layers, for the output).
+
+    It is what llama.cpp's graph allocator reserves for the worst micro-batch:
+    ubatch tokens against every cell of one stream of the cache. Checked
+    against llama.cpp's own account with nothing allocated (llama-fit-params
+    --fit-print; tests/bench/gpu/run.sh buffers, docs/bench/buffers-*.json) for
+    gpt-oss-120b and Llama-3-8B, from 1 to 32 slots, 8k to 1M cells, f16, q8_0
+    and q4_0 caches and experts in host memory. Its parts:
+
+    - the attention masks, live through every layer: a row per token over
+      the cells of one stream, F16 under flash attention (F32 without), one
+      for the full layers and one for the sliding-window layers;
+    - one layer at a time, the larger of its attention (the projections and,
+      with a quantized cache under flash attention, the layer's K and V over
+      every cell of every stream converted to F16) and its feed-forward (a dense one, or the
+      experts each token runs and the router over all of them);
+    - with experts kept in host memory, the largest expert tensor, copied in
+      for large batches (llama.cpp's op offload), beside either;
+    - the output layer: the logits over the vocabulary. Its memory is reused
+      from the layers', so the buffer is the larger of the two.
+    """
+    flash = _arg(command, "--flash-attn", "on") != "off"
+    type_k = _arg(command, "--cache-type-k", "f16")
+    type_v = _arg(command, "--cache-type-v", "f16")
+    embedding = int(shape.get("embedding_length") or 0)
+    heads = int(shape.get("head_count") or 0)
+    vocab = int(shape.get("vocab_size") or 0)
+    n_layer = int(shape["block_count"])
+    tokens = _pad(ubatch, 64)
+    mask_bytes = 2 if flash else 4
+    masks = full_cells * tokens * mask_bytes + swa_cells * tokens * mask_bytes
+
+    def lengths(il):
+        if il in swa:
+            return (int(shape.get("key_length_swa") or shape["key_length"]),
+                    int(shape.get("value_length_swa") or shape["value_length"]))  # fmt: skip
+        return int(shape["key_length"]), int(shape["value_length"])
+
+    key_length = int(shape["key_length"])
+    attention = ubatch * 4 * (2 * embedding + 2 * heads * key_length + 2 * max(kv_heads) * key_length)
+    converted = 0
+    if flash and (type_k not in ("f16", "bf16") or type_v not in ("f16", "bf16")):
+        for il in range(n_layer):
+            k_len, v_len = lengths(il)
+            width = (k_len if type_k not in ("f16", "bf16") else 0) + (
+                v_len if type_v not in ("f16", "bf16") else 0
+            )
+            cells = (swa_cells if il in swa else full_cells) * streams
+            converted = max(converted, cells * int(kv_heads[il]) * width * 2)
+    experts = int(shape.get("expert_count") or 0)
+    if experts > 1:
+        used = int(shape.get("expert_used_count") or 0)
+        expert_ff = int(shape.get("expert_feed_forward_length") or 0)
+        feed_forward = ubatch * (16 * embedding + 12 * used * expert_ff + 16 * experts)
+    else:
+        feed_forward = ubatch * 12 * (embedding + int(shape.get("feed_forward_length") or 0))
+    staging = int(shape.get("expert_tensor_max_bytes") or max(host_experts)) if host_experts else 0
+    layer = staging + max(attention + converted, feed_forward)
+    output = ubatch * (4 * vocab + 8 * embedding)
+    return masks + layer, output
 
 
 def draft_instance(instance):
@@ -464,6 +501,7 @@ def _evaluate(instances, shapes, gpus, overhead_mib, headroom_mib, host_memory_m
                 "total": total,
                 "planned": held,
                 "free": total - held,
+                "kept_back": headroom_mib * MIB,
                 "fits": index in totals and held + headroom_mib * MIB <= total,
             }
         )
@@ -706,15 +744,21 @@ def table(result, host="host"):
         )
     for g in result["gpus"]:
         lines.append(
-            "%s GPU %d: %s MiB planned of %s MiB (%s MiB free)%s"
+            "%s GPU %d: %s MiB planned of %s MiB (%s MiB free), %s MiB of it kept back%s"
             % (
                 host,
                 g["gpu"],
                 _mib(g["planned"]),
                 _mib(g["total"]),
                 _mib(g["free"]),
+                _mib(g.get("kept_back", 0)),
                 "" if g["fits"] else "  <- does not fit",
             )
+        )
+    if result["gpus"]:
+        lines.append(
+            "%s: kept back on each GPU: what the driver holds before any process runs (480 MiB of an"
+            " H100 80GB) and a margin; each process's CUDA context and kernels are its overhead" % host
         )
     for entry in result.get("host") or []:
         if entry["bytes"]:

@@ -92,8 +92,10 @@ def test_the_flagship_fits_four_l40s_as_the_role_renders_it(gpt_oss_120b):
     # at 8 KV heads x (64 + 64) x 2 bytes a cell.
     kv = (18 * 2097152 + 18 * 4608) * 8 * 128 * 2 / 4 / 2**30
     assert kv == pytest.approx(18.04, abs=0.01)
-    assert rows == [(gpu, 14.61, round(kv, 2), 33.62) for gpu in range(4)]
-    assert all(g["free"] > 10 * 1024 * MIB for g in result["gpus"])
+    # Need: weights, KV, a compute buffer led by the attention mask of 2,097,152
+    # cells x 512 tokens in F16 (2 GiB), and the process's CUDA overhead.
+    assert rows == [(gpu, 14.61, round(kv, 2), 35.44) for gpu in range(4)]
+    assert all(g["free"] > 9 * 1024 * MIB for g in result["gpus"])
     # Only the input embedding stays in host memory.
     assert result["host"] == [
         {"model": "gpt-oss-120b", "replica": 0, "bytes": gpt_oss_120b["token_embd_bytes"]}

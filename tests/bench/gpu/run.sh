@@ -59,7 +59,7 @@ model() {
 
 # gguf 0.18 or later: the first to read and write MXFP4 tensors.
 python3 -c 'import gguf; gguf.GGMLQuantizationType.MXFP4' 2>/dev/null || {
-  if [[ -d "$repo/.whl" ]]; then pip install -q --no-index --find-links "$repo/.whl" 'gguf>=0.18'; else pip install -q 'gguf>=0.18'; fi
+  if [[ -d "$repo/.whl" ]]; then python3 -m pip install -q --no-index --no-deps --find-links "$repo/.whl" 'gguf>=0.18'; else python3 -m pip install -q 'gguf>=0.18'; fi
 }
 # The planner is imported from this checkout as ansible_collections.cortex.serving.
 mkdir -p "$work/collections/ansible_collections/cortex"

@@ -180,9 +180,11 @@ def test_gemma3_kv_is_a_sixth_of_full_context_and_quantizes(gemma3):
 
 def test_experts_kept_in_host_memory_leave_the_gpu(oss120):
     big = {"memory_total_mib": 143771}
-    base = planned([oss(parallel=1, ctx_size=8192)], oss120, 1, memory=big)
-    cpu = planned([oss(parallel=1, ctx_size=8192, cpu_moe=True)], oss120, 1, memory=big)
-    some = planned([oss(parallel=1, ctx_size=8192, n_cpu_moe=10)], oss120, 1, memory=big)
+    # A context large enough that the layers, not the output's logits, set the compute buffer.
+    slots = {"parallel": 32, "ctx_size": 1048576, "kv_unified": True}
+    base = planned([oss(**slots)], oss120, 1, memory=big)
+    cpu = planned([oss(**slots, cpu_moe=True)], oss120, 1, memory=big)
+    some = planned([oss(**slots, n_cpu_moe=10)], oss120, 1, memory=big)
     experts = oss120["layer_expert_bytes"]
     assert base["rows"][0]["weights"] - cpu["rows"][0]["weights"] == sum(experts)
     assert base["rows"][0]["weights"] - some["rows"][0]["weights"] == sum(experts[:10])
@@ -193,7 +195,7 @@ def test_experts_kept_in_host_memory_leave_the_gpu(oss120):
     # For large batches llama.cpp copies the host's experts to the GPU one tensor at a time.
     assert oss120["expert_tensor_max_bytes"] == 128 * 2880 * 2880 // 32 * 17
     assert some["rows"][0]["compute"] - base["rows"][0]["compute"] == oss120["expert_tensor_max_bytes"]
-    no_copy = planned([oss(parallel=1, ctx_size=8192, n_cpu_moe=10, op_offload=False)], oss120, 1, memory=big)
+    no_copy = planned([oss(**slots, n_cpu_moe=10, op_offload=False)], oss120, 1, memory=big)
     assert no_copy["rows"][0]["compute"] == base["rows"][0]["compute"]
 
 
@@ -251,7 +253,9 @@ def test_too_long_a_context_gets_the_context_the_slots_and_the_cache_that_fit(os
 
 
 def test_a_quantized_cache_and_experts_on_the_host_are_offered_when_they_are_enough(oss120):
-    model = oss((0, 1, 2, 3), parallel=32, ctx_per_slot=131072, kv_unified=True)
+    # 32 slots of 98304 on four L40S: short by about 1 GiB a GPU; a q8_0 cache
+    # saves more than its F16 copy in the compute buffer costs.
+    model = oss((0, 1, 2, 3), parallel=32, ctx_per_slot=98304, kv_unified=True)
     result = planned([model], oss120, 4)
     assert not result["fits"]
     options = result["suggestions"][0]["options"]
@@ -264,6 +268,23 @@ def test_a_quantized_cache_and_experts_on_the_host_are_offered_when_they_are_eno
     assert options[2]["llamacpp"] == {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
     for option in options:
         assert planned([apply(model, option)], oss120, 4)["fits"], option
+
+
+def test_a_quantized_cache_is_not_offered_where_its_f16_copy_does_not_fit(oss120):
+    """Under flash attention llama.cpp converts a quantized layer's K and V over
+    every cell to F16 in its compute buffer (3,103 MiB at 1M cells of
+    gpt-oss-120b on an H100, docs/bench/buffers-gpt-oss-120b.json): at 4M
+    cells that copy is larger than what the smaller cache saves."""
+    model = oss((0, 1, 2, 3), parallel=32, ctx_per_slot=131072, kv_unified=True)
+    result = planned([model], oss120, 4)
+    assert not result["fits"]
+    offered = [sorted(o["llamacpp"]) for o in result["suggestions"][0]["options"]]
+    assert ["cache_type_k", "cache_type_v"] not in offered
+    quantized = planned(
+        [apply(model, {"llamacpp": {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}})], oss120, 4
+    )
+    assert not quantized["fits"]
+    assert quantized["rows"][0]["compute"] > 8 * GIB
 
 
 def test_a_model_larger_than_the_gpu_gets_the_fewest_expert_layers_to_keep_on_the_host(oss120):
