@@ -280,11 +280,16 @@ async def gateway_process(
             process, base, path, config, f"http://127.0.0.1:{config['admin_listen']['port']}"
         )
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process)
         log.close()
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM (a gateway drains), then SIGKILL after 30 s."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -27,6 +27,7 @@ from .conftest import (
     listeners,
     make_config,
     socket_activated,
+    stop_process,
 )
 
 WORKERS = 3
@@ -320,12 +321,7 @@ async def test_a_reload_sent_while_the_workers_start_reaches_every_worker(engine
             await asyncio.sleep(0.1)
         assert all(models == {"chat", "embed"} for models in seen), seen
     finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await stop_process(process)
         log.close()
 
 
