@@ -113,7 +113,16 @@ class Forwarder:
         try:
             response = await self._route(request, timing)
         except asyncio.CancelledError:
-            # The server cancels the handler of a client that hung up: counted as such.
+            # The server cancels the handler of a client that hung up: counted
+            # as such, with the tokens the engine reported before it did (a
+            # client may close right after the usage event and [DONE]).
+            if timing.tap is not None and timing.usage is None:
+                timing.usage = timing.tap.usage.usage()
+                timing.first_chunk = timing.tap.first_chunk
+                served, _adapter = self.gateway.config.served(timing.model)
+                if served in self.gateway.config.models:
+                    engine = self.gateway.config.models[served].engine
+                    self.gateway.metrics.count_usage(timing.model, engine, timing.usage, timing.backend)
             self._record(request, timing, CLIENT_CLOSED)
             raise
         finally:
@@ -304,7 +313,9 @@ class Forwarder:
                 if stream and upstream.status == 200:
                     # The stream's headers go out now: the overhead so far.
                     before = timing.overhead()
-                    tap = StreamTap(self.gateway.metrics, model, engine, timing.started, self.gateway.clock)
+                    tap = timing.tap = StreamTap(
+                        self.gateway.metrics, model, engine, timing.started, self.gateway.clock
+                    )
                     try:
                         response = await relay_stream(
                             request,
@@ -400,7 +411,7 @@ class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "admitted", "backend", "client_gone", "first_chunk", "model", "started", "stream",
+        "admitted", "backend", "client_gone", "first_chunk", "model", "started", "stream", "tap",
         "upstream_ended", "upstream_started", "usage", "waited",
     )  # fmt: skip
 
@@ -411,6 +422,8 @@ class _Timing:
         self.stream = False
         self.first_chunk: float | None = None
         self.usage: dict | None = None
+        # A stream's tap, once its relay began (its usage, should the client go).
+        self.tap: StreamTap | None = None
         self.model = "_unknown"
         self.backend = "none"
         self.waited = 0.0

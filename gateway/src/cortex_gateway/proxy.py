@@ -180,11 +180,12 @@ async def _relay_events(
     tap: Callable[[bytes], None] | None,
     transform: Callable[[bytes], bytes] | None,
 ) -> None:
+    # Seen first: what the engine sent counts even if the write is cut short.
+    if tap is not None:
+        tap(data)
     out = data if transform is None else transform(data)
     if out:
         await response.write(out)
-    if tap is not None:
-        tap(data)
 
 
 def sse_error_event(message: str) -> bytes:
@@ -209,7 +210,7 @@ async def relay_stream(
     rather than a hang or a silent cut; ``on_cut`` is then told (the engine's
     fault, counted against it). ``transform`` takes whole events and returns
     what the client gets of them; ``tap`` sees the events as the engine sent
-    them, after they were written (timing, usage).
+    them, before they are written (timing, usage).
     """
     response = web.StreamResponse(
         status=upstream.status,

@@ -1,6 +1,11 @@
 """A replica killed under load: requests keep succeeding on the other replica,
 streams on the killed one end instead of hanging, its breaker opens, and
-routing comes back to it once it is up again. Real llama-servers throughout."""
+routing comes back to it once it is up again. Real llama-servers throughout.
+
+A request the killed engine had already taken is answered by the gateway with
+a 502 that says the model server did not answer: it is never run a second
+time on the other replica (the engine may have run it). At most one such
+request per client thread: everything sent after the kill succeeds."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ KILLED = f"cortex-{MODEL}-1"
 KILLED_BACKEND = "127.0.0.1:18101"
 MAX_REQUESTS = 2000
 MAX_SECONDS = 120
+# Clients looping plain requests: each has at most one in flight when the replica dies.
+LOOP_THREADS = 2
 
 
 def metric(host, name: str, backend: str) -> float:
@@ -53,7 +60,7 @@ def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
     streams = [threading.Thread(target=stream) for _stream in range(2)]
     try:
         with RequestLoop(
-            client, MODEL, threads=2, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS
+            client, MODEL, threads=LOOP_THREADS, max_requests=MAX_REQUESTS, max_seconds=MAX_SECONDS
         ) as loop:
             for thread in streams:
                 thread.start()
@@ -64,9 +71,15 @@ def test_a_killed_replica_costs_no_request_and_comes_back(host, client_key):
             thread.join(timeout=90)
         assert not any(t.is_alive() for t in streams), "a stream hung"
         assert len(loop.outcomes) >= 10, f"the load loop made only {len(loop.outcomes)} requests"
-        assert loop.failures == [], (
+        under_way = [
+            f
+            for f in loop.failures
+            if f.startswith("InternalServerError: Error code: 502") and "did not answer" in f
+        ]
+        assert loop.failures == under_way, (
             f"{len(loop.failures)} of {len(loop.outcomes)} requests failed: {loop.failures[:3]}"
         )
+        assert len(under_way) <= LOOP_THREADS, under_way
         assert len(stream_ends) == 2  # every stream finished one way or the other
         # Refused connections open the breaker at once (or the health check took it out first).
         assert metric(host, "cortex_gateway_breaker_state", KILLED_BACKEND) == 2 or (

@@ -46,6 +46,8 @@ class FakeEngine:
     cut_answer: bool = False
     # Streams hold their usage tail and [DONE] until this event is set (when given).
     stream_gate: asyncio.Event | None = None
+    # Streams hold the end of their body, after [DONE], until this event is set (when given).
+    hold_end: asyncio.Event | None = None
     # Streamed events written one byte at a time, this many seconds apart.
     trickle: float | None = None
     # As vLLM: a stream's usage event only when the request asks for it
@@ -141,6 +143,8 @@ class FakeEngine:
             event = {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        if self.hold_end is not None:
+            await self.hold_end.wait()
         await response.write_eof()
         return response
 

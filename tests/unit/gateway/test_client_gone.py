@@ -10,8 +10,9 @@ import time
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cortex_gateway.usage import report
 
-from .conftest import AUTH, gateway_process, make_config
+from .conftest import AUTH, FakeEngine, gateway_process, make_config
 
 
 class SlowEngine:
@@ -75,3 +76,33 @@ async def test_a_client_that_hangs_up_drops_the_engines_request_within_a_second(
             assert engine.dropped[0] - gone < 1.0
     finally:
         await server.close()
+
+
+async def test_a_stream_whose_client_hangs_up_after_the_usage_event_keeps_its_tokens(engine_server, tmp_path):
+    """A client that reads the usage event and [DONE], then closes before the
+    chunked body's end (an SDK does): its handler is cancelled then, and the
+    tokens the engine reported must still be recorded (the default scenario
+    saw a request recorded with 0 prompt tokens)."""
+    gate, end = asyncio.Event(), asyncio.Event()
+    engine = FakeEngine(chunks=3, stream_gate=gate, hold_end=end)
+    usage_db = tmp_path / "usage.db"
+    config = make_config({"chat": [await engine_server(engine)]}, usage={"sqlite": str(usage_db)})
+    async with gateway_process(config, tmp_path) as gateway:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                gateway.base + "/v1/chat/completions",
+                json={"model": "chat", "stream": True, "stream_options": {"include_usage": True}},
+                headers=AUTH,
+            ) as answer,
+        ):
+            seen = b""
+            gate.set()
+            while b"[DONE]" not in seen:
+                seen += await answer.content.readany()
+            # Gone before the end of the chunked body: the connection is closed.
+            answer.connection.transport.abort()
+        await asyncio.sleep(0.5)
+    rows = report(usage_db, ["key"])
+    assert rows[0]["requests"] == 1
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (5, 3)
