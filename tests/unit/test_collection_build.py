@@ -41,10 +41,13 @@ LEFT_BEHIND = [
     ".tox/py311/x",
     "gateway/.mypy_cache/3.11/x.json",
     "gateway/.coverage",
+    # What the GPU benchmarks carry (tests/bench/gpu).
+    ".whl/gguf-0.19.0-py3-none-any.whl",
+    ".lcsrc/README",
 ]
 FORBIDDEN_PARTS = {
     ".credentials", ".ansible", ".hypothesis", ".ruff_cache", ".pytest_cache", "__pycache__", ".cache",
-    ".venv", "venv", "cortex_gateway.egg-info", "build", ".tox", ".mypy_cache", ".coverage",
+    ".venv", "venv", "cortex_gateway.egg-info", "build", ".tox", ".mypy_cache", ".coverage", ".whl", ".lcsrc",
 }  # fmt: skip
 
 
