@@ -117,12 +117,7 @@ class Forwarder:
             # as such, with the tokens the engine reported before it did (a
             # client may close right after the usage event and [DONE]).
             if timing.tap is not None and timing.usage is None:
-                timing.usage = timing.tap.usage.usage()
-                timing.first_chunk = timing.tap.first_chunk
-                served, _adapter = self.gateway.config.served(timing.model)
-                if served in self.gateway.config.models:
-                    engine = self.gateway.config.models[served].engine
-                    self.gateway.metrics.count_usage(timing.model, engine, timing.usage, timing.backend)
+                self._settle_stream(timing, timing.tap)
             self._record(request, timing, CLIENT_CLOSED)
             raise
         finally:
@@ -134,6 +129,12 @@ class Forwarder:
         # 499, as nginx logs it: the client closed the connection before the end.
         self._record(request, timing, CLIENT_CLOSED if timing.client_gone else response.status)
         return response
+
+    def _settle_stream(self, timing: _Timing, tap: StreamTap) -> None:
+        """A relayed stream's first-chunk time and usage, from its tap, and its tokens counted."""
+        timing.first_chunk = tap.first_chunk
+        timing.usage = tap.usage.usage()
+        self.gateway.metrics.count_usage(timing.model, tap.engine, timing.usage, timing.backend)
 
     def _record(self, request: web.Request, timing: _Timing, status: int) -> None:
         """One request's metrics and usage record."""
@@ -330,9 +331,7 @@ class Forwarder:
                         response = gone.response
                         timing.client_gone = True
                     timing.upstream_ended = self.gateway.clock()
-                    timing.first_chunk = tap.first_chunk
-                    timing.usage = tap.usage.usage()
-                    self.gateway.metrics.count_usage(model, engine, timing.usage, backend.name)
+                    self._settle_stream(timing, tap)
                     return response
                 try:
                     whole = await relay_whole(upstream, timeouts.idle, self.gateway.config.max_answer_bytes)

@@ -260,6 +260,7 @@ class StreamTap:
     def __init__(
         self, metrics: Metrics, model: str, engine: str, started: float, clock: Callable[[], float]
     ) -> None:
+        self.engine = engine
         self._ttft = metrics.ttft.labels(model, engine)
         self._started = started
         self._clock = clock

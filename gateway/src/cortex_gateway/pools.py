@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # States of a model in a router (llama-server's own words), and those in
 # which a request is served without a load the gateway must wait for: a
