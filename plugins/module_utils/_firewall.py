@@ -25,8 +25,8 @@ from ansible_collections.cortex.serving.plugins.module_utils._multinode import (
 # Gloo's ports, which the kernel picks from its ephemeral range (Linux's
 # default net.ipv4.ip_local_port_range). Only the group's own hosts may reach
 # them on the address the group talks over.
-EPHEMERAL_PORTS = "32768-60999"
-RAY_EXTRA_PORTS = ("8265", "10001-19999")
+EPHEMERAL_PORTS = (32768, 60999)
+RAY_EXTRA_PORTS = ((8265, 8265), (10001, 19999))
 
 
 class FirewallError(ValueError):
@@ -55,7 +55,7 @@ def engine_ports(models, port_base, port_span, pools=None):
             replicas = entry.get("replicas", 1)
             replicas = replicas if isinstance(replicas, int) and replicas > 0 else 1
             intervals.append((port, port + replicas - 1))
-    return _merged("%d-%d" % interval for interval in intervals)
+    return _merged(intervals)
 
 
 def group_guards(models, host):
@@ -76,9 +76,13 @@ def group_guards(models, host):
         if not mine or None in networks:
             continue
         address = ipaddress.ip_address(str(mine[0]["address"]).strip())
-        ports = [str(spec.get("master_port", DEFAULT_MASTER_PORT)), EPHEMERAL_PORTS]
+        fixed = [spec.get("master_port", DEFAULT_MASTER_PORT)]
         if spec.get("backend") == "ray":
-            ports.append(str(spec.get("ray_port", DEFAULT_RAY_PORT)))
+            fixed.append(spec.get("ray_port", DEFAULT_RAY_PORT))
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in fixed):
+            continue
+        ports = [(p, p) for p in fixed] + [EPHEMERAL_PORTS]
+        if spec.get("backend") == "ray":
             ports.extend(RAY_EXTRA_PORTS)
         guards.append(
             {
@@ -92,12 +96,8 @@ def group_guards(models, host):
     return guards
 
 
-def _merged(ports):
-    """Port numbers and "lo-hi" intervals, merged and sorted, as nft writes them."""
-    intervals = []
-    for port in ports:
-        low, _dash, high = str(port).partition("-")
-        intervals.append((int(low), int(high or low)))
+def _merged(intervals):
+    """(low, high) port intervals, merged and sorted, as nft writes them ("lo-hi" or "port")."""
     merged = []
     for low, high in sorted(intervals):
         if merged and low <= merged[-1][1] + 1:
