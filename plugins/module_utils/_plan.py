@@ -180,12 +180,8 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
     bytes_k, bytes_v = KV_BYTES.get(type_k, 2.0), KV_BYTES.get(type_v, 2.0)
 
     def kv_of(il):
-        if il in swa:
-            k_len = int(shape.get("key_length_swa") or shape["key_length"])
-            v_len = int(shape.get("value_length_swa") or shape["value_length"])
-            cells = swa_cells
-        else:
-            k_len, v_len, cells = int(shape["key_length"]), int(shape["value_length"]), full_cells
+        k_len, v_len = _head_lengths(shape, il in swa)
+        cells = swa_cells if il in swa else full_cells
         return cells * int(kv_heads[il]) * (k_len * bytes_k + v_len * bytes_v)
 
     compute_parts = _compute_buffer(
@@ -255,6 +251,16 @@ def llamacpp_memory(instance, shape, overhead_mib=None):
     return {"gpus": rows, "host": int(host)}
 
 
+def _head_lengths(shape, sliding):
+    """The key and value lengths of a layer: a sliding-window layer's own, where the model has them."""
+    if sliding:
+        return (
+            int(shape.get("key_length_swa") or shape["key_length"]),
+            int(shape.get("value_length_swa") or shape["value_length"]),
+        )
+    return int(shape["key_length"]), int(shape["value_length"])
+
+
 def _compute_buffer(shape, command, ubatch, streams, full_cells, swa_cells, kv_heads, swa, host_experts):
     """The compute buffer llama.cpp reserves on a GPU, as (for the layers, for the output).
 
@@ -270,8 +276,8 @@ def _compute_buffer(shape, command, ubatch, streams, full_cells, swa_cells, kv_h
       for the full layers and one for the sliding-window layers;
     - one layer at a time, the larger of its attention (the projections and,
       with a quantized cache under flash attention, the layer's K and V over
-      every cell of every stream converted to F16) and its feed-forward (a dense one, or the
-      experts each token runs and the router over all of them);
+      every cell of every stream converted to F16) and its feed-forward (a
+      dense one, or the experts each token runs and the router over all of them);
     - with experts kept in host memory, the largest expert tensor, copied in
       for large batches (llama.cpp's op offload), beside either;
     - the output layer: the logits over the vocabulary. Its memory is reused
@@ -288,21 +294,14 @@ def _compute_buffer(shape, command, ubatch, streams, full_cells, swa_cells, kv_h
     mask_bytes = 2 if flash else 4
     masks = full_cells * tokens * mask_bytes + swa_cells * tokens * mask_bytes
 
-    def lengths(il):
-        if il in swa:
-            return (int(shape.get("key_length_swa") or shape["key_length"]),
-                    int(shape.get("value_length_swa") or shape["value_length"]))  # fmt: skip
-        return int(shape["key_length"]), int(shape["value_length"])
-
     key_length = int(shape["key_length"])
     attention = ubatch * 4 * (2 * embedding + 2 * heads * key_length + 2 * max(kv_heads) * key_length)
+    quantized_k, quantized_v = type_k not in ("f16", "bf16"), type_v not in ("f16", "bf16")
     converted = 0
-    if flash and (type_k not in ("f16", "bf16") or type_v not in ("f16", "bf16")):
+    if flash and (quantized_k or quantized_v):
         for il in range(n_layer):
-            k_len, v_len = lengths(il)
-            width = (k_len if type_k not in ("f16", "bf16") else 0) + (
-                v_len if type_v not in ("f16", "bf16") else 0
-            )
+            k_len, v_len = _head_lengths(shape, il in swa)
+            width = (k_len if quantized_k else 0) + (v_len if quantized_v else 0)
             cells = (swa_cells if il in swa else full_cells) * streams
             converted = max(converted, cells * int(kv_heads[il]) * width * 2)
     experts = int(shape.get("expert_count") or 0)
