@@ -199,3 +199,8 @@ def test_a_groups_ports_are_open_to_the_group_alone():
     assert (plan["active"], plan["engines"], plan["groups"]) == (True, False, guards)
     # The operator's opt-out covers the groups too.
     assert firewall_rules("127.0.0.1", GATEWAYS, [], ["18080-20079"], False, guards)["active"] is False
+
+
+def test_a_group_with_an_unreadable_port_is_left_to_the_checks_that_name_it():
+    bad = {**SPANNING, "multinode": {**SPANNING["multinode"], "master_port": "29501"}}
+    assert group_guards([bad], "node-a") == []
