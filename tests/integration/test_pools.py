@@ -13,6 +13,7 @@ the collection renders, behind the gateway.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import shutil
 import time
@@ -131,12 +132,18 @@ def gateway_config(pool) -> dict:
 
 
 async def chat(client, model: str, max_tokens: int = 8) -> tuple[int, dict]:
+    """The status and the JSON body; a body that is not JSON (never an
+    OpenAI answer or error) is kept whole, as ``{"not json": text}``."""
     answer = await client.post(
         "/v1/chat/completions",
         json={"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0},
         headers=AUTH,
     )
-    return answer.status, await answer.json()
+    text = await answer.text()
+    try:
+        return answer.status, json.loads(text)
+    except ValueError:
+        return answer.status, {"not json": text[:500], "content-type": answer.content_type}
 
 
 async def states(client) -> dict[str, str]:

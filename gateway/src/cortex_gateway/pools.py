@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import aiohttp
 from aiohttp import web
 
 from .backends import Backend
+from .errors import error_response
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -50,6 +52,12 @@ POLL_SECONDS = 0.25
 # says when it never ran a request, and when the model's process failed.
 ROUTER_ERROR_STATUSES = frozenset({400, 500})
 NEVER_RAN_MARKS = (b"is not running", b"proxy error: Could not establish connection")
+# The router's proxy thread failing on the model's process (its words, as
+# plain text): lost to a swap when the model then reads unloaded.
+PROXY_ERROR_MARK = b"proxy error:"
+# How often one request is sent again after its model's process went away
+# under it: a request that itself kills the process is not sent for ever.
+SWAP_RESENDS = 2
 FAILED_LOAD_MARK = b"failed to load"
 # The most of a router's error answer that is read to tell which it is.
 ROUTER_ERROR_BYTES = 64 * 1024
@@ -64,6 +72,20 @@ async def _small_body(answer: aiohttp.ClientResponse) -> bytes:
     finally:
         answer.close()
     return body
+
+
+def _router_error(status: int, body: bytes, backend: Backend) -> web.Response:
+    """A router's error answer for the client: its own OpenAI-style error as
+    it is; anything else (its proxy thread's plain words, sent as JSON) a 502
+    that names the model and quotes them."""
+    with contextlib.suppress(ValueError):
+        answer = json.loads(body)
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if isinstance(error, dict) and error.get("message"):
+            return web.Response(status=status, body=body, content_type="application/json")
+    words = body.decode("utf-8", "replace").strip()[:300] or f"status {status} and no body"
+    message = f"the model server for '{backend.model}' on {backend.name} failed: {words}"
+    return error_response(502, message, code="upstream_error")
 
 
 class LoadError(Exception):
@@ -222,6 +244,7 @@ class PoolTracker:
         if backend.pool is None:
             return await request()
         deadline = self._clock() + load_timeout
+        resends_left = SWAP_RESENDS
         while True:
             answer = await self.while_loading(backend, request, load_timeout)
             if answer.status not in ROUTER_ERROR_STATUSES:
@@ -238,15 +261,27 @@ class PoolTracker:
                     raise LoadError(
                         f"model '{model}' failed to load on {backend.name} (its process exited)", 30
                     )
-            never_ran = any(mark in body for mark in NEVER_RAN_MARKS)
-            if not never_ran or self._clock() >= deadline:
-                return web.Response(status=answer.status, body=body, content_type=answer.content_type)
+            lost = any(mark in body for mark in NEVER_RAN_MARKS)
+            if not lost and body.startswith(PROXY_ERROR_MARK) and resends_left:
+                # The process went away under the request: lost to a swap
+                # when the router now has the model unloaded (it stopped it
+                # for another model's load); a process that broke off while
+                # loaded may have run it, and its answer is a 502.
+                resends_left -= 1
+                lost = await self._unloaded_now(backend)
+            if not lost or self._clock() >= deadline:
+                return _router_error(answer.status, body, backend)
             log.info(
                 "model %s on %s: the router unloaded it before running the request; sending it again",
                 backend.model, backend.name,
             )  # fmt: skip
             self._set_state(backend, "unloaded")
             await asyncio.sleep(POLL_SECONDS / 5)
+
+    async def _unloaded_now(self, backend: Backend) -> bool:
+        """Whether the router lists ``backend``'s model as not loaded now (a fresh look)."""
+        pool = self.pool_of(backend)
+        return pool is not None and await self.refresh(pool) and backend.load_state not in SERVING_STATES
 
     async def while_loading(
         self,

@@ -43,6 +43,8 @@ class FakeRouter:
     # reaches its process, and the router answers one of these without
     # running it. Each is answered once, in this order, to the next requests.
     swap_losses: list[tuple[int, str]] = field(default_factory=list)
+    # Whether the model stays loaded after such an answer (it was not a swap).
+    keep_state_on_loss: bool = False
     # Every request body the router was sent.
     bodies: list[dict] = field(default_factory=list)
 
@@ -117,10 +119,12 @@ class FakeRouter:
         if self.swap_losses:
             status, message = self.swap_losses.pop(0)
             self.events.append(("lost", model))
-            self.states[model] = "unloaded"
+            if not self.keep_state_on_loss:
+                self.states[model] = "unloaded"
             if status == 400:
                 return web.json_response({"error": {"code": 400, "message": message}}, status=400)
-            return web.Response(status=status, text=message)  # the proxy thread's plain body
+            # The proxy thread's plain body, under the router's JSON content type.
+            return web.Response(status=status, text=message, content_type="application/json")
         if not await self._ready(model):
             return web.json_response({"error": {"message": f"model name={model} failed to load"}}, status=500)
         self.busy[model] += 1
@@ -288,13 +292,56 @@ async def test_an_adapter_of_a_pool_model_is_asked_of_the_router_by_its_parents_
 
 
 async def test_a_routers_other_errors_are_the_requests_answer(engine_server, gateway_client):
-    router = FakeRouter(swap_losses=[(500, "something else broke")])
+    """A router's own JSON error is relayed as it is; a plain-text one (its
+    proxy thread's "proxy error: ...", sent as application/json) becomes an
+    OpenAI error naming the model, never a body no client can parse."""
+    router = FakeRouter(
+        swap_losses=[(500, "something else broke"), (400, "model name=alpha is busy")],
+        keep_state_on_loss=True,
+    )
     client = await gateway_client(pool_config(await engine_server(router)))
     await wait_ready(client, "alpha", 1)
     answer = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": []}, headers=AUTH)
-    assert answer.status == 500
-    assert await answer.text() == "something else broke"
-    assert [event for event, _model in router.events] == ["lost"]
+    assert answer.status == 502
+    error = (await answer.json())["error"]
+    assert error["code"] == "upstream_error"
+    assert "alpha" in error["message"]
+    assert "something else broke" in error["message"]
+    answer = await client.post("/v1/chat/completions", json={"model": "alpha", "messages": []}, headers=AUTH)
+    assert answer.status == 400
+    assert (await answer.json()) == {"error": {"code": 400, "message": "model name=alpha is busy"}}
+    assert [event for event, _model in router.events] == ["lost", "lost"]
+
+
+async def test_a_request_whose_model_the_router_unloaded_under_it_is_sent_again(
+    engine_server, gateway_client
+):
+    """Found in a fresh run (tests/integration/test_pools.py): the router
+    proxied a request to a model's process it had just told to stop for
+    another model's load, and answered 500 "proxy error: Failed to read
+    connection" as application/json; the client got that text. The model
+    then reads unloaded: the request was lost to the swap and goes again."""
+    router = FakeRouter(swap_losses=[(500, "proxy error: Failed to read connection")])
+    client = await gateway_client(pool_config(await engine_server(router)))
+    await wait_ready(client, "alpha", 1)
+    status, body = await ask(client, "alpha")
+    assert (status, body.get("model")) == (200, "alpha"), body
+    assert [event for event, _model in router.events].count("start") == 1
+
+
+async def test_a_broken_answer_from_a_model_still_loaded_is_not_sent_again(engine_server, gateway_client):
+    """The same words from a model the router still lists as loaded: its
+    process broke off (it may have run the request); a 502 in OpenAI's shape."""
+    router = FakeRouter(keep_state_on_loss=True)
+    client = await gateway_client(pool_config(await engine_server(router)))
+    await wait_ready(client, "alpha", 1)
+    assert (await ask(client, "alpha"))[0] == 200
+    router.swap_losses.append((500, "proxy error: Failed to read connection"))
+    status, body = await ask(client, "alpha")
+    assert status == 502, body
+    assert body["error"]["code"] == "upstream_error"
+    assert "Failed to read connection" in body["error"]["message"]
+    assert [event for event, _model in router.events].count("start") == 1
 
 
 async def test_a_load_that_does_not_finish_in_time_is_a_503_naming_the_model(engine_server, gateway_client):
