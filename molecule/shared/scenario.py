@@ -5,6 +5,7 @@ Each scenario's conftest.py imports it (this folder is not a scenario)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,12 @@ def assert_replaced_one_at_a_time(
     assert positions == sorted(positions), positions
     assert log.count(f"{host}: drained, no request in flight") == len(replicas) + drained_too, log[-4000:]
     assert log.count(f"{host}: routes to it again") == len(replicas), log[-4000:]
+    # The load was on the replicas as they were drained: a drain waited for
+    # requests in flight (each says how many there were when it began).
+    said = rf"{re.escape(host)}: drained, no request in flight \((\d+) were"
+    waited = [int(n) for n in re.findall(said, log)]
+    assert len(waited) == len(replicas) + drained_too, log[-4000:]
+    assert sum(waited) > 0, f"no drain had a request in flight to wait for: {waited}"
 
 
 def assert_no_failures(loop: RequestLoop, streams: RequestLoop, minimum: int = 10) -> None:

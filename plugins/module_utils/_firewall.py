@@ -84,6 +84,11 @@ def group_guards(models, host):
         ports = [(p, p) for p in fixed] + [EPHEMERAL_PORTS]
         if spec.get("backend") == "ray":
             ports.extend(RAY_EXTRA_PORTS)
+        # Rank 0's host serves the group's API, which the other ranks' hosts
+        # watch for their health checks (tasks of the health_check role):
+        # the group's peers reach that port too, the gateways as any engine's.
+        api = model.get("port")
+        leads = str(entries[0]["host"]) == str(host)
         guards.append(
             {
                 "model": str(model.get("name")),
@@ -91,6 +96,7 @@ def group_guards(models, host):
                 "daddr": str(address),
                 "ports": _merged(ports),
                 "peers": sorted({str(n) for n in networks}, key=ipaddress.ip_network),
+                "api_port": api if leads and isinstance(api, int) and not isinstance(api, bool) else None,
             }
         )
     return guards

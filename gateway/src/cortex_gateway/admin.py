@@ -132,14 +132,21 @@ class AdminApi:
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        at_drain: int | None = None
         while True:
             rows = [row for row in self._rows() if row["url"] in matching]
+            if at_drain is None:
+                # What the drain waits for: the requests in flight as it began.
+                at_drain = sum(int(row["in_flight"]) for row in rows)
             done = all(settled(row) for row in rows)
             if done or loop.time() >= deadline:
                 break
             # Other workers' gauges are at most a second old (their refresh interval).
             await asyncio.sleep(0.2)
-        return web.json_response({"object": "list", "data": rows, "settled": done})
+        answer: dict[str, object] = {"object": "list", "data": rows, "settled": done}
+        if until is not None:
+            answer["in_flight_at_drain"] = at_drain
+        return web.json_response(answer)
 
     async def status_page(self, _request: web.Request) -> web.Response:
         return web.Response(

@@ -19,6 +19,8 @@ from scenario import GATEWAY_URL, admin_get, admin_key
 GATEWAY_HOST, ENGINE_HOST = "cortex-mn-a", "cortex-mn-b"
 ADDRESS = {GATEWAY_HOST: "172.30.78.10", ENGINE_HOST: "172.30.78.11"}
 ENGINE_PORT = 18100
+# The API of the model over both hosts, at rank 0 on the gateway host.
+GROUP_API_PORT = 18300
 MODEL = "smollm2-135m-instruct"
 
 
@@ -77,6 +79,15 @@ def test_a_host_that_is_not_a_gateway_cannot_reach_engine_ports():
     assert re.fullmatch(r"[1-5]\d\d", curl_status(ENGINE_HOST, GATEWAY_HOST, 80, "/v1/models")), (
         "nginx should answer"
     )
+
+
+def test_the_other_rank_reaches_its_groups_api_and_nothing_else_there():
+    """Rank 0's API of the model over both hosts is on an engine port of the
+    gateway host: the other rank's host watches it (its health check), so
+    the group's peers reach that port, and still none of the host's other
+    engine ports."""
+    assert curl_status(ENGINE_HOST, GATEWAY_HOST, GROUP_API_PORT) == "200"
+    assert curl_status(ENGINE_HOST, GATEWAY_HOST, ENGINE_PORT) == "curl exit 28"
 
 
 def test_this_controller_cannot_reach_engine_ports_either():

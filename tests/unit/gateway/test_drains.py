@@ -101,6 +101,8 @@ async def test_a_drain_with_wait_answers_once_the_streams_in_flight_have_ended(e
     short_body = await short.json()
     assert short_body["settled"] is False
     assert short_body["data"][0]["in_flight"] == 1
+    # What was in flight when the drain began: what it waited for.
+    assert short_body["in_flight_at_drain"] == 1
     # A wait of an hour: it must answer when the stream ends, long before that.
     long = asyncio.create_task(
         client.admin.post("/admin/backends/drain", json={"backend": url, "wait": 3600}, headers=ADMIN)
@@ -114,10 +116,13 @@ async def test_a_drain_with_wait_answers_once_the_streams_in_flight_have_ended(e
     long_body = await (await asyncio.wait_for(long, timeout=60)).json()
     assert long_body["settled"] is True
     assert long_body["data"][0]["in_flight"] == 0
+    assert long_body["in_flight_at_drain"] == 1
     back = await client.admin.post(
         "/admin/backends/undrain", json={"backend": url, "wait": 10}, headers=ADMIN
     )
-    assert (await back.json())["settled"] is True
+    back_body = await back.json()
+    assert back_body["settled"] is True
+    assert "in_flight_at_drain" not in back_body
 
 
 async def test_a_drain_ends_by_itself_at_its_deadline(engine_server, gateway_client):

@@ -26,6 +26,7 @@ SPANNING = {
         "hosts": [{"host": "node-a", "address": "10.1.0.10"}, {"host": "node-b", "address": "10.1.0.11"}],
         "master_port": 29501,
     },
+    "port": 18300,
 }
 SPANNING_RAY = {**SPANNING, "multinode": {**SPANNING["multinode"], "backend": "ray"}}
 # Engines published on every address (the tests are about that value, not a bind).
@@ -190,6 +191,7 @@ def test_a_groups_ports_are_open_to_the_group_alone():
             "daddr": "10.1.0.11",
             "ports": ["29501", "32768-60999"],
             "peers": ["10.1.0.10/32", "10.1.0.11/32"],
+            "api_port": None,
         }
     ]
     ray = group_guards([SPANNING_RAY], "node-a")[0]
@@ -199,6 +201,21 @@ def test_a_groups_ports_are_open_to_the_group_alone():
     assert (plan["active"], plan["engines"], plan["groups"]) == (True, False, guards)
     # The operator's opt-out covers the groups too.
     assert firewall_rules("127.0.0.1", GATEWAYS, [], ["18080-20079"], False, guards)["active"] is False
+
+
+def test_the_groups_other_hosts_reach_its_api_at_rank_0():
+    """Found when the firewall's two hosts became the multinode scenario's:
+    rank 0's API is on an engine port, which only the gateways reached, so
+    the other ranks' hosts could not health-check their own group."""
+    leader = group_guards([SPANNING], "node-a")[0]
+    assert leader["api_port"] == 18300
+    plan = firewall_rules("10.1.0.10", GATEWAYS, [], ["18080-20079"], groups=[leader])
+    text = render(plan)
+    accept = "ip daddr 10.1.0.10 tcp dport 18300 ip saddr @group_0_peers accept"
+    # Before the engine ports' rule, which lets the gateways alone in.
+    assert text.index(accept) < text.index("tcp dport @engine_ports jump engine_access")
+    # An automatic port is not known here: nothing is opened.
+    assert group_guards([{**SPANNING, "port": None}], "node-a")[0]["api_port"] is None
 
 
 def test_a_group_with_an_unreadable_port_is_left_to_the_checks_that_name_it():
