@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -24,7 +24,28 @@ from .errors import Handler, error_response, errors_middleware, json_object
 from .usage import day_start, to_csv
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .auth import KeyRing
+    from .backends import Backend
+    from .config import GatewayConfig
+    from .drains import DrainBook
+    from .metrics import Metrics
+    from .usage import UsageRecorder
+
+
+class AdminState(Protocol):
+    """What the admin API reads and changes of the gateway (app.Gateway owns it)."""
+
+    admin_keyring: KeyRing
+    backends: list[Backend]
+    config: GatewayConfig
+    drains: DrainBook
+    keyring: KeyRing
+    metrics: Metrics
+    started: float
+    usage: UsageRecorder | None
+
+    async def sync_drains(self, until: dict[str, float]) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +65,7 @@ MAX_BODY_BYTES = 64 * 1024
 class AdminApi:
     """The admin handlers, over the state one Gateway owns."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: AdminState) -> None:
         self.gateway = gateway
 
     def build_app(self) -> web.Application:

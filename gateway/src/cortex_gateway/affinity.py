@@ -30,15 +30,10 @@ import hashlib
 import os
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from .policies import AffinitySettings
 from .sharedmap import map_file
-
-# Routing policies a model may have.
-LEAST_OUTSTANDING = "least_outstanding"
-PREFIX_AFFINITY = "prefix_affinity"
-POLICIES = (LEAST_OUTSTANDING, PREFIX_AFFINITY)
 
 _WAYS = 4
 _WORD_BYTES = 8
@@ -60,44 +55,6 @@ _ROLE_END = "\x1f"
 # A role is a short word; a longer one is cut here.
 _ROLE_BYTES = 32
 _MESSAGE_END = "\x1e"
-
-
-@dataclass(frozen=True, slots=True)
-class AffinitySettings:
-    """The gateway-wide settings of prefix affinity."""
-
-    # Words in the shared index (each 8 bytes; a conversation takes one per block).
-    index_entries: int = 1 << 20
-    # At most this many leading bytes of a conversation are hashed.
-    prefix_bytes: int = 16384
-    block_bytes: int = 1024
-    # A client that names its session here (or in the `user` field) is routed by it.
-    session_header: str = "X-Session-Id"
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingPolicy:
-    """One model's routing: the policy, and when a busy preferred replica spills."""
-
-    policy: str = PREFIX_AFFINITY
-    # The preferred replica is passed over when its load (requests in flight
-    # there and waiting for it) is at least this much above the least loaded
-    # usable replica's ...
-    spill_absolute: int = 4
-    # ... and more than this many times as much.
-    spill_relative: float = 1.5
-    # When the preferred replica has no free slot but need not spill, a
-    # request waits up to this many seconds for one there, then takes any.
-    # Engines that finish requests often (many slots, fast prompts) free one
-    # long before; it bounds the wait on a slow engine, or a stuck one. Half
-    # the queue's max_wait bounds it too, so that the request then spills
-    # rather than times out.
-    home_wait: float = 20.0
-
-    def spills(self, preferred: int, least: int) -> bool:
-        """Is the preferred replica, with a load of ``preferred``, too busy
-        beside the least loaded one, with ``least``?"""
-        return preferred - least >= self.spill_absolute and preferred > self.spill_relative * least
 
 
 def _digest_int(digest: bytes) -> int:

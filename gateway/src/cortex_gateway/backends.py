@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .breaker import BreakerPolicy, CircuitBreaker
+from .breaker import CircuitBreaker
 from .config import BackendConfig, ModelConfig
+from .policies import BreakerPolicy
 from .slots import SlotTable
 
 log = logging.getLogger(__name__)

@@ -15,19 +15,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .policies import BreakerPolicy
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    window: int = 20
-    min_samples: int = 5
-    failure_rate: float = 0.5
-    cooldown: float = 10.0
 
 
 class Failure(enum.Enum):

@@ -19,10 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .affinity import POLICIES, AffinitySettings, RoutingPolicy
-from .breaker import BreakerPolicy
-from .limits import KeyPolicy
-from .queueing import QueuePolicy
+from .policies import POLICIES, AffinitySettings, BreakerPolicy, KeyPolicy, QueuePolicy, RoutingPolicy
 
 ENGINES = ("llamacpp", "vllm")
 HEALTH_PROBES = ("completion", "embedding")

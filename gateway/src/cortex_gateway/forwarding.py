@@ -11,17 +11,18 @@ import re
 import time
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import web
 
-from .affinity import PREFIX_AFFINITY, request_chain
+from .affinity import request_chain
 from .backends import Backend
 from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
 from .limits import Refusal
 from .metrics import StreamTap, usage_of
+from .policies import PREFIX_AFFINITY
 from .pools import LOAD_STATES, LoadError
 from .proxy import (
     ClientGone,
@@ -35,7 +36,17 @@ from .queueing import RECHECK_SECONDS, SHARED_RECHECK_SECONDS, Admission, QueueF
 from .usage import UsageRecord
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from collections.abc import Callable
+
+    from .affinity import PrefixIndex
+    from .config import GatewayConfig
+    from .limits import Limiter
+    from .metrics import Metrics
+    from .policies import AffinitySettings
+    from .pools import PoolTracker
+    from .routing import Router
+    from .slots import SlotTable
+    from .usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +63,32 @@ CLIENT_CLOSED = 499
 KEY_NAME = web.RequestKey("key_name", str)
 
 
+class ForwardingState(Protocol):
+    """What the request path reads of the gateway (app.Gateway owns it; a
+    reload swaps its parts, so they are read live, never kept)."""
+
+    affinity: AffinitySettings
+    clock: Callable[[], float]
+    config: GatewayConfig
+    limiter: Limiter
+    metrics: Metrics
+    pools: PoolTracker
+    prefix_index: PrefixIndex
+    router: Router
+    slots: SlotTable | None
+    started: float
+    usage: UsageRecorder | None
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    async def answers_health(self, backend: Backend) -> bool: ...
+
+
 class Forwarder:
     """The /v1/* handlers, over the state one Gateway owns (read live: a reload swaps it)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: ForwardingState) -> None:
         self.gateway = gateway
         # Per model: its slots and queue (kept across reloads while the policy holds).
         self.admissions: dict[str, Admission] = {}

@@ -16,19 +16,11 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 
+from .policies import KeyPolicy
 from .sharedmap import map_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    models: frozenset[str] | None = None  # None: every model
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent_streams: int | None = None
 
 
 class Refusal(Exception):

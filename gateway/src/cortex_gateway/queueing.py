@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .policies import QueuePolicy
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -23,12 +24,6 @@ if TYPE_CHECKING:
 RECHECK_SECONDS = 0.5
 # With slots shared between workers (slots.py).
 SHARED_RECHECK_SECONDS = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class QueuePolicy:
-    per_slot: int = 4
-    max_wait: float = 30.0
 
 
 class QueueFull(Exception):

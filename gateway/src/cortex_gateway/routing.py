@@ -7,9 +7,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from .affinity import PrefixIndex, RoutingPolicy, replica_ids
+from .affinity import PrefixIndex, replica_ids
 from .backends import Backend
 from .breaker import BreakerState
+from .policies import RoutingPolicy
 
 
 class Router:

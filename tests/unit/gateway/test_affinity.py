@@ -15,7 +15,6 @@ from aiohttp import web
 from cortex_gateway.affinity import (
     AffinitySettings,
     PrefixIndex,
-    RoutingPolicy,
     prefix_chain,
     prefix_text,
     replica_ids,
@@ -24,6 +23,7 @@ from cortex_gateway.affinity import (
 from cortex_gateway.backends import Health
 from cortex_gateway.breaker import Failure
 from cortex_gateway.config import ConfigError, parse_config
+from cortex_gateway.policies import RoutingPolicy
 from cortex_gateway.status import backend_rows
 
 from .conftest import AUTH, FakeEngine, gateway_process, make_config

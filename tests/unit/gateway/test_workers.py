@@ -331,6 +331,10 @@ async def test_an_engines_slots_are_counted_across_every_worker(engine_server, t
     engine = FakeEngine(delay=0.4)
     config = make_config({"chat": [await engine_server(engine)]}, workers=2)
     config["models"][0]["backends"][0]["max_concurrency"] = 1
+    # Room in the queue for all six on one worker: the kernel may give one
+    # worker every connection (a loaded machine does), and the test is about
+    # the slot, not the queue's size (4 places per slot by default).
+    config["queue"] = {"per_slot": 6}
     async with gateway_process(config, tmp_path) as gateway:
         # Each request on a connection of its own: the kernel spreads them over both workers.
         answers = await asyncio.gather(*(ask(gateway.base) for _request in range(6)))
