@@ -60,6 +60,8 @@ from .slots import SlotTable
 
 log = logging.getLogger(__name__)
 
+# Signals held while a worker is forked (Supervisor._spawn says why).
+HELD_ACROSS_FORK = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 # On SIGTERM, in-flight requests get this long to finish.
 DRAIN_SECONDS = 30
 # A worker that dies this often within a minute is not restarted again.
@@ -249,6 +251,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, self._on_drains_changed)
         log.info("starting %d workers on %s:%d", self.config.workers, self.config.host, self.config.port)
         for number in range(self.config.workers):
+            if self.stopping:
+                break  # stopped while starting: no worker more to stop
             self._spawn(number)
         status = 0
         while self.children:
@@ -280,12 +284,16 @@ class Supervisor:
     def _spawn(self, number: int) -> None:
         # SIGHUP stays blocked across the fork, so a reload sent while the
         # worker starts is held for it (not lost, and not its default action,
-        # which would end it) until its latch is in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # which would end it) until its latch is in place. SIGTERM and SIGINT
+        # too: a stop that comes between the fork and the supervisor noting
+        # the child reaches the supervisor once it has, so it is passed on to
+        # this worker (it was not, and the worker served on until systemd
+        # killed it); the worker takes its own from its default action on.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_ACROSS_FORK)
         pid = os.fork()
         if pid:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             self.children[pid] = number
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_ACROSS_FORK)
             return
         # The worker. Its own process group: a Ctrl-C in a terminal or a kill of
         # the group reaches the supervisor only, which passes it on once (a
@@ -300,7 +308,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         hangup = HangupLatch()
         signal.signal(signal.SIGHUP, hangup)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_ACROSS_FORK)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the app reads the drains file at start
         code = 0
         try:
