@@ -56,9 +56,9 @@ def test_a_stop_while_the_workers_start_ends_every_worker(tmp_path):
     try:
         # Far longer than a stop takes (the workers have nothing in flight);
         # far shorter than the hang it was (until the parent is killed).
-        output, _ = process.communicate(timeout=20)
+        output, _stderr = process.communicate(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
-        output, _ = process.communicate()
+        output, _stderr = process.communicate()
         raise AssertionError("the gateway did not stop:\n" + output.decode()[-3000:]) from None
     assert process.returncode == 0, output.decode()[-3000:]
