@@ -51,7 +51,7 @@ def engine_ports(models, port_base, port_span, pools=None):
     intervals = [(base, base + span - 1)]
     for entry in list(models or []) + list(pools or []):
         port = entry.get("port") if isinstance(entry, dict) else None
-        if isinstance(port, int) and not isinstance(port, bool):
+        if _port_number(port):
             replicas = entry.get("replicas", 1)
             replicas = replicas if isinstance(replicas, int) and replicas > 0 else 1
             intervals.append((port, port + replicas - 1))
@@ -79,7 +79,7 @@ def group_guards(models, host):
         fixed = [spec.get("master_port", DEFAULT_MASTER_PORT)]
         if spec.get("backend") == "ray":
             fixed.append(spec.get("ray_port", DEFAULT_RAY_PORT))
-        if not all(isinstance(p, int) and not isinstance(p, bool) for p in fixed):
+        if not all(_port_number(p) for p in fixed):
             continue
         ports = [(p, p) for p in fixed] + [EPHEMERAL_PORTS]
         if spec.get("backend") == "ray":
@@ -96,10 +96,15 @@ def group_guards(models, host):
                 "daddr": str(address),
                 "ports": _merged(ports),
                 "peers": sorted({str(n) for n in networks}, key=ipaddress.ip_network),
-                "api_port": api if leads and isinstance(api, int) and not isinstance(api, bool) else None,
+                "api_port": api if leads and _port_number(api) else None,
             }
         )
     return guards
+
+
+def _port_number(value):
+    """Whether an inventory value is a whole number (a bool is not), as a port must be."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _merged(intervals):

@@ -151,20 +151,19 @@ class AdminApi:
             # Drained: every worker drains it and nothing runs on it. Back: every worker routes to it.
             return row["draining"] and row["in_flight"] == 0 if until else row["ready"]
 
+        def rows() -> list[dict]:
+            return [row for row in self._rows() if row["url"] in matching]
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        at_drain: int | None = None
-        while True:
-            rows = [row for row in self._rows() if row["url"] in matching]
-            if at_drain is None:
-                # What the drain waits for: the requests in flight as it began.
-                at_drain = sum(int(row["in_flight"]) for row in rows)
-            done = all(settled(row) for row in rows)
-            if done or loop.time() >= deadline:
-                break
+        current = rows()
+        # What a drain waits for: the requests in flight as it began.
+        at_drain = sum(int(row["in_flight"]) for row in current)
+        while not (done := all(settled(row) for row in current)) and loop.time() < deadline:
             # Other workers' gauges are at most a second old (their refresh interval).
             await asyncio.sleep(0.2)
-        answer: dict[str, object] = {"object": "list", "data": rows, "settled": done}
+            current = rows()
+        answer: dict[str, object] = {"object": "list", "data": current, "settled": done}
         if until is not None:
             answer["in_flight_at_drain"] = at_drain
         return web.json_response(answer)
