@@ -22,6 +22,7 @@ import ipaddress
 import json
 import re
 import zlib
+from collections import namedtuple
 
 from ansible_collections.cortex.serving.plugins.module_utils._engine_command import (
     API_KEY_FILE,
@@ -244,6 +245,39 @@ def _health_timeout(engine, model, size_bytes, defaults):
     return int(base + per_gib * gib)
 
 
+# One model entry once checked (or a pool, as one llama.cpp entry): what the
+# later steps of host_instances place and build. per_replica holds each
+# replica's explicit GPU indices (None: none given), count the GPUs per
+# replica a model asked for by number (None: by index, or none).
+_Checked = namedtuple(
+    "_Checked",
+    "model name engine state restart replicas port per_replica count fraction env",
+)
+
+
+class _HostPlan(object):
+    """What the steps of host_instances share while they check one host."""
+
+    def __init__(self, host, cfg, shapes):
+        self.host = host
+        self.cfg = cfg
+        self.shapes = shapes
+        self.problems = []
+        self.absent = []
+        # Pool name -> its entry; per pool, its models' entries in list order.
+        self.pools = {}
+        self.members = {}
+        # Model name -> its position in cortex_models.
+        self.seen = {}
+        # Every name a client can ask for on this host: models and their adapters.
+        self.served_names = {}
+        # Per model that spans hosts: this host's place in its group (_multinode).
+        self.spans = {}
+        self.checked = []
+        # Host port -> what listens there.
+        self.taken = {}
+
+
 def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=None, pools=None):
     """Check a host's models and return its engine instances, one per replica.
 
@@ -255,184 +289,240 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
 
     Returns ``{"instances": [...], "absent": [model names], "host": host}``.
     Raises ModelsError listing every problem found.
-    """
-    cfg = _merge(BUILTIN_DEFAULTS, defaults)
-    shapes = shapes or {}
-    problems = []
-    if models is None:
-        models = []
-    if not isinstance(models, list):
-        raise ModelsError(
-            ["cortex_models on %s: must be a list of model entries, got %s" % (host, type(models).__name__)]
-        )
 
-    if pools is None:
-        pools = []
-    if not isinstance(pools, list):
+    The steps, in order: the pools declared; each model entry; the pools with
+    their members; names served twice; GPUs; ports; then each instance built.
+    """
+    plan = _HostPlan(host, _merge(BUILTIN_DEFAULTS, defaults), shapes or {})
+    models = _as_list(models, "cortex_models", "model entries", host)
+    _check_pools(plan, _as_list(pools, "cortex_model_pools", "pools", host))
+    for position, model in enumerate(models):
+        _check_model(plan, position, model)
+    _check_pool_entries(plan)
+    _check_served_names(plan)
+    _place_gpus(plan, gpu_count)
+    _claim_explicit_ports(plan)
+    instances = _build_instances(plan)
+    if plan.problems:
+        raise ModelsError(plan.problems)
+    return {"host": host, "instances": instances, "absent": plan.absent}
+
+
+def _as_list(value, variable, what, host):
+    """A list variable that may be left out (None: empty); anything else stops the check."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
         raise ModelsError(
-            ["cortex_model_pools on %s: must be a list of pools, got %s" % (host, type(pools).__name__)]
+            ["%s on %s: must be a list of %s, got %s" % (variable, host, what, type(value).__name__)]
         )
-    declared_pools = {}
+    return value
+
+
+def _check_pools(plan, pools):
+    """Step 1: the declared pools, by name (their members come with the models)."""
     for position, pool in enumerate(pools):
-        pool_name = check_pool(pool, position, host, problems)
+        pool_name = check_pool(pool, position, plan.host, plan.problems)
         if pool_name is None:
             continue
-        if pool_name in declared_pools:
-            problems.append("pool %s: name: declared twice on %s" % (pool_name, host))
+        if pool_name in plan.pools:
+            plan.problems.append("pool %s: name: declared twice on %s" % (pool_name, plan.host))
         elif not NAME.match(pool_name):
-            problems.append(
+            plan.problems.append(
                 "pool %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
                 % pool_name
             )
-        declared_pools[pool_name] = pool
-    # Per pool: its models (model entry, name), in the list's order.
-    members = dict((pool_name, []) for pool_name in declared_pools)
+        plan.pools[pool_name] = pool
+    plan.members = dict((pool_name, []) for pool_name in plan.pools)
 
-    seen = {}
-    checked = []
-    absent = []
-    # Per model that spans hosts: this host's place in its group (_multinode).
-    spans = {}
-    # Every name a client can ask for on this host: models and their adapters.
-    served_names = {}
-    for position, model in enumerate(models):
-        if not isinstance(model, dict):
-            problems.append("cortex_models[%d] on %s: must be a mapping, got %r" % (position, host, model))
-            continue
-        name = model.get("name")
-        if not name or not isinstance(name, str):
-            problems.append(
-                "cortex_models[%d] on %s: name: required (the served model name)" % (position, host)
-            )
-            continue
-        if not NAME.match(name):
-            problems.append(
-                "model %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
-                % name
-            )
-        if name in seen:
-            problems.append(
-                "model %s: name: declared twice on %s (entries %d and %d)"
-                % (name, host, seen[name], position)
-            )
-            continue
-        seen[name] = position
-        served_names.setdefault(name, []).append("a model")
-        engine = model.get("engine")
-        if engine not in ENGINES:
-            problems.append(
-                "model %s: engine: must be one of %s, got %r" % (name, ", ".join(ENGINES), engine)
-            )
-            continue
-        other = [e for e in ENGINES if e != engine and model.get(e)]
-        if other:
-            problems.append(
-                "model %s: %s: settings for engine %s, but the model runs on %s"
-                % (name, other[0], other[0], engine)
-            )
-        state = model.get("state", "started")
-        if state not in STATES:
-            problems.append("model %s: state: must be one of %s, got %r" % (name, ", ".join(STATES), state))
-        restart = model.get("restart_policy", cfg["restart_policy"])
-        if restart not in RESTART_POLICIES:
-            problems.append(
-                "model %s: restart_policy: must be one of %s, got %r"
-                % (name, ", ".join(RESTART_POLICIES), restart)
-            )
-        replicas = model.get("replicas", 1)
-        if not _is_int(replicas) or replicas < 1:
-            problems.append(
-                "model %s: replicas: must be a whole number of 1 or more, got %r" % (name, replicas)
-            )
-            replicas = 1
-        port = model.get("port")
-        if port is not None and (not _is_int(port) or not 1 <= port <= 65535 - replicas + 1):
-            problems.append("model %s: port: must be a port number (1-65535), got %r" % (name, port))
-            port = None
-        fraction = model.get("gpu_memory_fraction")
-        if fraction is not None and (
-            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1
-        ):
-            problems.append(
-                "model %s: gpu_memory_fraction: must be a number in (0, 1], got %r" % (name, fraction)
-            )
-            fraction = None
-        env = model.get("env") or {}
-        if not isinstance(env, dict):
-            problems.append("model %s: env: must be a mapping of names to values" % name)
-            env = {}
-        _check_source(name, engine, model.get("source"), problems)
-        if pool_of(model) is not None or "pool" in model:
-            check_member(model, declared_pools, problems)
-            check_features(
-                model,
-                engine,
-                lambda where, source, n=name, e=engine: _check_source(n, e, source, problems, where),
-                problems,
-            )
-            for adapter in adapters_of(model):
-                if isinstance(adapter, dict) and adapter.get("name"):
-                    served_names.setdefault(adapter["name"], []).append("an adapter of %s" % name)
-            if state == "absent":
-                absent.append(name)
-            elif pool_of(model) in members:
-                members[pool_of(model)].append(model)
-            continue
-        if model.get("multinode") is not None:
-            node = check_multinode(model, host, problems, cfg.get("interfaces"))
-            if model.get("replicas", 1) != 1:
-                problems.append(
-                    "model %s: replicas: a model that spans hosts runs one rank per host; "
-                    "give it more hosts or GPUs instead" % name
-                )
-            if node is not None:
-                spans[name] = node
-        for key in misplaced_member_keys(model):
-            problems.append(
-                "model %s: %s: a setting of a model in a pool; this model has no pool" % (name, key)
-            )
-        per_replica, count = [None], None
-        if state != "absent":
-            per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
-        # Each replica's GPUs (None: none, or not known), for the draft's devices.
-        replica_gpus = count if count is not None else len(per_replica[0] or []) or None
-        for adapter_name in check_features(
-            model,
-            engine,
-            lambda where, source, n=name, e=engine: _check_source(n, e, source, problems, where),
-            problems,
-            replica_gpus,
-        ):
-            served_names.setdefault(adapter_name, []).append("an adapter of %s" % name)
-        if shapes:
-            check_vocabularies(model, shapes, problems)
-        if state == "absent":
-            checked.append((model, name, engine, state, restart, replicas, port, None, None, fraction, env))
-            continue
-        checked.append(
-            (model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env)
+
+def _check_model(plan, position, model):
+    """Step 2: one entry of cortex_models: its name and engine, its common
+    fields, then either its pool membership or its own features and GPUs."""
+    name = _check_model_name(plan, position, model)
+    if name is None:
+        return
+    engine = model.get("engine")
+    if engine not in ENGINES:
+        plan.problems.append(
+            "model %s: engine: must be one of %s, got %r" % (name, ", ".join(ENGINES), engine)
         )
+        return
+    fields = _check_model_fields(plan, name, engine, model)
+    _check_source(name, engine, model.get("source"), plan.problems)
+    if pool_of(model) is not None or "pool" in model:
+        _check_pool_member(plan, name, engine, model, fields["state"])
+        return
+    _check_own_model(plan, name, engine, model, fields)
 
-    for pool_name, pool in sorted(declared_pools.items()):
-        if pool_name in seen:
+
+def _check_model_name(plan, position, model):
+    """The entry's served name, once per host (None: the entry is not checked further)."""
+    if not isinstance(model, dict):
+        plan.problems.append(
+            "cortex_models[%d] on %s: must be a mapping, got %r" % (position, plan.host, model)
+        )
+        return None
+    name = model.get("name")
+    if not name or not isinstance(name, str):
+        plan.problems.append(
+            "cortex_models[%d] on %s: name: required (the served model name)" % (position, plan.host)
+        )
+        return None
+    if not NAME.match(name):
+        plan.problems.append(
+            "model %s: name: use letters, digits, '.', '_' and '-' (at most 63, starting with a letter or digit)"
+            % name
+        )
+    if name in plan.seen:
+        plan.problems.append(
+            "model %s: name: declared twice on %s (entries %d and %d)"
+            % (name, plan.host, plan.seen[name], position)
+        )
+        return None
+    plan.seen[name] = position
+    plan.served_names.setdefault(name, []).append("a model")
+    return name
+
+
+def _check_model_fields(plan, name, engine, model):
+    """The fields every model has: each bad one reported, and replaced by a
+    value that lets the later steps go on (so all problems come at once)."""
+    problems = plan.problems
+    other = [e for e in ENGINES if e != engine and model.get(e)]
+    if other:
+        problems.append(
+            "model %s: %s: settings for engine %s, but the model runs on %s"
+            % (name, other[0], other[0], engine)
+        )
+    state = model.get("state", "started")
+    if state not in STATES:
+        problems.append("model %s: state: must be one of %s, got %r" % (name, ", ".join(STATES), state))
+    restart = model.get("restart_policy", plan.cfg["restart_policy"])
+    if restart not in RESTART_POLICIES:
+        problems.append(
+            "model %s: restart_policy: must be one of %s, got %r"
+            % (name, ", ".join(RESTART_POLICIES), restart)
+        )
+    replicas = model.get("replicas", 1)
+    if not _is_int(replicas) or replicas < 1:
+        problems.append("model %s: replicas: must be a whole number of 1 or more, got %r" % (name, replicas))
+        replicas = 1
+    port = model.get("port")
+    if port is not None and (not _is_int(port) or not 1 <= port <= 65535 - replicas + 1):
+        problems.append("model %s: port: must be a port number (1-65535), got %r" % (name, port))
+        port = None
+    fraction = model.get("gpu_memory_fraction")
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1
+    ):
+        problems.append(
+            "model %s: gpu_memory_fraction: must be a number in (0, 1], got %r" % (name, fraction)
+        )
+        fraction = None
+    env = model.get("env") or {}
+    if not isinstance(env, dict):
+        problems.append("model %s: env: must be a mapping of names to values" % name)
+        env = {}
+    return {
+        "state": state,
+        "restart": restart,
+        "replicas": replicas,
+        "port": port,
+        "fraction": fraction,
+        "env": env,
+    }
+
+
+def _source_checker(plan, name, engine):
+    """How check_features checks an adapter's or a draft's source."""
+    return lambda where, source: _check_source(name, engine, source, plan.problems, where)
+
+
+def _check_pool_member(plan, name, engine, model, state):
+    """A model served by a pool: its pool exists, its features fit one; it
+    is placed with its pool (step 3), not on its own."""
+    check_member(model, plan.pools, plan.problems)
+    check_features(model, engine, _source_checker(plan, name, engine), plan.problems)
+    for adapter in adapters_of(model):
+        if isinstance(adapter, dict) and adapter.get("name"):
+            plan.served_names.setdefault(adapter["name"], []).append("an adapter of %s" % name)
+    if state == "absent":
+        plan.absent.append(name)
+    elif pool_of(model) in plan.members:
+        plan.members[pool_of(model)].append(model)
+
+
+def _check_own_model(plan, name, engine, model, fields):
+    """A model with containers of its own: its group (spanning hosts), its
+    replicas' GPUs, its adapters and draft; then it joins the checked list."""
+    problems = plan.problems
+    if model.get("multinode") is not None:
+        node = check_multinode(model, plan.host, problems, plan.cfg.get("interfaces"))
+        if model.get("replicas", 1) != 1:
+            problems.append(
+                "model %s: replicas: a model that spans hosts runs one rank per host; "
+                "give it more hosts or GPUs instead" % name
+            )
+        if node is not None:
+            plan.spans[name] = node
+    for key in misplaced_member_keys(model):
+        problems.append("model %s: %s: a setting of a model in a pool; this model has no pool" % (name, key))
+    state, replicas = fields["state"], fields["replicas"]
+    per_replica, count = [None], None
+    if state != "absent":
+        per_replica, count = _replica_gpus(name, model.get("gpus"), replicas, problems)
+    # Each replica's GPUs (None: none, or not known), for the draft's devices.
+    replica_gpus = count if count is not None else len(per_replica[0] or []) or None
+    for adapter_name in check_features(
+        model, engine, _source_checker(plan, name, engine), problems, replica_gpus
+    ):
+        plan.served_names.setdefault(adapter_name, []).append("an adapter of %s" % name)
+    if plan.shapes:
+        check_vocabularies(model, plan.shapes, problems)
+    if state == "absent":
+        per_replica, count = None, None
+    plan.checked.append(
+        _Checked(
+            model,
+            name,
+            engine,
+            state,
+            fields["restart"],
+            replicas,
+            fields["port"],
+            per_replica,
+            count,
+            fields["fraction"],
+            fields["env"],
+        )
+    )
+
+
+def _check_pool_entries(plan):
+    """Step 3: each declared pool with the models that name it, as one
+    llama.cpp entry of the checked list (or absent)."""
+    problems = plan.problems
+    for pool_name, pool in sorted(plan.pools.items()):
+        if pool_name in plan.seen:
             problems.append(
                 "pool %s: name: also the name of a model on %s (they would share a container name)"
-                % (pool_name, host)
+                % (pool_name, plan.host)
             )
             continue
-        state = pool.get("state", "started")
-        if state == "absent":
-            for member in members[pool_name]:
+        members = plan.members[pool_name]
+        if pool.get("state", "started") == "absent":
+            for member in members:
                 problems.append(
                     "model %s: pool: pool %s is absent; remove the model or make it absent too"
                     % (member["name"], pool_name)
                 )
-            absent.append(pool_name)
+            plan.absent.append(pool_name)
             continue
-        if not members[pool_name]:
+        if not members:
             problems.append("pool %s: no model of cortex_models names it in pool" % pool_name)
             continue
-        restart = pool.get("restart_policy", cfg["restart_policy"])
+        restart = pool.get("restart_policy", plan.cfg["restart_policy"])
         if restart not in RESTART_POLICIES:
             problems.append(
                 "pool %s: restart_policy: must be one of %s, got %r"
@@ -447,250 +537,280 @@ def host_instances(models, host="host", gpu_count=None, defaults=None, shapes=No
             problems.append("pool %s: env: must be a mapping of names to values" % pool_name)
             env = {}
         per_replica, count = _replica_gpus("pool " + pool_name, pool.get("gpus"), 1, problems)
-        entry = dict(pool, **{_POOL: members[pool_name]})
-        checked.append(
-            (entry, pool_name, "llamacpp", "started", restart, 1, port, per_replica, count, None, env)
+        entry = dict(pool, **{_POOL: members})
+        plan.checked.append(
+            _Checked(entry, pool_name, "llamacpp", "started", restart, 1, port, per_replica, count, None, env)
         )
 
-    for served, holders in sorted(served_names.items()):
+
+def _check_served_names(plan):
+    """Step 4: no name served twice (a model and an adapter, two adapters)."""
+    for served, holders in sorted(plan.served_names.items()):
         if len(holders) > 1:
-            problems.append(
+            plan.problems.append(
                 "model %s: adapters: the name %s is both %s on %s; clients could not tell them apart"
-                % (served, served, " and ".join(holders), host)
+                % (served, served, " and ".join(holders), plan.host)
             )
 
-    # GPUs: explicit indices first, then counts take the lowest free ones.
+
+def _place_gpus(plan, gpu_count):
+    """Step 5: GPUs: explicit indices first, then counts take the lowest free
+    ones; a GPU held twice must be shared by fractions that fit it."""
     claims = {}
-
-    def claim(gpu, name, fraction):
-        claims.setdefault(gpu, []).append((name, fraction))
-
-    for _m, name, _e, state, _r, _n, _p, per_replica, _c, fraction, _v in checked:
-        if state == "absent":
+    _claim_explicit_gpus(plan, gpu_count, claims)
+    for index, item in enumerate(plan.checked):
+        if item.state == "absent" or item.count is None:
             continue
-        for gpus in per_replica:
+        plan.checked[index] = item._replace(per_replica=_claim_counted_gpus(plan, item, gpu_count, claims))
+    _check_shared_gpus(plan, claims)
+
+
+def _claim_explicit_gpus(plan, gpu_count, claims):
+    for item in plan.checked:
+        if item.state == "absent":
+            continue
+        for gpus in item.per_replica:
             for gpu in gpus or []:
                 if gpu_count is not None and gpu >= gpu_count:
-                    problems.append(
+                    plan.problems.append(
                         "model %s: gpus: GPU %d does not exist on %s, which has %s"
                         % (
-                            name,
+                            item.name,
                             gpu,
-                            host,
+                            plan.host,
                             "no NVIDIA GPU"
                             if gpu_count == 0
                             else "%d GPU(s): 0-%d" % (gpu_count, gpu_count - 1),
                         )
                     )
-                claim(gpu, name, fraction)
-    for index, item in enumerate(checked):
-        model, name, engine, state, restart, replicas, port, per_replica, count, fraction, env = item
-        if state == "absent" or count is None:
+                claims.setdefault(gpu, []).append((item.name, item.fraction))
+
+
+def _claim_counted_gpus(plan, item, gpu_count, claims):
+    """Each replica's GPUs for a model that asked for a number of them."""
+    resolved = []
+    for _replica in range(item.replicas):
+        free = [g for g in range(gpu_count if gpu_count is not None else 64) if g not in claims]
+        if len(free) < item.count:
+            plan.problems.append(
+                "model %s: gpus: %d GPU(s) per replica wanted, but only %d of %s's %s are unclaimed"
+                % (item.name, item.count, len(free), plan.host, gpu_count if gpu_count is not None else "?")
+            )
+            resolved.append([])
             continue
-        resolved = []
-        for _replica in range(replicas):
-            free = [g for g in range(gpu_count if gpu_count is not None else 64) if g not in claims]
-            if len(free) < count:
-                problems.append(
-                    "model %s: gpus: %d GPU(s) per replica wanted, but only %d of %s's %s are unclaimed"
-                    % (name, count, len(free), host, gpu_count if gpu_count is not None else "?")
-                )
-                resolved.append([])
-                continue
-            for gpu in free[:count]:
-                claim(gpu, name, fraction)
-            resolved.append(free[:count])
-        checked[index] = (model, name, engine, state, restart, replicas, port, resolved, count, fraction, env)
+        for gpu in free[: item.count]:
+            claims.setdefault(gpu, []).append((item.name, item.fraction))
+        resolved.append(free[: item.count])
+    return resolved
+
+
+def _check_shared_gpus(plan, claims):
     for gpu in sorted(claims):
         holders = claims[gpu]
         names = sorted(set(holder for holder, _fraction in holders))
         if len(holders) < 2:
             continue
         if any(f is None for _holder, f in holders):
-            problems.append(
+            plan.problems.append(
                 "model %s: gpus: GPU %d on %s is claimed by %s; models share a GPU only when each sets "
                 "gpu_memory_fraction"
                 % (
                     names[0],
                     gpu,
-                    host,
+                    plan.host,
                     " and ".join(names) if len(names) > 1 else "%d replicas of %s" % (len(holders), names[0]),
                 )
             )
         elif sum(f for _holder, f in holders) > 1.0 + 1e-9:
-            problems.append(
+            plan.problems.append(
                 "model %s: gpu_memory_fraction: the models sharing GPU %d on %s (%s) ask for %.2f of it in all"
-                % (names[0], gpu, host, ", ".join(names), sum(f for _holder, f in holders))
+                % (names[0], gpu, plan.host, ", ".join(names), sum(f for _holder, f in holders))
             )
 
-    # Ports: explicit ones first, so automatic ones step around them.
-    taken = {}
-    for _m, name, _e, state, _r, replicas, port, _g, _c, _f, _v in checked:
-        if state == "absent" or port is None:
-            continue
-        for replica in range(replicas):
-            owner = taken.get(port + replica)
-            if owner:
-                problems.append(
-                    "model %s: port: %d is also the port of %s on %s" % (name, port + replica, owner, host)
-                )
-            taken[port + replica] = "%s (replica %d)" % (name, replica) if replicas > 1 else name
 
-    instances = []
-    for model, name, engine, state, restart, replicas, port, per_replica, _c, fraction, env in checked:
-        if state == "absent":
-            absent.append(name)
+def _claim_explicit_ports(plan):
+    """Step 6: explicit ports first, so automatic ones (step 7) step around them."""
+    for item in plan.checked:
+        if item.state == "absent" or item.port is None:
             continue
-        if _POOL in model:
+        for replica in range(item.replicas):
+            owner = plan.taken.get(item.port + replica)
+            if owner:
+                plan.problems.append(
+                    "model %s: port: %d is also the port of %s on %s"
+                    % (item.name, item.port + replica, owner, plan.host)
+                )
+            plan.taken[item.port + replica] = (
+                "%s (replica %d)" % (item.name, replica) if item.replicas > 1 else item.name
+            )
+
+
+def _build_instances(plan):
+    """Step 7: the containers, in the checked order: a pool's one, or one per
+    replica of a model (absent ones listed apart)."""
+    instances = []
+    for item in plan.checked:
+        if item.state == "absent":
+            plan.absent.append(item.name)
+        elif _POOL in item.model:
             try:
                 instances.append(
-                    _pool_instance(model, per_replica[0] or [], port, taken, restart, env, shapes, cfg)
+                    _pool_instance(
+                        item.model,
+                        item.per_replica[0] or [],
+                        item.port,
+                        plan.taken,
+                        item.restart,
+                        item.env,
+                        plan.shapes,
+                        plan.cfg,
+                    )
                 )
             except (EngineCommandError, ValueError) as exc:
-                problems.append(str(exc))
-            continue
-        shape = shapes.get(name) or {}
-        # A draft is loaded with the model: its start period counts it too.
-        size = (shape.get("size_bytes") or 0) + (
-            (shapes.get(draft_fetch_name(name)) or {}).get("size_bytes") or 0
-        )
-        health_timeout = _health_timeout(engine, model, size, cfg)
-        files = feature_files(model, engine)
-        for replica in range(replicas):
-            gpus = per_replica[replica] or []
-            if port is not None:
-                host_port = port + replica
-            else:
-                host_port = _auto_port(
-                    "%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), taken
-                )
-                taken[host_port] = name
-            engine_options = _engine_options(cfg, engine, model, gpus)
-            # vLLM without GPUs runs in the CPU image, with its virtualenv
-            # mounted from the host unless the image carries it.
-            vllm_cpu = engine == "vllm" and not gpus
-            entry = dict(model)
-            entry.update({"model_file": source_file_name(model.get("source")), "gpus": gpus})
-            entry[engine] = engine_options
-            try:
-                if engine == "llamacpp":
-                    command = llamacpp_command(
-                        entry, context_length=shape.get("context_length") or cfg["default_context"]
-                    )
-                elif name in spans:
-                    node = spans[name]
-                    pipeline = int(engine_options.get("pipeline_parallel_size") or 1)
-                    if not gpus and pipeline > 1:
-                        # On CPUs, eager mode skips the warm-up that gives the
-                        # later pipeline stages their buffers: the first request crashed.
-                        if (model.get("vllm") or {}).get("enforce_eager"):
-                            problems.append(
-                                "model %s: vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager "
-                                "mode; leave it out (the ranks compile their graphs)" % name
-                            )
-                        entry["vllm"] = engine_options = dict(engine_options, enforce_eager=False)
-                    command = vllm_command(
-                        entry, nodes=node["nnodes"], listen=(cfg["address"], host_port)
-                    ) + multinode_args(node)
-                    check_layout(
-                        name,
-                        int(engine_options.get("tensor_parallel_size") or 1),
-                        int(engine_options.get("pipeline_parallel_size") or 1),
-                        node["nnodes"],
-                        len(gpus),
-                        (model.get("plan") or {}).get("hf_config") or shape.get("hf_config"),
-                        problems,
-                    )
-                else:
-                    command = vllm_command(entry)
-            except EngineCommandError as exc:
-                problems.append(str(exc))
-                continue
-            # vLLM on CPUs that compiles its graphs (not eager) loads the code
-            # it compiled from its cache: a folder it may execute from (the
-            # /tmp tmpfs is noexec).
-            compiles = vllm_cpu and not engine_options.get("enforce_eager")
-            concurrency = _concurrency(engine, engine_options)
-            tensor_parallel = int(engine_options.get("tensor_parallel_size") or 1) if engine == "vllm" else 1
-            container = "%s%s-%d" % (cfg["container_prefix"], name, replica)
-            instances.append(
-                {
-                    "model": name,
-                    "engine": engine,
-                    "replica": replica,
-                    "replicas": replicas,
-                    "container": container,
-                    "state": state,
-                    "port": host_port,
-                    "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
-                    "url": "http://%s:%d" % (cfg["address"], host_port),
-                    "gpus": gpus,
-                    "gpu_memory_fraction": fraction,
-                    "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
-                    # Mounts besides the key and the model (the role adds those).
-                    "extra_mounts": (
-                        [
-                            {
-                                "type": "bind",
-                                "source": cfg["vllm_cpu_venv"],
-                                "target": VLLM_VENV_DIR,
-                                "read_only": True,
-                            }
-                        ]
-                        if vllm_cpu and cfg.get("vllm_cpu_venv")
-                        else []
-                    )
-                    + [_file_mount(f, cfg["models_dir"]) for f in files],
-                    # Adapters served as model names, in llama.cpp's order (its ids).
-                    "adapters": [
-                        {"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)
-                    ],
-                    # Identifies the adapters' and draft's files, as io.cortex.source the model's.
-                    "features_id": _features_id(files),
-                    "command": command,
-                    "env": dict(
-                        (str(k), str(v))
-                        for k, v in _merge(
-                            _merge(
-                                cfg.get("vllm_cpu_env") if vllm_cpu else {}, COMPILE_ENV if compiles else {}
-                            ),
-                            env,
-                        ).items()
-                    ),
-                    "restart_policy": restart,
-                    "health_path": "/health",
-                    "health_timeout": health_timeout,
-                    "kind": _kind(engine, engine_options),
-                    "max_concurrency": concurrency,
-                    # The gateway's timeouts for this model, over its own defaults.
-                    "timeouts": dict(model.get("timeouts") or {}),
-                    # How the gateway picks a replica for it (over its own default).
-                    "routing": dict(model.get("routing") or {}),
-                    # Tensor parallelism talks through shared memory; vLLM's
-                    # processes pass their inputs there (on CPU, in buffers of
-                    # a few hundred MiB).
-                    "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
-                    "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
-                    # Writable in-memory folders under the read-only root.
-                    "tmpfs": (
-                        ["/tmp", COMPILE_TMPFS % (int(cfg["engine_uid"]), int(cfg["engine_uid"]))]  # noqa: S108 - the container's
-                        if compiles
-                        else ["/tmp"]  # noqa: S108 - the container's
-                    ),
-                    "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
-                    "healthcheck": _healthcheck(engine, health_timeout),
-                    # Seconds between `docker stop`'s SIGTERM and its SIGKILL:
-                    # vLLM's engine processes took 20 s to shut down on CPU.
-                    "stop_timeout": STOP_TIMEOUTS[engine],
-                    "source_kind": source_kind(model.get("source")),
-                    "model_file": entry["model_file"],
-                }
+                plan.problems.append(str(exc))
+        else:
+            instances.extend(_model_instances(plan, item))
+    return instances
+
+
+def _model_instances(plan, item):
+    """One instance per replica of a model with containers of its own."""
+    cfg, shapes, name = plan.cfg, plan.shapes, item.name
+    shape = shapes.get(name) or {}
+    # A draft is loaded with the model: its start period counts it too.
+    size = (shape.get("size_bytes") or 0) + (
+        (shapes.get(draft_fetch_name(name)) or {}).get("size_bytes") or 0
+    )
+    health_timeout = _health_timeout(item.engine, item.model, size, cfg)
+    files = feature_files(item.model, item.engine)
+    instances = []
+    for replica in range(item.replicas):
+        gpus = item.per_replica[replica] or []
+        if item.port is not None:
+            host_port = item.port + replica
+        else:
+            host_port = _auto_port(
+                "%s/%d" % (name, replica), int(cfg["port_base"]), int(cfg["port_span"]), plan.taken
             )
-            if name in spans:
-                instances[-1].update(_span_fields(instances[-1], model, spans[name], cfg))
-    if problems:
-        raise ModelsError(problems)
-    return {"host": host, "instances": instances, "absent": absent}
+            plan.taken[host_port] = name
+        entry = dict(item.model)
+        entry.update({"model_file": source_file_name(item.model.get("source")), "gpus": gpus})
+        entry[item.engine] = _engine_options(cfg, item.engine, item.model, gpus)
+        try:
+            command = _replica_command(plan, item, entry, host_port, shape)
+        except EngineCommandError as exc:
+            plan.problems.append(str(exc))
+            continue
+        instance = _instance_record(item, entry, replica, host_port, command, health_timeout, files, cfg)
+        if name in plan.spans:
+            instance.update(_span_fields(instance, item.model, plan.spans[name], cfg))
+        instances.append(instance)
+    return instances
+
+
+def _replica_command(plan, item, entry, host_port, shape):
+    """The engine's command line for one replica (``entry``: the model with
+    this replica's engine options, which a rank on CPUs may change)."""
+    cfg, name, model = plan.cfg, item.name, item.model
+    if item.engine == "llamacpp":
+        return llamacpp_command(entry, context_length=shape.get("context_length") or cfg["default_context"])
+    if name not in plan.spans:
+        return vllm_command(entry)
+    node = plan.spans[name]
+    options = entry["vllm"]
+    if not entry["gpus"] and int(options.get("pipeline_parallel_size") or 1) > 1:
+        # On CPUs, eager mode skips the warm-up that gives the later pipeline
+        # stages their buffers: the first request crashed.
+        if (model.get("vllm") or {}).get("enforce_eager"):
+            plan.problems.append(
+                "model %s: vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager "
+                "mode; leave it out (the ranks compile their graphs)" % name
+            )
+        entry["vllm"] = options = dict(options, enforce_eager=False)
+    command = vllm_command(entry, nodes=node["nnodes"], listen=(cfg["address"], host_port)) + multinode_args(
+        node
+    )
+    check_layout(
+        name,
+        int(options.get("tensor_parallel_size") or 1),
+        int(options.get("pipeline_parallel_size") or 1),
+        node["nnodes"],
+        len(entry["gpus"]),
+        (model.get("plan") or {}).get("hf_config") or shape.get("hf_config"),
+        plan.problems,
+    )
+    return command
+
+
+def _instance_record(item, entry, replica, host_port, command, health_timeout, files, cfg):
+    """Everything the role needs to run one replica's container."""
+    engine, model, gpus = item.engine, item.model, entry["gpus"]
+    engine_options = entry[engine]
+    # vLLM without GPUs runs in the CPU image, with its virtualenv mounted
+    # from the host unless the image carries it.
+    vllm_cpu = engine == "vllm" and not gpus
+    # vLLM on CPUs that compiles its graphs (not eager) loads the code it
+    # compiled from its cache: a folder it may execute from (the /tmp tmpfs is noexec).
+    compiles = vllm_cpu and not engine_options.get("enforce_eager")
+    tensor_parallel = int(engine_options.get("tensor_parallel_size") or 1) if engine == "vllm" else 1
+    venv_mount = {
+        "type": "bind",
+        "source": cfg.get("vllm_cpu_venv"),
+        "target": VLLM_VENV_DIR,
+        "read_only": True,
+    }
+    env = _merge(
+        _merge(cfg.get("vllm_cpu_env") if vllm_cpu else {}, COMPILE_ENV if compiles else {}), item.env
+    )
+    return {
+        "model": item.name,
+        "engine": engine,
+        "replica": replica,
+        "replicas": item.replicas,
+        "container": "%s%s-%d" % (cfg["container_prefix"], item.name, replica),
+        "state": item.state,
+        "port": host_port,
+        "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
+        "url": "http://%s:%d" % (cfg["address"], host_port),
+        "gpus": gpus,
+        "gpu_memory_fraction": item.fraction,
+        "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
+        # Mounts besides the key and the model (the role adds those).
+        "extra_mounts": ([venv_mount] if vllm_cpu and cfg.get("vllm_cpu_venv") else [])
+        + [_file_mount(f, cfg["models_dir"]) for f in files],
+        # Adapters served as model names, in llama.cpp's order (its ids).
+        "adapters": [{"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)],
+        # Identifies the adapters' and draft's files, as io.cortex.source the model's.
+        "features_id": _features_id(files),
+        "command": command,
+        "env": dict((str(k), str(v)) for k, v in env.items()),
+        "restart_policy": item.restart,
+        "health_path": "/health",
+        "health_timeout": health_timeout,
+        "kind": _kind(engine, engine_options),
+        "max_concurrency": _concurrency(engine, engine_options),
+        # The gateway's timeouts for this model, over its own defaults.
+        "timeouts": dict(model.get("timeouts") or {}),
+        # How the gateway picks a replica for it (over its own default).
+        "routing": dict(model.get("routing") or {}),
+        # Tensor parallelism talks through shared memory; vLLM's processes
+        # pass their inputs there (on CPU, in buffers of a few hundred MiB).
+        "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
+        "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
+        # Writable in-memory folders under the read-only root.
+        "tmpfs": (
+            ["/tmp", COMPILE_TMPFS % (int(cfg["engine_uid"]), int(cfg["engine_uid"]))]  # noqa: S108 - the container's
+            if compiles
+            else ["/tmp"]  # noqa: S108 - the container's
+        ),
+        "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
+        "healthcheck": _healthcheck(engine, health_timeout),
+        # Seconds between `docker stop`'s SIGTERM and its SIGKILL: vLLM's
+        # engine processes took 20 s to shut down on CPU.
+        "stop_timeout": STOP_TIMEOUTS[engine],
+        "source_kind": source_kind(model.get("source")),
+        "model_file": entry["model_file"],
+    }
 
 
 def _span_fields(instance, model, node, cfg):
