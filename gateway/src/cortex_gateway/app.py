@@ -224,6 +224,9 @@ class Gateway:
             # and uvicorn's keep-alive is 5 s), so few stale ones are ever reused.
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=4),
             auto_decompress=False,
+            # One session serves every client: a cookie an engine sets must
+            # never go back with another client's request (nor cost a lookup).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         loop = asyncio.get_running_loop()
         monitor = self._monitor = HealthMonitor(

@@ -178,7 +178,7 @@ class Forwarder:
         model = timing.model if served in models else "_unknown"
         engine = models[served].engine if served in models else "none"
         started, ended = timing.started, gateway.clock()
-        gateway.metrics.requests.labels(model, engine, timing.backend, str(status)).inc()
+        gateway.metrics.child(gateway.metrics.requests, model, engine, timing.backend, str(status)).inc()
         if model == "_unknown":
             return
         if gateway.usage is not None:
@@ -198,9 +198,9 @@ class Forwarder:
                     latency_ms=(ended - started) * 1000,
                 )
             )
-        gateway.metrics.latency.labels(model, engine).observe(ended - started)
+        gateway.metrics.child(gateway.metrics.latency, model, engine).observe(ended - started)
         if timing.upstream_ended:
-            gateway.metrics.overhead.labels(model, engine).observe(timing.overhead(ended))
+            gateway.metrics.child(gateway.metrics.overhead, model, engine).observe(timing.overhead(ended))
 
     async def _route(self, request: web.Request, timing: _Timing) -> web.StreamResponse:
         body = await request.read()
@@ -255,6 +255,7 @@ class Forwarder:
         lora = config.models[served].lora_field(adapter)
         tried: set[int] = set()
         failures: list[str] = []
+        metrics = self.gateway.metrics
         while True:
             if home is not None:
                 home.affine_waiting += 1
@@ -280,10 +281,10 @@ class Forwarder:
                 # Whatever the reason it went elsewhere, the prefix is there now.
                 router.learn(chain, backend, self.gateway.prefix_index)
                 decision = "new" if home is None else "affinity" if backend is home else "spill"
-                self.gateway.metrics.routing.labels(model, decision).inc()
+                metrics.child(metrics.routing, model, decision).inc()
             timing.waited += waited
             if waited:
-                self.gateway.metrics.queue_wait.labels(model).observe(waited)
+                metrics.child(metrics.queue_wait, model).observe(waited)
             timing.backend = backend.name
             timing.upstream_started = self.gateway.clock()
             try:

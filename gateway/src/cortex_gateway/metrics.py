@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -151,9 +152,21 @@ class Metrics:
         self._backends = backends
         self._waiting = waiting
         self._live_labels: set[tuple[str, ...]] = set()
+        # Per request-path series (counters and histograms, never removed):
+        # the labelled child, looked up once instead of per request.
+        self._children: dict[tuple[object, ...], Any] = {}
         self._live_models: set[str] = set()
         # Set by the supervisor for every worker; read once, here, not per scrape.
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: the request path asks for the
+        same few series again and again. Only for series never removed."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def refresh(self) -> None:
         """Set the gauges from the live backends and queues."""
@@ -196,12 +209,12 @@ class Metrics:
         for kind in ("prompt_tokens", "completion_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value >= 0:
-                self.tokens.labels(model, engine, kind.removesuffix("_tokens")).inc(value)
+                self.child(self.tokens, model, engine, kind.removesuffix("_tokens")).inc(value)
         prompt, cached = usage.get("prompt_tokens"), cached_tokens(usage)
         if backend is not None and cached is not None and isinstance(prompt, int) and prompt >= 0:
             hit = min(cached, prompt)
-            self.prompt_cache.labels(model, engine, backend, "hit").inc(hit)
-            self.prompt_cache.labels(model, engine, backend, "miss").inc(prompt - hit)
+            self.child(self.prompt_cache, model, engine, backend, "hit").inc(hit)
+            self.child(self.prompt_cache, model, engine, backend, "miss").inc(prompt - hit)
 
     def exposition(self) -> bytes:
         return generate_latest(self.collect_registry())
@@ -261,7 +274,7 @@ class StreamTap:
         self, metrics: Metrics, model: str, engine: str, started: float, clock: Callable[[], float]
     ) -> None:
         self.engine = engine
-        self._ttft = metrics.ttft.labels(model, engine)
+        self._ttft = metrics.child(metrics.ttft, model, engine)
         self._started = started
         self._clock = clock
         self.first_chunk: float | None = None

@@ -7,6 +7,7 @@ chunk by chunk as it arrives, never held whole in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 
@@ -53,6 +54,12 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: the breaker's own cooldown applies
 
 
+@functools.lru_cache(maxsize=64)
+def _connect_only(connect: float) -> aiohttp.ClientTimeout:
+    """The client timeout of an upstream call (a few distinct values: one per model's timeouts)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None)
+
+
 async def open_upstream(
     session: aiohttp.ClientSession,
     backend: Backend,
@@ -65,7 +72,7 @@ async def open_upstream(
     if backend.api_key:
         headers["Authorization"] = f"Bearer {backend.api_key}"
     # sock_read stays off here: until the first byte, first_byte is the bound.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None)
+    timeout = _connect_only(timeouts.connect)
     try:
         async with asyncio.timeout(timeouts.first_byte):
             try:
@@ -107,25 +114,28 @@ class UpstreamAnswerError(Exception):
         self.engine_fault = engine_fault
 
 
-async def relay_whole(upstream: aiohttp.ClientResponse, idle: float, max_bytes: int) -> web.Response:
-    """Relay a non-streamed answer: status, content type and bytes as they are,
-    read within ``idle`` seconds and never more than ``max_bytes``."""
-    too_large = UpstreamAnswerError(
+def _too_large(max_bytes: int) -> UpstreamAnswerError:
+    return UpstreamAnswerError(
         f"the model server's answer is larger than the {max_bytes} bytes this gateway relays "
         "(limits.max_answer_bytes); ask for a stream",
         "upstream_answer_too_large",
         engine_fault=False,
     )
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, idle: float, max_bytes: int) -> web.Response:
+    """Relay a non-streamed answer: status, content type and bytes as they are,
+    read within ``idle`` seconds and never more than ``max_bytes``."""
     try:
         if (upstream.content_length or 0) > max_bytes:
-            raise too_large
+            raise _too_large(max_bytes)
         parts: list[bytes] = []
         size = 0
         async with asyncio.timeout(idle):
             async for part in upstream.content.iter_any():
                 size += len(part)
                 if size > max_bytes:
-                    raise too_large
+                    raise _too_large(max_bytes)
                 parts.append(part)
         payload = b"".join(parts)
     except TimeoutError as exc:

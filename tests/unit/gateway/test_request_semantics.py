@@ -181,3 +181,45 @@ async def test_a_refused_connection_is_retried_on_another_replica(engine_server,
         answer = await client.post("/v1/completions", json={"model": "chat", "prompt": "x"}, headers=AUTH)
         assert answer.status == 200
     assert len(healthy.received) == 3
+
+
+async def test_a_cookie_one_answer_sets_never_goes_back_with_another_request(aiohttp_client):
+    """The gateway's one upstream session serves every client: an engine (or
+    anything at a backend's address) that sets a cookie must not get it back
+    with the next request, which may be another key's. Backends named by host
+    name (not IP addresses, whose cookies aiohttp refuses anyway) kept them."""
+    from cortex_gateway.app import Gateway
+    from cortex_gateway.config import parse_config
+
+    cookies_seen: list[str | None] = []
+
+    async def complete(request: web.Request) -> web.Response:
+        cookies_seen.append(request.headers.get("Cookie"))
+        response = web.json_response(
+            {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+        )
+        response.set_cookie("session", f"for-request-{len(cookies_seen)}")
+        return response
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    engine = web.Application()
+    engine.router.add_post("/v1/chat/completions", complete)
+    engine.router.add_get("/health", health)
+    server = TestServer(engine, host="127.0.0.1")
+    await server.start_server()
+    try:
+        config = make_config({"chat": [f"http://localhost:{server.port}"]})
+        client = await aiohttp_client(Gateway(parse_config(config)).build_app())
+        await wait_ready(client, "chat", 1)
+        for _ in range(2):
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                headers=AUTH,
+            )
+            assert answer.status == 200, await answer.text()
+        assert cookies_seen == [None, None]
+    finally:
+        await server.close()
