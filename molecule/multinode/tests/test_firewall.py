@@ -1,8 +1,8 @@
 """Engine ports on internal addresses: only the gateway host reaches them.
 
-cortex-fw-gateway (172.30.77.10) runs the gateway and an engine;
-cortex-fw-engines (172.30.77.11) runs an engine and is not a gateway. Both
-publish their engine on their own address, as the example fleet does."""
+cortex-mn-a (172.30.78.10) runs the gateway and engines; cortex-mn-b
+(172.30.78.11) runs engines and is not a gateway. Both publish SmolLM2 on
+llama.cpp on their own address, as the example fleet does."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import socket
 import openai
 import pytest
 import testinfra
-from scenario import admin_get, admin_key
+from scenario import GATEWAY_URL, admin_get, admin_key
 
-GATEWAY_HOST, ENGINE_HOST = "cortex-fw-gateway", "cortex-fw-engines"
-ADDRESS = {GATEWAY_HOST: "172.30.77.10", ENGINE_HOST: "172.30.77.11"}
+GATEWAY_HOST, ENGINE_HOST = "cortex-mn-a", "cortex-mn-b"
+ADDRESS = {GATEWAY_HOST: "172.30.78.10", ENGINE_HOST: "172.30.78.11"}
 ENGINE_PORT = 18100
+# The API of the model over both hosts, at rank 0 on the gateway host.
+GROUP_API_PORT = 18300
 MODEL = "smollm2-135m-instruct"
 
 
@@ -53,7 +55,7 @@ def test_each_host_loads_the_ruleset_at_boot(name):
     assert f"ct original ip daddr {ADDRESS[name]}" in table
     assert "18080-20079" in table
     # Only the gateway host is allowed in.
-    assert re.search(r"set allowed_ipv4 \{[^}]*elements = \{ 172\.30\.77\.10 \}", table), table
+    assert re.search(r"set allowed_ipv4 \{[^}]*elements = \{ 172\.30\.78\.10 \}", table), table
 
 
 @pytest.mark.parametrize("name", [GATEWAY_HOST, ENGINE_HOST])
@@ -79,6 +81,15 @@ def test_a_host_that_is_not_a_gateway_cannot_reach_engine_ports():
     )
 
 
+def test_the_other_rank_reaches_its_groups_api_and_nothing_else_there():
+    """Rank 0's API of the model over both hosts is on an engine port of the
+    gateway host: the other rank's host watches it (its health check), so
+    the group's peers reach that port, and still none of the host's other
+    engine ports."""
+    assert curl_status(ENGINE_HOST, GATEWAY_HOST, GROUP_API_PORT) == "200"
+    assert curl_status(ENGINE_HOST, GATEWAY_HOST, ENGINE_PORT) == "curl exit 28"
+
+
 def test_this_controller_cannot_reach_engine_ports_either():
     # The control first: the controller reaches the hosts' network at all.
     with socket.create_connection((ADDRESS[GATEWAY_HOST], 80), timeout=5):
@@ -101,6 +112,7 @@ def test_without_the_ruleset_the_port_is_open_and_with_it_closed_again():
     assert curl_status(ENGINE_HOST, GATEWAY_HOST, ENGINE_PORT) == "curl exit 28"
 
 
+@pytest.mark.restarts_docker
 def test_a_docker_restart_keeps_the_rules():
     host = on(ENGINE_HOST)
     host.check_output("systemctl restart docker")
@@ -119,9 +131,7 @@ def test_the_gateway_serves_both_hosts_replicas(client_key):
     assert set(urls) == {f"http://{ADDRESS[n]}:{ENGINE_PORT}" for n in ADDRESS}, urls
     # Ready on every worker: each one's health checks reach both hosts' engines.
     assert all(row["ready"] for row in urls.values()), urls
-    client = openai.OpenAI(
-        base_url="http://127.0.0.1:18089/v1", api_key=client_key, max_retries=0, timeout=60
-    )
+    client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, max_retries=0, timeout=60)
     for _attempt in range(4):
         answer = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0
