@@ -138,6 +138,12 @@ def converge_under_load(
              "-e", f"@{changed_vars}", str(project / "playbooks" / playbook)],
             cwd=project, env=env, capture_output=True, text=True, timeout=max_seconds, check=False,
         )  # fmt: skip
+    # Its per-task times (profile_tasks), kept where ./scripts/test keeps its reports.
+    reports = os.environ.get("CORTEX_REPORTS")
+    if reports:
+        scenario = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]).name
+        log = Path(reports) / f"{scenario}-under-load-{changed_vars.parent.name}.log"
+        log.write_text(result.stdout + result.stderr)
     return result, loop, streams
 
 
