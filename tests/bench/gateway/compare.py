@@ -11,7 +11,7 @@ generator, in one run:
 - proxy CPU time per request (from /proc), and resident memory;
 - streaming: time to first chunk and mean gap between chunks, at concurrency 1.
 
-    python tests/bench/gateway/compare.py --litellm PATH/TO/litellm [--out results.json]
+    python tests/bench/gateway/compare.py [--litellm PATH/TO/litellm] [--baseline OLD_TREE] [--out results.json]
 
 Every loop is bounded by a request count and a time limit.
 """
@@ -292,6 +292,26 @@ async def main_async(args) -> dict:
                 {"PYTHONPATH": str(ROOT / "gateway" / "src")},
             )
             procs.append(gateway_workers)
+        baseline = None
+        if args.baseline:
+            # The same config, served by another source tree of the gateway
+            # (an earlier commit's, checked out with `git worktree add`).
+            baseline_port = free_port()
+            baseline_config = {**gateway_config, "listen": {"host": "127.0.0.1", "port": baseline_port},
+                               "admin_listen": {"host": "127.0.0.1", "port": free_port()}}  # fmt: skip
+            (work / "gateway-baseline.yml").write_text(yaml.safe_dump(baseline_config))
+            baseline = start(
+                [
+                    sys.executable,
+                    "-m",
+                    "cortex_gateway",
+                    "serve",
+                    "--config",
+                    str(work / "gateway-baseline.yml"),
+                ],
+                {"PYTHONPATH": f"{args.baseline}/gateway/src"},
+            )
+            procs.append(baseline)
         litellm = None
         if args.litellm:
             litellm = start([args.litellm, "--config", str(work / "litellm.yml"), "--port", str(litellm_port),
@@ -303,6 +323,9 @@ async def main_async(args) -> dict:
                    ("cortex-gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", gateway.pid),
                    ("cortex-gateway, asyncio loop", f"http://127.0.0.1:{asyncio_port}/v1/chat/completions",
                     gateway_asyncio.pid)]  # fmt: skip
+        if baseline:
+            targets.append(("cortex-gateway, baseline", f"http://127.0.0.1:{baseline_port}/v1/chat/completions",
+                            baseline.pid))  # fmt: skip
         if gateway_workers:
             targets.append((f"cortex-gateway, {args.gateway_workers} workers",
                             f"http://127.0.0.1:{workers_port}/v1/chat/completions", gateway_workers.pid))  # fmt: skip
@@ -374,6 +397,17 @@ def table(data: dict) -> str:
             f"CPU per request {ours['cpu_ms_per_request']:.3f} ms = "
             f"{ours['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.1f}x nginx's {floor['cpu_ms_per_request']:.3f} ms."
         )  # fmt: skip
+        if "cortex-gateway, baseline" in rows:
+            then = rows["cortex-gateway, baseline"]
+            lines.append(
+                f"this tree vs the baseline tree: CPU per request {ours['cpu_ms_per_request']:.3f} vs "
+                f"{then['cpu_ms_per_request']:.3f} ms ({ours['cpu_ms_per_request'] / then['cpu_ms_per_request']:.2f}x), "
+                f"req/s at 64 {ours['c64']['rps']:.0f} vs {then['c64']['rps']:.0f}, added p50 "
+                f"{ours['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} vs {then['c1']['p50_ms'] - base['c1']['p50_ms']:.3f} ms."
+            )  # fmt: skip
+        lines.append(
+            f"cortex-gateway at concurrency 64: {ours['c64']['rps'] / base['c64']['rps']:.0%} of the backend alone's rate."
+        )
         if "cortex-gateway, asyncio loop" in rows:
             plain = rows["cortex-gateway, asyncio loop"]
             lines.append(
@@ -407,8 +441,14 @@ def main() -> None:
     parser.add_argument(
         "--soak-seconds", type=float, default=0.0, help="then load the gateway this long, sampling memory"
     )
+    parser.add_argument(
+        "--baseline",
+        help="also measure the gateway of this source tree (e.g. a `git worktree` of an earlier commit)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
     data = asyncio.run(main_async(args))
     print(table(data))
     if data["soak"]:
