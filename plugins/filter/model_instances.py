@@ -21,7 +21,9 @@ description:
     C(headless_endpoints), a host's ranks without an API of models that span hosts (watched through rank 0), and
     C(model_source_files), the files (all parts of a split GGUF) that a model's source consists of,
     C(model_fetch_list), the models (not absent) and their LoRA adapters and draft models, each as an entry
-    with its own C(name), C(engine) and C(source), for the role to fetch,
+    with its own C(name), C(engine) and C(source), for the role to fetch, C(model_fetch_id), what
+    identifies the files of such an entry, and C(model_fetch_pending)/C(model_fetched_shapes), given the
+    stamps the role left beside the files on a host, the entries to fetch and the shapes of the others,
     C(prometheus_targets), Prometheus file_sd target groups for gateways, engines and node exporters,
     C(proxy_read_timeout), the seconds nginx waits in front of the gateway (its longest timeout, over every
     model's own, and a margin), and C(fleet_rows)/C(fleet_table), the engine containers of hosts as a text
@@ -80,7 +82,10 @@ from ansible_collections.cortex.serving.plugins.module_utils._fleet import (
 )
 from ansible_collections.cortex.serving.plugins.module_utils._models import (
     ModelsError,
+    fetch_id,
     fetch_list,
+    fetch_pending,
+    fetched_shapes,
     headless_endpoints,
     host_instances,
     instance_endpoints,
@@ -147,6 +152,9 @@ class FilterModule(object):
             "headless_endpoints": headless_endpoints,
             "model_source_files": source_files,
             "model_fetch_list": fetch_list,
+            "model_fetch_id": fetch_id,
+            "model_fetch_pending": fetch_pending,
+            "model_fetched_shapes": fetched_shapes,
             "routing_table": _routing_table,
             "proxy_read_timeout": proxy_read_timeout,
             "prometheus_targets": _prometheus_targets,

@@ -1037,6 +1037,59 @@ def fetch_list(models):
     return items
 
 
+def fetch_id(item):
+    """What identifies the files a fetch entry puts on a host: its name,
+    engine and source (a key left out), not its engine settings, so a changed
+    option does not fetch the files again."""
+    source = dict(item.get("source") or {})
+    source.pop("token", None)
+    identity = {"name": item.get("name"), "engine": item.get("engine"), "source": source}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fetch_stamps(stamps):
+    """Each stamp the role left beside a model's files (one JSON object a
+    line, as the role reads them), by name; lines that are not one are skipped."""
+    found = {}
+    for line in stamps or []:
+        try:
+            stamp = json.loads(line) if isinstance(line, str) else line
+        except ValueError:
+            continue
+        if isinstance(stamp, dict) and isinstance(stamp.get("name"), str):
+            found[stamp["name"]] = stamp
+    return found
+
+
+def fetch_pending(items, stamps):
+    """The fetch entries whose files the host does not hold as they are
+    declared now: no stamp beside its files, or one of another source. A
+    model on a host path is always checked (the role leaves no stamp there)."""
+    held = _fetch_stamps(stamps)
+    return [
+        item
+        for item in items or []
+        if "path" in (item.get("source") or {})
+        or (held.get(item.get("name")) or {}).get("id") != fetch_id(item)
+    ]
+
+
+def fetched_shapes(items, stamps):
+    """The shapes (what gguf_info read, and the entry's plan) of the entries
+    the host holds as declared, from their stamps: what fetch.yml records for
+    the others."""
+    held = _fetch_stamps(stamps)
+    shapes = {}
+    for item in items or []:
+        stamp = held.get(item.get("name")) or {}
+        if "path" in (item.get("source") or {}) or stamp.get("id") != fetch_id(item):
+            continue
+        if stamp.get("shape") or item.get("plan"):
+            # As fetch.yml records it: the entry's plan over what was read.
+            shapes[item["name"]] = dict(stamp.get("shape") or {}, **(item.get("plan") or {}))
+    return shapes
+
+
 def _healthcheck(engine, start_period, port=None):
     """Docker's own health check of an engine container, with its start period
     (``port``: where it listens when it shares the host's network)."""
