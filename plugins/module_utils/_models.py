@@ -77,12 +77,11 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 
-# vLLM on CPUs, compiling: its cache in a folder it may execute from (the
-# /tmp tmpfs is noexec), kept on the host per container, so that a restart
-# with the same settings loads what it compiled instead of compiling again
-# (about a minute on 2 cores for SmolLM2). The role creates it, owned by the
-# engine's user.
+# vLLM on CPUs, compiling: its cache in an in-memory folder it may execute from.
 COMPILE_DIR = "/var/cache/cortex-compile"
+# Owned by the engine's user: a tmpfs "mode" is lost when Docker starts the
+# container again (seen: the folder came back root's 0755), its uid is not.
+COMPILE_TMPFS = COMPILE_DIR + ":exec,uid=%d,gid=%d"
 COMPILE_ENV = {"VLLM_CACHE_ROOT": COMPILE_DIR + "/vllm"}
 
 # What each engine needs from the role when the inventory says nothing.
@@ -103,8 +102,6 @@ BUILTIN_DEFAULTS = {
     "vllm_cpu_venv": "",
     # Where the role puts each model's (and adapter's, and draft's) files on the host.
     "models_dir": "/var/lib/cortex/models",
-    # Host folder of the compile caches of vLLM on CPUs, one subfolder per container.
-    "compile_cache_dir": "/var/cache/cortex/compile",
     # Environment of vLLM models without GPUs, under the model's own env.
     "vllm_cpu_env": {},
     "llamacpp": {"parallel": 2, "metrics": True},
@@ -756,15 +753,12 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
     # compiled from its cache: a folder it may execute from (the /tmp tmpfs is noexec).
     compiles = vllm_cpu and not engine_options.get("enforce_eager")
     tensor_parallel = int(engine_options.get("tensor_parallel_size") or 1) if engine == "vllm" else 1
-    container = "%s%s-%d" % (cfg["container_prefix"], item.name, replica)
-    mounts = [_file_mount(f, cfg["models_dir"]) for f in files]
-    if vllm_cpu and cfg.get("vllm_cpu_venv"):
-        mounts.insert(
-            0, {"type": "bind", "source": cfg["vllm_cpu_venv"], "target": VLLM_VENV_DIR, "read_only": True}
-        )
-    compile_cache = "%s/%s" % (cfg["compile_cache_dir"].rstrip("/"), container) if compiles else None
-    if compile_cache:
-        mounts.append({"type": "bind", "source": compile_cache, "target": COMPILE_DIR, "read_only": False})
+    venv_mount = {
+        "type": "bind",
+        "source": cfg.get("vllm_cpu_venv"),
+        "target": VLLM_VENV_DIR,
+        "read_only": True,
+    }
     env = _merge(
         _merge(cfg.get("vllm_cpu_env") if vllm_cpu else {}, COMPILE_ENV if compiles else {}), item.env
     )
@@ -773,7 +767,7 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
         "engine": engine,
         "replica": replica,
         "replicas": item.replicas,
-        "container": container,
+        "container": "%s%s-%d" % (cfg["container_prefix"], item.name, replica),
         "state": item.state,
         "port": host_port,
         "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
@@ -782,9 +776,8 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
         "gpu_memory_fraction": item.fraction,
         "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
         # Mounts besides the key and the model (the role adds those).
-        "extra_mounts": mounts,
-        # The host folder the role creates for the compile cache (None: no compiling).
-        "compile_cache": compile_cache,
+        "extra_mounts": ([venv_mount] if vllm_cpu and cfg.get("vllm_cpu_venv") else [])
+        + [_file_mount(f, cfg["models_dir"]) for f in files],
         # Adapters served as model names, in llama.cpp's order (its ids).
         "adapters": [{"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)],
         # Identifies the adapters' and draft's files, as io.cortex.source the model's.
@@ -804,8 +797,12 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
         # pass their inputs there (on CPU, in buffers of a few hundred MiB).
         "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
         "shm_size": ("1g" if vllm_cpu else "8g") if engine == "vllm" else None,
-        # A writable in-memory folder under the read-only root.
-        "tmpfs": ["/tmp"],  # noqa: S108 - the container's
+        # Writable in-memory folders under the read-only root.
+        "tmpfs": (
+            ["/tmp", COMPILE_TMPFS % (int(cfg["engine_uid"]), int(cfg["engine_uid"]))]  # noqa: S108 - the container's
+            if compiles
+            else ["/tmp"]  # noqa: S108 - the container's
+        ),
         "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
         "healthcheck": _healthcheck(engine, health_timeout),
         # Seconds between `docker stop`'s SIGTERM and its SIGKILL: vLLM's
