@@ -195,9 +195,8 @@ async def test_a_cookie_one_answer_sets_never_goes_back_with_another_request(aio
 
     async def complete(request: web.Request) -> web.Response:
         cookies_seen.append(request.headers.get("Cookie"))
-        response = web.json_response(
-            {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
-        )
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        response = web.json_response({"choices": [{"message": {"content": "ok"}}], "usage": usage})
         response.set_cookie("session", f"for-request-{len(cookies_seen)}")
         return response
 
@@ -213,7 +212,7 @@ async def test_a_cookie_one_answer_sets_never_goes_back_with_another_request(aio
         config = make_config({"chat": [f"http://localhost:{server.port}"]})
         client = await aiohttp_client(Gateway(parse_config(config)).build_app())
         await wait_ready(client, "chat", 1)
-        for _ in range(2):
+        for _request in range(2):
             answer = await client.post(
                 "/v1/chat/completions",
                 json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
