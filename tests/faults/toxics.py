@@ -28,7 +28,12 @@ class FaultProxy:
         return app
 
     async def _session(self, _app: web.Application):
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        # A new connection per request: reusing one that llama-server had
+        # closed while idle failed a request with this proxy's own 500 (not
+        # the fault it injects), seen once in the trickle fault.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(force_close=True)
+        )
         yield
         await self.session.close()
 
