@@ -1058,17 +1058,21 @@ def _fetch_stamps(stamps):
     return found
 
 
+def _held_stamp(item, held):
+    """The stamp of an entry the host holds as it is declared now (None: no
+    stamp, one of another source, or a model on a host path, which has none)."""
+    stamp = held.get(item.get("name")) or {}
+    if "path" in (item.get("source") or {}) or stamp.get("id") != fetch_id(item):
+        return None
+    return stamp
+
+
 def fetch_pending(items, stamps):
     """The fetch entries whose files the host does not hold as they are
     declared now: no stamp beside its files, or one of another source. A
     model on a host path is always checked (the role leaves no stamp there)."""
     held = _fetch_stamps(stamps)
-    return [
-        item
-        for item in items or []
-        if "path" in (item.get("source") or {})
-        or (held.get(item.get("name")) or {}).get("id") != fetch_id(item)
-    ]
+    return [item for item in items or [] if _held_stamp(item, held) is None]
 
 
 def fetched_shapes(items, stamps):
@@ -1078,10 +1082,8 @@ def fetched_shapes(items, stamps):
     held = _fetch_stamps(stamps)
     shapes = {}
     for item in items or []:
-        stamp = held.get(item.get("name")) or {}
-        if "path" in (item.get("source") or {}) or stamp.get("id") != fetch_id(item):
-            continue
-        if stamp.get("shape") or item.get("plan"):
+        stamp = _held_stamp(item, held)
+        if stamp is not None and (stamp.get("shape") or item.get("plan")):
             # As fetch.yml records it: the entry's plan over what was read.
             shapes[item["name"]] = dict(stamp.get("shape") or {}, **(item.get("plan") or {}))
     return shapes
