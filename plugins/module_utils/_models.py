@@ -896,62 +896,72 @@ def _pool_instance(pool, gpus, port, taken, restart, env, shapes, cfg):
     if host_port is None:
         host_port = _auto_port("%s/0" % name, int(cfg["port_base"]), int(cfg["port_span"]), taken)
     taken[host_port] = name
-    members = []
-    sections = []
-    mounts = []
+    members, sections, mounts = [], [], []
     preload_bytes = 0
-    models_dir = cfg["models_dir"].rstrip("/")
     for model in pool[_POOL]:
-        member = model["name"]
-        shape = shapes.get(member) or {}
-        options = _engine_options(cfg, "llamacpp", model, gpus)
-        entry = dict(model)
-        file_name = source_file_name(model.get("source"))
-        entry.update(
-            {"model_file": member_model_file(member, file_name or ""), "gpus": gpus, "llamacpp": options}
-        )
-        command = llamacpp_command(
-            entry, context_length=shape.get("context_length") or cfg["default_context"]
-        )
-        idle = model.get("idle_unload_seconds", pool.get("idle_unload_seconds")) or 0
-        sections.append(preset_section(member, command, idle, bool(model.get("preload"))))
-        source = model.get("source") or {}
-        folder = (
-            str(source["path"]).rsplit("/", 1)[0] or "/"
-            if source.get("path")
-            else "%s/%s" % (models_dir, member)
-        )
-        mounts.append({"type": "bind", "source": folder, "target": "/models/" + member, "read_only": True})
-        mounts += [_file_mount(f, cfg["models_dir"]) for f in feature_files(model, "llamacpp")]
-        if model.get("preload"):
-            preload_bytes += shape.get("size_bytes") or 0
-        load_timeout = model.get("load_timeout", pool.get("load_timeout"))
-        members.append(
-            {
-                "name": member,
-                # The instance it would be on its own: what model_plan reads.
-                "command": command,
-                "max_concurrency": _concurrency("llamacpp", options),
-                "kind": _kind("llamacpp", options),
-                "timeouts": dict(model.get("timeouts") or {}),
-                "routing": dict(model.get("routing") or {}),
-                "adapters": [
-                    {"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)
-                ],
-                "idle_unload_seconds": int(idle),
-                "preload": bool(model.get("preload")),
-                # How long the gateway waits for it to load: its start period by default.
-                "load_timeout": int(
-                    load_timeout
-                    if load_timeout is not None
-                    else _health_timeout("llamacpp", {}, shape.get("size_bytes"), cfg)
-                ),
-                "source": dict((k, v) for k, v in source.items() if k != "token"),
-            }
-        )
+        member, section, member_mounts = _pool_member(pool, model, gpus, shapes.get(model["name"]) or {}, cfg)
+        members.append(member)
+        sections.append(section)
+        mounts += member_mounts
+        if member["preload"]:
+            preload_bytes += (shapes.get(model["name"]) or {}).get("size_bytes") or 0
     preset = preset_text(name, sections)
-    preset_path = "%s/.pools/%s.ini" % (models_dir, name)
+    preset_path = "%s/.pools/%s.ini" % (cfg["models_dir"].rstrip("/"), name)
     mounts.append({"type": "bind", "source": preset_path, "target": PRESET_FILE, "read_only": True})
+    return _pool_record(
+        pool, members, mounts, preset, preset_path, host_port, gpus, restart, env, preload_bytes, cfg
+    )
+
+
+def _pool_member(pool, model, gpus, shape, cfg):
+    """One model of a pool: what the gateway and model_plan know of it, its
+    section of the preset file, and the mounts of its files."""
+    member = model["name"]
+    options = _engine_options(cfg, "llamacpp", model, gpus)
+    entry = dict(model)
+    file_name = source_file_name(model.get("source"))
+    entry.update(
+        {"model_file": member_model_file(member, file_name or ""), "gpus": gpus, "llamacpp": options}
+    )
+    command = llamacpp_command(entry, context_length=shape.get("context_length") or cfg["default_context"])
+    idle = model.get("idle_unload_seconds", pool.get("idle_unload_seconds")) or 0
+    section = preset_section(member, command, idle, bool(model.get("preload")))
+    source = model.get("source") or {}
+    folder = (
+        str(source["path"]).rsplit("/", 1)[0] or "/"
+        if source.get("path")
+        else "%s/%s" % (cfg["models_dir"].rstrip("/"), member)
+    )
+    mounts = [{"type": "bind", "source": folder, "target": "/models/" + member, "read_only": True}]
+    mounts += [_file_mount(f, cfg["models_dir"]) for f in feature_files(model, "llamacpp")]
+    load_timeout = model.get("load_timeout", pool.get("load_timeout"))
+    record = {
+        "name": member,
+        # The instance it would be on its own: what model_plan reads.
+        "command": command,
+        "max_concurrency": _concurrency("llamacpp", options),
+        "kind": _kind("llamacpp", options),
+        "timeouts": dict(model.get("timeouts") or {}),
+        "routing": dict(model.get("routing") or {}),
+        "adapters": [{"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)],
+        "idle_unload_seconds": int(idle),
+        "preload": bool(model.get("preload")),
+        # How long the gateway waits for it to load: its start period by default.
+        "load_timeout": int(
+            load_timeout
+            if load_timeout is not None
+            else _health_timeout("llamacpp", {}, shape.get("size_bytes"), cfg)
+        ),
+        "source": dict((k, v) for k, v in source.items() if k != "token"),
+    }
+    return record, section, mounts
+
+
+def _pool_record(
+    pool, members, mounts, preset, preset_path, host_port, gpus, restart, env, preload_bytes, cfg
+):
+    """Everything the role needs to run a pool's router container."""
+    name = pool["name"]
     max_resident = pool.get("max_resident") or 1
     health_timeout = _health_timeout("llamacpp", {}, preload_bytes, cfg)
     identity = json.dumps([[m["name"], m["source"]] for m in members] + [preset], sort_keys=True)

@@ -19,6 +19,7 @@ from ansible_collections.cortex.serving.plugins.module_utils._models import (
     _claim_explicit_ports,
     _HostPlan,
     _place_gpus,
+    _pool_member,
     _replica_command,
 )
 
@@ -203,3 +204,28 @@ def test_a_pipeline_on_cpus_is_compiled_and_eager_mode_is_reported():
         "model pp: vllm.enforce_eager: pipeline parallelism on CPUs crashes in eager mode; "
         "leave it out (the ranks compile their graphs)"
     ]
+
+
+def test_a_pool_member_gets_its_preset_section_mounts_and_a_load_timeout_from_its_size():
+    cfg = _models._merge(BUILTIN_DEFAULTS, None)
+    pool = {"name": "small", "idle_unload_seconds": 300, "load_timeout": None}
+    on_host = {"name": "a", "source": {"path": "/srv/gguf/a.gguf"}, "preload": True}
+    fetched = {"name": "b", "source": {"url": "https://example.invalid/b.gguf", "token": "secret"}}
+    shape = {"size_bytes": 4 * 1024**3, "context_length": 2048}
+
+    member, section, mounts = _pool_member(pool, on_host, [], shape, cfg)
+    assert member["preload"] is True
+    assert member["idle_unload_seconds"] == 300
+    assert mounts[0] == {"type": "bind", "source": "/srv/gguf", "target": "/models/a", "read_only": True}
+    assert "[a]" in section
+    assert "--ctx-size" in " ".join(member["command"])
+    # A bigger file waits longer to load than a small one.
+    small, _, _ = _pool_member(pool, on_host, [], {"size_bytes": 1024}, cfg)
+    assert member["load_timeout"] > small["load_timeout"]
+
+    member, _, mounts = _pool_member(dict(pool, load_timeout=42), fetched, [], {}, cfg)
+    assert member["load_timeout"] == 42
+    assert member["preload"] is False
+    assert mounts[0]["source"] == cfg["models_dir"].rstrip("/") + "/b"
+    # The pool's identity and what the gateway reads never carry the token.
+    assert "token" not in member["source"]
