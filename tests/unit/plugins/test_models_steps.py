@@ -220,10 +220,10 @@ def test_a_pool_member_gets_its_preset_section_mounts_and_a_load_timeout_from_it
     assert "[a]" in section
     assert "--ctx-size" in " ".join(member["command"])
     # A bigger file waits longer to load than a small one.
-    small, _, _ = _pool_member(pool, on_host, [], {"size_bytes": 1024}, cfg)
+    small = _pool_member(pool, on_host, [], {"size_bytes": 1024}, cfg)[0]
     assert member["load_timeout"] > small["load_timeout"]
 
-    member, _, mounts = _pool_member(dict(pool, load_timeout=42), fetched, [], {}, cfg)
+    member, _section, mounts = _pool_member(dict(pool, load_timeout=42), fetched, [], {}, cfg)
     assert member["load_timeout"] == 42
     assert member["preload"] is False
     assert mounts[0]["source"] == cfg["models_dir"].rstrip("/") + "/b"
