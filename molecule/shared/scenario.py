@@ -122,7 +122,7 @@ class Load:
 
 
 def converge_under_load(
-    loads: list[Load], changed_vars: Path, playbook: str, *, max_seconds: float = 1200
+    loads: list[Load], changed_vars: Path, playbook: str, *, max_seconds: float = 900
 ) -> subprocess.CompletedProcess:
     """Run a playbook of the project with ``changed_vars`` over the scenario's
     inventory while every load loops through the gateway; the loops stop

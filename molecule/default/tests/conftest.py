@@ -12,9 +12,3 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from scenario import client_key, pytest_generate_tests
 
 __all__ = ["client_key", "pytest_generate_tests"]
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """The rolling change runs last: it changes models the other tests read
-    and leaves the changed inventory converged."""
-    items.sort(key=lambda item: item.module.__name__ == "test_rolling_change")
