@@ -4,7 +4,6 @@ Each scenario's conftest.py imports it (this folder is not a scenario)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -114,7 +113,6 @@ class Load:
     requests and ``stream_threads`` looping streams."""
 
     def __init__(self, client, model: str, *, stream_threads: int = 2, max_seconds: float = 900):
-        self.model = model
         self.loop = RequestLoop(client, model, max_seconds=max_seconds)
         self.streams = RequestLoop(
             client, model, threads=stream_threads, max_seconds=max_seconds, stream=True
@@ -122,11 +120,10 @@ class Load:
 
 
 def converge_under_load(
-    loads: list[Load], changed_vars: Path, playbook: str, *, max_seconds: float = 900
+    load: Load, changed_vars: Path, playbook: str, *, max_seconds: float = 900
 ) -> subprocess.CompletedProcess:
     """Run a playbook of the project with ``changed_vars`` over the scenario's
-    inventory while every load loops through the gateway; the loops stop
-    when it ends. One converge may change several models, each under its own load."""
+    inventory while ``load`` loops through the gateway; the loops stop when it ends."""
     project = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[2]))
     inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
     env = {
@@ -135,10 +132,7 @@ def converge_under_load(
         "ANSIBLE_COLLECTIONS_PATH": str(project / ".cache" / "collections"),
         "ANSIBLE_FORCE_COLOR": "0",
     }
-    with contextlib.ExitStack() as running:
-        for load in loads:
-            running.enter_context(load.loop)
-            running.enter_context(load.streams)
+    with load.loop, load.streams:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(inventory),
              "-e", f"@{changed_vars}", str(project / "playbooks" / playbook)],

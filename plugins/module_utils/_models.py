@@ -899,12 +899,13 @@ def _pool_instance(pool, gpus, port, taken, restart, env, shapes, cfg):
     members, sections, mounts = [], [], []
     preload_bytes = 0
     for model in pool[_POOL]:
-        member, section, member_mounts = _pool_member(pool, model, gpus, shapes.get(model["name"]) or {}, cfg)
+        shape = shapes.get(model["name"]) or {}
+        member, section, member_mounts = _pool_member(pool, model, gpus, shape, cfg)
         members.append(member)
         sections.append(section)
         mounts += member_mounts
         if member["preload"]:
-            preload_bytes += (shapes.get(model["name"]) or {}).get("size_bytes") or 0
+            preload_bytes += shape.get("size_bytes") or 0
     preset = preset_text(name, sections)
     preset_path = "%s/.pools/%s.ini" % (cfg["models_dir"].rstrip("/"), name)
     mounts.append({"type": "bind", "source": preset_path, "target": PRESET_FILE, "read_only": True})

@@ -58,7 +58,7 @@ def test_a_changed_model_is_replaced_and_scaled_down_drained_without_failures(ho
     changed.write_text(yaml.safe_dump(moved))
     client = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=60, max_retries=0)
     load = Load(client, MODEL)
-    result = converge_under_load([load], changed, "site.yml")
+    result = converge_under_load(load, changed, "site.yml")
     replaced, removed = CONTAINERS[0], CONTAINERS[1]
     waited = assert_replaced_one_at_a_time(result, [replaced], "cortex-molecule", removed=(removed,))
     # The load was on the replicas as they were drained: a drain waited for

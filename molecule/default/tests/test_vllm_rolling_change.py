@@ -38,7 +38,7 @@ def test_a_changed_vllm_model_is_replaced_one_replica_at_a_time_without_failures
     # serving must leave a starting vLLM some CPU.
     load = Load(client, MODEL, stream_threads=1)
     result = converge_under_load(
-        [load], changed_models(tmp_path, MODEL, "vllm", "max_model_len", 1536), "models.yml"
+        load, changed_models(tmp_path, MODEL, "vllm", "max_model_len", 1536), "models.yml"
     )
     waited = assert_replaced_one_at_a_time(result, REPLICAS, "cortex-molecule")
     assert sum(waited) > 0, f"no drain had a request in flight to wait for: {waited}"
