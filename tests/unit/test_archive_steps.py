@@ -109,7 +109,7 @@ def test_a_whole_run_leaves_the_archive_under_its_name_and_no_partial(tmp_path):
     (folder / "a.deb").write_bytes(b"a" * 1000)
     task = task_named("local_packages", "main.yml", "Pack the packages into one archive on the controller")
     archive = tmp_path / "packages.tar"
-    argv, _ = rendered_argv(
+    argv, creates = rendered_argv(
         task,
         {
             "_local_packages_archive": str(archive),
@@ -117,6 +117,7 @@ def test_a_whole_run_leaves_the_archive_under_its_name_and_no_partial(tmp_path):
             "_local_packages_found": {"files": [{"path": str(folder / "a.deb")}]},
         },
     )
+    assert creates == str(archive)
     subprocess.run(argv, check=True)
     listing = subprocess.run(["tar", "-tf", str(archive)], check=True, capture_output=True, text=True).stdout
     assert listing.split() == ["a.deb"]
