@@ -744,11 +744,52 @@ def _replica_command(plan, item, entry, host_port, shape):
 
 def _instance_record(item, entry, replica, host_port, command, health_timeout, files, cfg):
     """Everything the role needs to run one replica's container."""
-    engine, model, gpus = item.engine, item.model, entry["gpus"]
+    engine, model = item.engine, item.model
+    engine_options = entry[engine]
+    record = {
+        "model": item.name,
+        "engine": engine,
+        "replica": replica,
+        "replicas": item.replicas,
+        "container": "%s%s-%d" % (cfg["container_prefix"], item.name, replica),
+        "state": item.state,
+        "port": host_port,
+        "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
+        "url": "http://%s:%d" % (cfg["address"], host_port),
+        "gpus": entry["gpus"],
+        "gpu_memory_fraction": item.fraction,
+        # Adapters served as model names, in llama.cpp's order (its ids).
+        "adapters": [{"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)],
+        # Identifies the adapters' and draft's files, as io.cortex.source the model's.
+        "features_id": _features_id(files),
+        "command": command,
+        "restart_policy": item.restart,
+        "health_path": "/health",
+        "health_timeout": health_timeout,
+        "kind": _kind(engine, engine_options),
+        "max_concurrency": _concurrency(engine, engine_options),
+        # The gateway's timeouts for this model, over its own defaults.
+        "timeouts": dict(model.get("timeouts") or {}),
+        # How the gateway picks a replica for it (over its own default).
+        "routing": dict(model.get("routing") or {}),
+        "healthcheck": _healthcheck(engine, health_timeout),
+        # Seconds between `docker stop`'s SIGTERM and its SIGKILL: vLLM's
+        # engine processes took 20 s to shut down on CPU.
+        "stop_timeout": STOP_TIMEOUTS[engine],
+        "source_kind": source_kind(model.get("source")),
+        "model_file": entry["model_file"],
+    }
+    record.update(_container_runtime(item, entry, files, cfg))
+    return record
+
+
+def _container_runtime(item, entry, files, cfg):
+    """The container's image, mounts, environment and in-memory folders."""
+    engine = item.engine
     engine_options = entry[engine]
     # vLLM without GPUs runs in the CPU image, with its virtualenv mounted
     # from the host unless the image carries it.
-    vllm_cpu = engine == "vllm" and not gpus
+    vllm_cpu = engine == "vllm" and not entry["gpus"]
     # vLLM on CPUs that compiles its graphs (not eager) loads the code it
     # compiled from its cache: a folder it may execute from (the /tmp tmpfs is noexec).
     compiles = vllm_cpu and not engine_options.get("enforce_eager")
@@ -763,36 +804,11 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
         _merge(cfg.get("vllm_cpu_env") if vllm_cpu else {}, COMPILE_ENV if compiles else {}), item.env
     )
     return {
-        "model": item.name,
-        "engine": engine,
-        "replica": replica,
-        "replicas": item.replicas,
-        "container": "%s%s-%d" % (cfg["container_prefix"], item.name, replica),
-        "state": item.state,
-        "port": host_port,
-        "container_port": LLAMACPP_PORT if engine == "llamacpp" else VLLM_PORT,
-        "url": "http://%s:%d" % (cfg["address"], host_port),
-        "gpus": gpus,
-        "gpu_memory_fraction": item.fraction,
-        "image": model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
+        "image": item.model.get("image") or cfg["images"]["vllm_cpu" if vllm_cpu else engine],
         # Mounts besides the key and the model (the role adds those).
         "extra_mounts": ([venv_mount] if vllm_cpu and cfg.get("vllm_cpu_venv") else [])
         + [_file_mount(f, cfg["models_dir"]) for f in files],
-        # Adapters served as model names, in llama.cpp's order (its ids).
-        "adapters": [{"name": a["name"], "scale": float(a.get("scale", 1.0))} for a in adapters_of(model)],
-        # Identifies the adapters' and draft's files, as io.cortex.source the model's.
-        "features_id": _features_id(files),
-        "command": command,
         "env": dict((str(k), str(v)) for k, v in env.items()),
-        "restart_policy": item.restart,
-        "health_path": "/health",
-        "health_timeout": health_timeout,
-        "kind": _kind(engine, engine_options),
-        "max_concurrency": _concurrency(engine, engine_options),
-        # The gateway's timeouts for this model, over its own defaults.
-        "timeouts": dict(model.get("timeouts") or {}),
-        # How the gateway picks a replica for it (over its own default).
-        "routing": dict(model.get("routing") or {}),
         # Tensor parallelism talks through shared memory; vLLM's processes
         # pass their inputs there (on CPU, in buffers of a few hundred MiB).
         "ipc_mode": "host" if engine == "vllm" and tensor_parallel > 1 else None,
@@ -804,12 +820,6 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
             else ["/tmp"]  # noqa: S108 - the container's
         ),
         "entrypoint": list(VLLM_ENTRYPOINT) if engine == "vllm" else None,
-        "healthcheck": _healthcheck(engine, health_timeout),
-        # Seconds between `docker stop`'s SIGTERM and its SIGKILL: vLLM's
-        # engine processes took 20 s to shut down on CPU.
-        "stop_timeout": STOP_TIMEOUTS[engine],
-        "source_kind": source_kind(model.get("source")),
-        "model_file": entry["model_file"],
     }
 
 
