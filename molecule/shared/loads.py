@@ -76,6 +76,17 @@ class RequestLoop:
         for thread in self._threads:
             thread.join(timeout=120)
 
+    def wait_for(self, count: int, max_seconds: float, clock=time.monotonic, pause=time.sleep) -> None:
+        """Return once the loop has ``count`` outcomes, or after ``max_seconds``
+        (the assertions then name the shortfall), or when its threads have ended."""
+        deadline = clock() + max_seconds
+        while (
+            len(self.outcomes) < count
+            and clock() < deadline
+            and any(thread.is_alive() for thread in self._threads)
+        ):
+            pause(0.2)
+
     @property
     def failures(self) -> list[str]:
         return [o for o in self.outcomes if o != "ok"]

@@ -5,6 +5,7 @@ recorded failure, not a loop thread that dies unseen."""
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,3 +65,43 @@ def test_a_stream_without_a_finish_reason_is_a_failure():
     client = FakeClient([lambda: iter([Chunk(choices=[SimpleNamespace(finish_reason=None)])])])
     loop = run_to_the_end(RequestLoop(client, "m", max_requests=1, stream=True))
     assert loop.failures == ["stream ended without a finish_reason"]
+
+
+class FakeClock:
+    """Time that moves only when the loop pauses."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def pause(self, seconds):
+        self.now += seconds
+
+
+def test_wait_for_returns_once_the_loop_has_made_the_count():
+    loop = RequestLoop(FakeClient([SimpleNamespace()] * 50), "m", max_requests=50)
+    clock = FakeClock()
+    with loop:
+        loop.wait_for(5, max_seconds=60, clock=clock, pause=clock.pause)
+        assert len(loop.outcomes) >= 5
+    assert clock.now < 60
+
+
+def test_wait_for_gives_up_after_its_bound_when_the_loop_is_stuck():
+    answer = threading.Event()
+
+    def stuck(**_request):
+        answer.wait(timeout=30)  # a request that does not end while the loop is watched
+        return SimpleNamespace()
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=stuck)))
+    loop = RequestLoop(client, "m", max_requests=1)
+    clock = FakeClock()
+    with loop:
+        loop.wait_for(5, max_seconds=3, clock=clock, pause=clock.pause)
+        made = len(loop.outcomes)
+        answer.set()
+    assert made == 0
+    assert 3 <= clock.now < 3.5
