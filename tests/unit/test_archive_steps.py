@@ -85,18 +85,22 @@ def test_a_killed_virtualenv_archive_leaves_nothing_creates_would_trust(tmp_path
     assert not left, f"a killed step left {left} bytes under the archive's name"
 
 
-def test_a_killed_package_archive_leaves_nothing_creates_would_trust(tmp_path, big_sparse_folder):
+def package_step(archive: Path, package: Path) -> list[str]:
+    """local_packages' packing step for one package, checked to be guarded by its archive."""
     task = task_named("local_packages", "main.yml", "Pack the packages into one archive on the controller")
-    archive = tmp_path / "packages.tar"
-    argv, creates = rendered_argv(
-        task,
-        {
-            "_local_packages_archive": str(archive),
-            "local_packages_dir": str(big_sparse_folder),
-            "_local_packages_found": {"files": [{"path": str(big_sparse_folder / "big.bin")}]},
-        },
-    )
+    variables = {
+        "_local_packages_archive": str(archive),
+        "local_packages_dir": str(package.parent),
+        "_local_packages_found": {"files": [{"path": str(package)}]},
+    }
+    argv, creates = rendered_argv(task, variables)
     assert creates == str(archive)
+    return argv
+
+
+def test_a_killed_package_archive_leaves_nothing_creates_would_trust(tmp_path, big_sparse_folder):
+    archive = tmp_path / "packages.tar"
+    argv = package_step(archive, big_sparse_folder / "big.bin")
     kill_while_writing(argv, archive)
     left = archive.stat().st_size if archive.exists() else 0
     archive.unlink(missing_ok=True)
@@ -107,17 +111,8 @@ def test_a_whole_run_leaves_the_archive_under_its_name_and_no_partial(tmp_path):
     folder = tmp_path / "packages"
     folder.mkdir()
     (folder / "a.deb").write_bytes(b"a" * 1000)
-    task = task_named("local_packages", "main.yml", "Pack the packages into one archive on the controller")
     archive = tmp_path / "packages.tar"
-    argv, creates = rendered_argv(
-        task,
-        {
-            "_local_packages_archive": str(archive),
-            "local_packages_dir": str(folder),
-            "_local_packages_found": {"files": [{"path": str(folder / "a.deb")}]},
-        },
-    )
-    assert creates == str(archive)
+    argv = package_step(archive, folder / "a.deb")
     subprocess.run(argv, check=True)
     listing = subprocess.run(["tar", "-tf", str(archive)], check=True, capture_output=True, text=True).stdout
     assert listing.split() == ["a.deb"]

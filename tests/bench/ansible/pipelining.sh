@@ -34,6 +34,5 @@ for _ in $(seq "$rounds"); do
     printf 'pipelining=%-5s %6.2f s\n' "$pipelining" "$seconds"
   done
 done
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 off=$(median "${runs[False]}") on=$(median "${runs[True]}")
 printf 'median without %.2f s, with %.2f s: pipelining takes %.2fx the time\n' "$off" "$on" "$(python3 -c "print($on / $off)")"

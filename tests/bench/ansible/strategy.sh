@@ -53,7 +53,6 @@ for _ in $(seq "$rounds"); do
     printf '%-15s %6.2f s\n' "$strategy" "$seconds"
   done
 done
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 linear=$(median "${runs[linear]}") mitogen=$(median "${runs[mitogen_linear]}")
 printf 'median linear %.2f s, mitogen_linear %.2f s: Mitogen takes %.2fx the time (%.2f s against %.2f s a task)\n' \
   "$linear" "$mitogen" "$(python3 -c "print($mitogen / $linear)")" \
