@@ -107,6 +107,9 @@ VLLM_OPTIONS = {
     "enable_prefix_caching": ("--enable-prefix-caching", "negatable", None, "--disable-prefix-caching"),
     "enable_chunked_prefill": ("--enable-chunked-prefill", "negatable", None, "--disable-chunked-prefill"),
     "max_num_seqs": ("--max-num-seqs", "int"),
+    # "priority": each request's `priority` field orders vLLM's queue and
+    # its preemptions (the gateway sets it from the client key's class).
+    "scheduling_policy": ("--scheduling-policy", "str", ("fcfs", "priority")),
     "max_num_batched_tokens": ("--max-num-batched-tokens", "int"),
     "dtype": ("--dtype", "str", ("auto", "half", "float16", "bfloat16", "float", "float32")),
     "quantization": ("--quantization", "str"),

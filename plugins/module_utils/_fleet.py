@@ -39,6 +39,8 @@ def routing_table(host_endpoints):
             )
             if endpoint.get("health_probe"):
                 entry["health_probe"] = endpoint["health_probe"]
+            if endpoint.get("priority_scheduling"):
+                entry["priority_scheduling"] = True
             if entry["engine"] != endpoint["engine"]:
                 raise FleetError(
                     "model %s: host %s serves it with engine %s, another host with %s"

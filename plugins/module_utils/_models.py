@@ -768,6 +768,8 @@ def _instance_record(item, entry, replica, host_port, command, health_timeout, f
         "health_timeout": health_timeout,
         "kind": _kind(engine, engine_options),
         "max_concurrency": _concurrency(engine, engine_options),
+        # The gateway passes each key's class priority on to vLLM that orders by it.
+        "priority_scheduling": engine == "vllm" and engine_options.get("scheduling_policy") == "priority",
         # The gateway's timeouts for this model, over its own defaults.
         "timeouts": dict(model.get("timeouts") or {}),
         # How the gateway picks a replica for it (over its own default).
@@ -1209,6 +1211,7 @@ def instance_endpoints(instances):
             "max_concurrency": i["max_concurrency"],
             "timeouts": i.get("timeouts") or {},
             "routing": i.get("routing") or {},
+            "priority_scheduling": bool(i.get("priority_scheduling")),
             # For the health-check timer of the host.
             "container": i["container"],
             "start_period": i["health_timeout"],

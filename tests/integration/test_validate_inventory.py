@@ -98,6 +98,12 @@ def test_good_inventory_passes(tmp_path):
          "value of policy must be one of: prefix_affinity, least_outstanding, got: random"),
         ({"cortex_models": [GOOD_MODEL], "gateway_routing": {"index_entries": "many"}},
          "argument 'index_entries' is of type str found in 'gateway_routing'"),
+        ({"cortex_models": [GOOD_MODEL], "gateway_api_keys": [{"name": "ops", "key": "k" * 40, "priority": "gold"}]},
+         "gateway_api_keys: ops name the priority class gold, which is not one of interactive, standard, batch"),
+        ({"cortex_models": [GOOD_MODEL], "gateway_flow": {"classes": [{"priority": 5}]}},
+         "missing required arguments: name found in gateway_flow -> classes"),
+        ({"cortex_models": [GOOD_MODEL], "gateway_api_keys": [{"name": "ops", "key": "k" * 40, "weight": "heavy"}]},
+         "argument 'weight' is of type str found in 'gateway_api_keys'"),
     ],
     ids=["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
          "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
@@ -105,7 +111,8 @@ def test_good_inventory_passes(tmp_path):
          "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
          "gateway-port-not-int", "port-base-not-int", "admin-over-http", "admin-to-everyone",
          "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow",
-         "bad-routing-policy", "routing-index-not-int"],
+         "bad-routing-policy", "routing-index-not-int", "unknown-priority-class", "class-without-name",
+         "weight-not-a-number"],
 )  # fmt: skip
 def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
     result = run_validate(tmp_path, host_vars)

@@ -26,6 +26,7 @@ from .limits import CounterTable, Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pools import PoolTracker
+from .queueing import FlowBoard
 from .routing import Router
 from .slots import SlotTable
 from .usage import UsageRecorder, store_for
@@ -72,6 +73,8 @@ class Gateway:
         # Worker processes count engine slots in one shared table (slots.py).
         self.slots = slot_table
         self._share_slots(self.backends)
+        # The queues' shared counts (queueing.py), in the same table.
+        self.flow_board = FlowBoard(slot_table)
         self.router = Router(self.backends)
         # Prefix affinity: its settings as started (the index is sized by them),
         # and the index, in a file the workers share or, alone, a private one.
@@ -85,7 +88,7 @@ class Gateway:
         self.forwarder = Forwarder(self)
         self.metrics = Metrics(
             lambda: self.backends,
-            lambda: {m: a.waiting for m, a in self.forwarder.admissions.items()},
+            lambda: {m: a.waiting_by_class() for m, a in self.forwarder.admissions.items()},
             lambda: self.usage.buffered if self.usage is not None else 0,
         )
         # What the gateway knows of on-demand models' loads (pools.py).

@@ -19,7 +19,19 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .policies import POLICIES, AffinitySettings, BreakerPolicy, KeyPolicy, QueuePolicy, RoutingPolicy
+from .policies import (
+    BUILTIN_PRIORITIES,
+    POLICIES,
+    STANDARD,
+    AffinitySettings,
+    BreakerPolicy,
+    FlowClass,
+    FlowPolicy,
+    KeyFlow,
+    KeyPolicy,
+    QueuePolicy,
+    RoutingPolicy,
+)
 
 ENGINES = ("llamacpp", "vllm")
 HEALTH_PROBES = ("completion", "embedding")
@@ -87,6 +99,10 @@ class ModelConfig:
     # "embedding" sends a 1-token request (a model whose engine spans hosts:
     # its /health sees only the first host's process); None: /health alone.
     health_probe: str | None = None
+    # A vLLM engine started with --scheduling-policy priority: each request
+    # carries its key's class priority (the gateway sets it; a client's own
+    # is replaced).
+    priority_scheduling: bool = False
 
     def lora_field(self, adapter: AdapterConfig | None) -> list[dict[str, float]] | None:
         """The `lora` field a llama.cpp request carries: every adapter of the
@@ -133,6 +149,15 @@ class GatewayConfig:
     affinity: AffinitySettings = field(default_factory=AffinitySettings)
     # Every adapter of every model, by the name clients ask for.
     adapters: Mapping[str, AdapterConfig] = field(default_factory=dict)
+    # The queues' order: priority classes and each key's class and weight
+    # (a key not named here is in the default class with weight 1).
+    flow: FlowPolicy = field(default_factory=FlowPolicy)
+    key_flows: Mapping[str, KeyFlow] = field(default_factory=dict)
+
+    def key_flow(self, key_name: str | None) -> tuple[FlowClass, float]:
+        """A key's class and weight (no key: the default class)."""
+        own = self.key_flows.get(key_name) if key_name is not None else None
+        return self.flow.named(own.flow_class if own else self.flow.default_class), own.weight if own else 1.0
 
     def served(self, name: str) -> tuple[str, AdapterConfig | None]:
         """The model whose replicas serve ``name``, and the adapter it names, if any."""
@@ -233,6 +258,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
             "adapters",
             "load_timeout",
             "health_probe",
+            "priority_scheduling",
         },
         where,
     )
@@ -271,6 +297,11 @@ def _model(raw: Any, where: str) -> ModelConfig:
     probe = raw.get("health_probe")
     if probe is not None and probe not in HEALTH_PROBES:
         raise ConfigError(f"{where}.health_probe: must be one of {', '.join(HEALTH_PROBES)}, got {probe!r}")
+    priority_scheduling = _expect(raw.get("priority_scheduling", False), bool, f"{where}.priority_scheduling")
+    if priority_scheduling and engine != "vllm":
+        raise ConfigError(
+            f"{where}.priority_scheduling: only vLLM engines schedule by priority, this one is {engine}"
+        )
     return ModelConfig(
         name=name,
         engine=engine,
@@ -281,6 +312,7 @@ def _model(raw: Any, where: str) -> ModelConfig:
         adapters=tuple(adapters),
         load_timeout=load_timeout,
         health_probe=probe,
+        priority_scheduling=priority_scheduling,
     )
 
 
@@ -326,10 +358,14 @@ def _affinity(raw: Any) -> AffinitySettings:
 
 def _keys(
     auth: Mapping[str, Any], section: str, with_policies: bool = False
-) -> tuple[dict[str, str], dict[str, KeyPolicy]]:
+) -> tuple[dict[str, str], dict[str, KeyPolicy], dict[str, tuple[Any, float, str]]]:
     keys: dict[str, str] = {}
     policies: dict[str, KeyPolicy] = {}
-    allowed = {"name", "sha256", "models", "limits"} if with_policies else {"name", "sha256"}
+    # Per key: its priority as written (a class name or a number), its weight, where.
+    flows: dict[str, tuple[Any, float, str]] = {}
+    allowed = (
+        {"name", "sha256", "models", "limits", "priority", "weight"} if with_policies else {"name", "sha256"}
+    )
     for i, entry in enumerate(_expect(auth.get(section, []), list, f"auth.{section}")):
         where = f"auth.{section}[{i}]"
         _expect(entry, dict, where)
@@ -343,7 +379,12 @@ def _keys(
         keys[digest] = key_name
         if "models" in entry or "limits" in entry:
             policies[key_name] = _policy(entry, where)
-    return keys, policies
+        if "priority" in entry or "weight" in entry:
+            priority = entry.get("priority", STANDARD)
+            if isinstance(priority, bool) or not isinstance(priority, (str, int)):
+                raise ConfigError(f"{where}.priority: expected a class name or an integer, got {priority!r}")
+            flows[key_name] = (priority, _positive(entry.get("weight", 1), f"{where}.weight"), where)
+    return keys, policies, flows
 
 
 def _policy(entry: Mapping[str, Any], where: str) -> KeyPolicy:
@@ -364,6 +405,62 @@ def _policy(entry: Mapping[str, Any], where: str) -> KeyPolicy:
                 raise ConfigError(f"{where}.limits.{name}: must be at least 1, got {value}")
             values[name] = value
     return KeyPolicy(models=models, **values)
+
+
+def _flow(
+    raw: Any, key_priorities: Mapping[str, tuple[Any, float, str]], max_wait: float
+) -> tuple[FlowPolicy, dict[str, KeyFlow]]:
+    """The priority classes (the built-in ones, redefined or added to by the
+    file) and each key's class: a key's integer priority is the class of that
+    priority, or a class of its own."""
+    _expect(raw, dict, "flow")
+    _no_unknown(raw, {"enabled", "default_class", "classes"}, "flow")
+    enabled = _expect(raw.get("enabled", True), bool, "flow.enabled")
+    classes = {name: FlowClass(name, priority, max_wait) for name, priority in BUILTIN_PRIORITIES.items()}
+    for i, entry in enumerate(_expect(raw.get("classes", []), list, "flow.classes")):
+        at = f"flow.classes[{i}]"
+        _expect(entry, dict, at)
+        _no_unknown(entry, {"name", "priority", "max_wait", "reserved_slots"}, at)
+        name = _expect(entry.get("name"), str, f"{at}.name")
+        if not name:
+            raise ConfigError(f"{at}.name: must not be empty")
+        builtin = classes.get(name) if name in BUILTIN_PRIORITIES else None
+        if "priority" not in entry and builtin is None:
+            raise ConfigError(f"{at}.priority: a class of your own needs a priority (lower is served first)")
+        priority = _expect(entry.get("priority", builtin.priority if builtin else 0), int, f"{at}.priority")
+        reserved = _expect(entry.get("reserved_slots", 0), int, f"{at}.reserved_slots")
+        if reserved < 0:
+            raise ConfigError(f"{at}.reserved_slots: must be 0 or more, got {reserved}")
+        classes[name] = FlowClass(
+            name, priority, _positive(entry.get("max_wait", max_wait), f"{at}.max_wait"), reserved
+        )
+    by_priority: dict[int, str] = {}
+    for flow_class in classes.values():
+        other = by_priority.setdefault(flow_class.priority, flow_class.name)
+        if other != flow_class.name:
+            raise ConfigError(
+                f"flow.classes: {flow_class.name!r} and {other!r} have the same priority"
+                f" {flow_class.priority}"
+            )
+    default_class = _expect(raw.get("default_class", STANDARD), str, "flow.default_class")
+    if default_class not in classes:
+        raise ConfigError(
+            f"flow.default_class: {default_class!r} is not a class (classes: {', '.join(classes)})"
+        )
+    key_flows: dict[str, KeyFlow] = {}
+    for key_name, (priority, weight, where) in key_priorities.items():
+        if isinstance(priority, int):
+            name = by_priority.get(priority) or str(priority)
+            classes.setdefault(name, FlowClass(name, priority, max_wait))
+        elif priority not in classes:
+            raise ConfigError(
+                f"{where}.priority: {priority!r} is not a class (classes: {', '.join(classes)})"
+            )
+        else:
+            name = priority
+        key_flows[key_name] = KeyFlow(name, weight)
+    ordered = tuple(sorted(classes.values(), key=lambda c: c.priority))
+    return FlowPolicy(enabled=enabled, classes=ordered, default_class=default_class), key_flows
 
 
 def _listener(raw: dict, section: str, default_port: int) -> tuple[str, int]:
@@ -394,6 +491,7 @@ def parse_config(raw: Any) -> GatewayConfig:
             "queue",
             "usage",
             "routing",
+            "flow",
         },
         "",
     )
@@ -414,8 +512,8 @@ def parse_config(raw: Any) -> GatewayConfig:
     auth = _expect(raw.get("auth", {}), dict, "auth")
     _no_unknown(auth, {"require_api_key", "api_keys", "admin_keys"}, "auth")
     require = _expect(auth.get("require_api_key", True), bool, "auth.require_api_key")
-    keys, key_policies = _keys(auth, "api_keys", with_policies=True)
-    admin_keys, _none = _keys(auth, "admin_keys")
+    keys, key_policies, key_priorities = _keys(auth, "api_keys", with_policies=True)
+    admin_keys, _none, _no_flows = _keys(auth, "admin_keys")
     shared = sorted(set(keys) & set(admin_keys))
     if shared:
         raise ConfigError(f"auth.admin_keys: the key named {admin_keys[shared[0]]!r} is also a client key")
@@ -497,6 +595,8 @@ def parse_config(raw: Any) -> GatewayConfig:
         max_wait=_positive(queue_raw.get("max_wait", queue_defaults.max_wait), "queue.max_wait"),
     )
 
+    flow, key_flows = _flow(raw.get("flow", {}), key_priorities, queue.max_wait)
+
     usage = _expect(raw.get("usage", {}), dict, "usage")
     _no_unknown(usage, {"sqlite", "postgres_dsn"}, "usage")
     usage_path = usage.get("sqlite")
@@ -527,6 +627,8 @@ def parse_config(raw: Any) -> GatewayConfig:
         usage_postgres_dsn=postgres_dsn,
         breaker=breaker,
         queue=queue,
+        flow=flow,
+        key_flows=key_flows,
         workers=workers,
         host=host,
         port=port,

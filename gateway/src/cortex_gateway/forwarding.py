@@ -32,7 +32,15 @@ from .proxy import (
     relay_stream,
     relay_whole,
 )
-from .queueing import RECHECK_SECONDS, SHARED_RECHECK_SECONDS, Admission, QueueFull
+from .queueing import (
+    MAX_WAIT,
+    PUSHED_OUT,
+    RECHECK_SECONDS,
+    SHARED_RECHECK_SECONDS,
+    Admission,
+    QueueFull,
+    Ticket,
+)
 from .usage import UsageRecord
 
 if TYPE_CHECKING:
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .policies import AffinitySettings
     from .pools import PoolTracker
+    from .queueing import FlowBoard
     from .routing import Router
     from .slots import SlotTable
     from .usage import UsageRecorder
@@ -70,6 +79,7 @@ class ForwardingState(Protocol):
     affinity: AffinitySettings
     clock: Callable[[], float]
     config: GatewayConfig
+    flow_board: FlowBoard
     limiter: Limiter
     metrics: Metrics
     pools: PoolTracker
@@ -155,10 +165,7 @@ class Forwarder:
             raise
         finally:
             if key_name is not None and timing.admitted:
-                tokens = sum(
-                    int((timing.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens")
-                )
-                self.gateway.limiter.done(key_name, timing.stream, tokens)
+                self.gateway.limiter.done(key_name, timing.stream, _served_tokens(timing.usage) or 0)
         # 499, as nginx logs it: the client closed the connection before the end.
         self._record(request, timing, CLIENT_CLOSED if timing.client_gone else response.status)
         return response
@@ -219,6 +226,8 @@ class Forwarder:
             try:
                 self.gateway.limiter.admit(key_name, model, stream)
             except Refusal as exc:
+                if exc.status == 429:
+                    self.gateway.metrics.child(self.gateway.metrics.refusals, key_name, exc.code).inc()
                 headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
                 return error_response(exc.status, str(exc), code=exc.code, param="model", headers=headers)
             timing.admitted = True
@@ -253,6 +262,11 @@ class Forwarder:
         # the gateway sets it on every request of a model with adapters (a
         # client's own is replaced), so a key gets only the names it may use.
         lora = config.models[served].lora_field(adapter)
+        flow_class, weight = config.key_flow(key_name)
+        ticket = Ticket(key_name or "anonymous", flow_class, weight)
+        # A vLLM engine that schedules by priority gets the key's: the
+        # client's own (which could put it ahead of everyone) is replaced.
+        priority = flow_class.priority if config.models[served].priority_scheduling else None
         tried: set[int] = set()
         failures: list[str] = []
         metrics = self.gateway.metrics
@@ -260,22 +274,25 @@ class Forwarder:
             if home is not None:
                 home.affine_waiting += 1
             try:
-                backend, waited = await admission.acquire(
+                grant = await admission.acquire(
                     lambda: self._pick(served, tried, home if clock() < home_until else None),
                     router.backends(served),
+                    ticket,
                 )
             except QueueFull as exc:
                 if failures:
                     break  # every usable replica failed already
+                metrics.child(metrics.refusals, ticket.key, exc.reason).inc()
                 return error_response(
                     429,
-                    f"model '{model}' is at capacity: all its slots are busy and its queue is full",
+                    f"model '{model}' is at capacity: {_REFUSALS[exc.reason]}",
                     code="queue_full",
                     headers={"Retry-After": str(exc.retry_after)},
                 )
             finally:
                 if home is not None:
                     home.affine_waiting -= 1
+            backend, waited = grant.backend, grant.waited
             tried.add(id(backend))
             if chain:
                 # Whatever the reason it went elsewhere, the prefix is there now.
@@ -284,14 +301,14 @@ class Forwarder:
                 metrics.child(metrics.routing, model, decision).inc()
             timing.waited += waited
             if waited:
-                metrics.child(metrics.queue_wait, model).observe(waited)
+                metrics.child(metrics.queue_wait, model, flow_class.name).observe(waited)
             timing.backend = backend.name
             timing.upstream_started = self.gateway.clock()
             try:
                 try:
                     # A pool's router serves the parent's name; the adapter is the `lora` field.
                     engine_model = served if adapter is not None and backend.pool is not None else None
-                    sent = _upstream_body(body, payload, stream, lora, engine_model)
+                    sent = _upstream_body(body, payload, stream, lora, engine_model, priority)
                     # On a pool, the router loads the model first if it must;
                     # the wait for that load is bounded by the model's load timeout.
                     upstream = await self.gateway.pools.send(
@@ -384,7 +401,7 @@ class Forwarder:
                 return whole
             finally:
                 backend.breaker.release_trial()
-                await admission.release(backend)
+                admission.release(grant, _served_tokens(timing.usage))
         return error_response(
             502,
             f"no backend of model '{model}' answered: " + "; ".join(failures),
@@ -395,9 +412,12 @@ class Forwarder:
 
     def _admission(self, model: str) -> Admission:
         admission = self.admissions.get(model)
-        if admission is None or admission.policy != self.gateway.config.queue:
+        config = self.gateway.config
+        if admission is None or admission.policy != config.queue or admission.flow != config.flow:
             recheck = SHARED_RECHECK_SECONDS if self.gateway.slots is not None else RECHECK_SECONDS
-            admission = self.admissions[model] = Admission(self.gateway.config.queue, recheck)
+            admission = self.admissions[model] = Admission(
+                model, config.queue, config.flow, self.gateway.flow_board, recheck
+            )
         return admission
 
     def _affinity_chain(self, request: web.Request, payload: dict, served: str, name: str) -> list[int]:
@@ -472,6 +492,20 @@ class _Timing:
         return max(own, 0.0)
 
 
+_REFUSALS = {
+    "queue_full": "all its slots are busy and its queue is full",
+    MAX_WAIT: "no slot came free within the longest wait of the key's class",
+    PUSHED_OUT: "a more important request, or a key under its fair share, took this one's place in the queue",
+}
+
+
+def _served_tokens(usage: dict | None) -> int | None:
+    """Prompt and completion tokens of an answer (None: not known)."""
+    if not usage:
+        return None
+    return sum(int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens"))
+
+
 def _unknown_model(name: str) -> web.Response:
     return error_response(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
 
@@ -483,7 +517,12 @@ def _client_wants_usage(payload: dict) -> bool:
 
 
 def _upstream_body(
-    body: bytes, payload: dict, stream: bool, lora: list | None, model: str | None = None
+    body: bytes,
+    payload: dict,
+    stream: bool,
+    lora: list | None,
+    model: str | None = None,
+    priority: int | None = None,
 ) -> bytes:
     """The body for the engine: the client's bytes, unless something must be set.
 
@@ -493,7 +532,9 @@ def _upstream_body(
     stream without that event: _strip_usage_events). A request for a llama.cpp
     model with adapters carries the `lora` field the gateway chose; ``model``,
     when given, is the name the engine serves (a pool's router knows an
-    adapter by its parent's name only). Every other body goes on byte for byte.
+    adapter by its parent's name only); ``priority``, when given, is the key's
+    class priority for a vLLM engine that schedules by it. Every other body
+    goes on byte for byte.
     """
     changes: dict[str, object] = {}
     if model is not None and payload.get("model") != model:
@@ -503,6 +544,8 @@ def _upstream_body(
         changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     if lora is not None:
         changes["lora"] = lora
+    if priority is not None and payload.get("priority") != priority:
+        changes["priority"] = priority
     if not changes:
         return body
     return json.dumps({**payload, **changes}, ensure_ascii=False, separators=(",", ":")).encode()

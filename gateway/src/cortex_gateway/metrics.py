@@ -36,7 +36,7 @@ class Metrics:
     def __init__(
         self,
         backends: Callable[[], Iterable[Backend]],
-        waiting: Callable[[], dict[str, int]],
+        waiting: Callable[[], dict[str, dict[str, int]]],
         usage_buffered: Callable[[], int] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -63,8 +63,8 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "cortex_gateway_queue_wait_seconds",
-            "Time waited for a free engine slot",
-            ["model"],
+            "Time waited for a free engine slot, by model and the key's priority class",
+            ["model", "class"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -138,6 +138,19 @@ class Metrics:
             "cortex_gateway_queue_depth", "Requests waiting for a slot", ["model"],
             registry=self.registry, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.class_queue_depth = Gauge(
+            "cortex_gateway_class_queue_depth", "Requests waiting for a slot, by the key's priority class",
+            ["model", "class"], registry=self.registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        # Labels stay bounded: key names come from the config ("anonymous"
+        # without one), reasons from the gateway's own codes.
+        self.refusals = Counter(
+            "cortex_gateway_refusals",
+            "Requests refused with 429, by key and reason: queue_full, max_wait, pushed_out (the queue"
+            " made room for a more important request or a key under its share), or a key limit's code",
+            ["key", "reason"],
+            registry=self.registry,
+        )
         # Usage records: none may vanish unseen. Both series exist from the start.
         self.usage_dropped = Counter(
             "cortex_gateway_usage_records_dropped",
@@ -156,6 +169,7 @@ class Metrics:
         # the labelled child, looked up once instead of per request.
         self._children: dict[tuple[object, ...], Any] = {}
         self._live_models: set[str] = set()
+        self._live_classes: set[tuple[str, str]] = set()
         # Set by the supervisor for every worker; read once, here, not per scrape.
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -181,8 +195,10 @@ class Metrics:
             self.in_flight.labels(*labels).set(b.own_in_flight)
         self.usage_buffered.set(self._usage_buffered())
         waiting = self._waiting()
-        for model, count in waiting.items():
-            self.queue_depth.labels(model).set(count)
+        for model, by_class in waiting.items():
+            self.queue_depth.labels(model).set(sum(by_class.values()))
+            for name, count in by_class.items():
+                self.class_queue_depth.labels(model, name).set(count)
         # Backends and models gone after a reload: zero them, then drop them.
         # (A worker's multiprocess file keeps the zero until the worker restarts.)
         for gone in self._live_labels - seen:
@@ -192,6 +208,10 @@ class Metrics:
         for gone in self._live_models - set(waiting):
             self.queue_depth.labels(gone).set(0)
             self.queue_depth.remove(gone)
+        for gone_class in self._live_classes - {(m, c) for m, by in waiting.items() for c in by}:
+            self.class_queue_depth.labels(*gone_class).set(0)
+            self.class_queue_depth.remove(*gone_class)
+        self._live_classes = {(m, c) for m, by in waiting.items() for c in by}
         self._live_labels, self._live_models = seen, set(waiting)
 
     def collect_registry(self) -> CollectorRegistry:

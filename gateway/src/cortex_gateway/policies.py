@@ -72,3 +72,55 @@ class KeyPolicy:
 class QueuePolicy:
     per_slot: int = 4
     max_wait: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClass:
+    """A priority class of client keys: who is served first when slots are short."""
+
+    name: str
+    # Lower is served first, as vLLM's own `priority` field counts (the
+    # gateway passes it on to vLLM engines that schedule by priority).
+    priority: int
+    # Seconds a request of this class waits for a slot before a 429.
+    max_wait: float
+    # Slots of each model kept free for this class and the ones above it:
+    # less important classes never take the last ones.
+    reserved_slots: int = 0
+
+
+# The classes every gateway has (a config may redefine them or add more).
+INTERACTIVE, STANDARD, BATCH = "interactive", "standard", "batch"
+BUILTIN_PRIORITIES = {INTERACTIVE: 0, STANDARD: 10, BATCH: 20}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFlow:
+    """A client key's place in the queues: its class and its weight within it."""
+
+    flow_class: str = STANDARD
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlowPolicy:
+    """How the models' queues order waiting requests.
+
+    enabled: by class, then by each key's weighted share of the tokens served
+    (the key with the least served per weight goes first); disabled: first
+    come, first served, every key alike.
+    """
+
+    enabled: bool = True
+    classes: tuple[FlowClass, ...] = ()
+    default_class: str = STANDARD
+
+    def named(self, name: str) -> FlowClass:
+        for flow_class in self.classes:
+            if flow_class.name == name:
+                return flow_class
+        raise KeyError(name)
+
+    def above(self, flow_class: FlowClass) -> tuple[FlowClass, ...]:
+        """The classes served before ``flow_class``."""
+        return tuple(c for c in self.classes if c.priority < flow_class.priority)

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 # Backends the table has room for; past that a backend is counted by each
 # worker alone (logged), never refused.
-COLUMNS = 1024
+# The flow board (queueing.py) keeps its shared counts here too: waiting
+# requests and reserved slots in use per model and class, a counter per key
+# and model.
+COLUMNS = 4096
 _KEY_WORDS = 2  # 16 bytes of a blake2b digest per column
 _WORD = 8
 
@@ -97,6 +100,15 @@ class SlotTable:
             return True
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def own(self, column: int) -> int:
+        """This worker's count."""
+        return self._words[self._cell(self.worker, column)]
+
+    def add(self, column: int, delta: int) -> None:
+        """Change this worker's count (a counter, not a slot: no limit). Only
+        this worker writes its row: no lock needed."""
+        self._words[self._cell(self.worker, column)] += delta
 
     def give(self, column: int) -> None:
         """Give a slot back. Only this worker writes its row: no lock needed."""

@@ -37,7 +37,11 @@ def _gauges(registry: CollectorRegistry) -> Gauges:
     for family in registry.collect():
         for sample in family.samples:
             key = (sample.labels.get("model", ""), sample.labels.get("backend", ""))
-            if sample.name.startswith("cortex_gateway_") and family.type == "gauge":
+            if sample.name == "cortex_gateway_class_queue_depth":
+                values[sample.name][(sample.labels["model"], sample.labels["class"])] = sample.value
+            elif sample.name == "cortex_gateway_refusals_total":
+                values["refusals"][(sample.labels["key"], sample.labels["reason"])] = sample.value
+            elif sample.name.startswith("cortex_gateway_") and family.type == "gauge":
                 values[sample.name][key] = sample.value
             elif sample.name == "cortex_gateway_prompt_cache_tokens_total":
                 values["cache_" + sample.labels["result"]][key] = sample.value
@@ -117,6 +121,11 @@ def snapshot(
                 "replicas": replicas,
                 "ready": sum(1 for r in replicas if r["ready"]),
                 "queued": int(gauges["cortex_gateway_queue_depth"].get((name, ""), 0)),
+                "queued_by_class": {
+                    flow_class: int(count)
+                    for (model_name, flow_class), count in gauges["cortex_gateway_class_queue_depth"].items()
+                    if model_name == name
+                },
                 "requests_last_minute": row.get("requests", 0) if kept else None,
                 "errors_last_minute": row.get("errors", 0) if kept else None,
                 "tokens_per_second": round(completion / WINDOW_SECONDS, 2) if kept else None,
@@ -128,5 +137,10 @@ def snapshot(
         "workers": config.workers,
         "usage_records": last_minute is not None,
         "models": models,
+        "refusals": [
+            {"key": key, "reason": reason, "requests": int(count)}
+            for (key, reason), count in sorted(gauges["refusals"].items())
+            if count
+        ],
         "recent_errors": errors,
     }

@@ -14,6 +14,7 @@ from cortex_gateway.auth import hash_key
 from .conftest import AUTH, FakeEngine, gateway_process, make_config
 
 ADMIN_KEY = "sk-admin-status-0123456789"
+CAPPED_KEY = "sk-capped-status-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ROOT = Path(__file__).resolve().parents[3]
 # Set CORTEX_UPDATE_DOCS=1 to refresh the screenshot kept in the docs.
@@ -33,6 +34,15 @@ async def status_config(tmp_path: Path, engine_server) -> dict:
     config = make_config({"chat": [healthy, down], "embed": [failing]}, workers=2)
     config["usage"] = {"sqlite": str(tmp_path / "usage.db")}
     config["auth"]["admin_keys"] = [{"name": "ops", "sha256": hash_key(ADMIN_KEY)}]
+    # A key over its limit, and in a class of its own: its refusals are on the page.
+    config["auth"]["api_keys"].append(
+        {
+            "name": "capped",
+            "sha256": hash_key(CAPPED_KEY),
+            "priority": "batch",
+            "limits": {"requests_per_minute": 1},
+        }
+    )
     return config
 
 
@@ -44,6 +54,13 @@ async def traffic(base: str) -> None:
                     base + "/v1/completions", json={"model": model}, headers=AUTH
                 ) as answer:
                     await answer.read()
+        for _request in range(2):
+            async with session.post(
+                base + "/v1/completions",
+                json={"model": "chat"},
+                headers={"Authorization": f"Bearer {CAPPED_KEY}"},
+            ) as answer:
+                await answer.read()
 
 
 async def status_json(base: str, headers: dict) -> tuple[int, dict]:
@@ -62,7 +79,7 @@ async def test_status_json_is_for_admins_and_adds_up_over_workers(engine_server,
         assert (await status_json(gateway.admin_base, AUTH))[0] == 403
         for _attempt in range(30):  # the records are written within a second or so
             status, data = await status_json(gateway.admin_base, ADMIN)
-            if data["models"][0]["requests_last_minute"] == 5 and len(data["recent_errors"]) == 2:
+            if data["models"][0]["requests_last_minute"] == 7 and len(data["recent_errors"]) == 3:
                 break
             await asyncio.sleep(0.2)
         assert status == 200
@@ -71,15 +88,22 @@ async def test_status_json_is_for_admins_and_adds_up_over_workers(engine_server,
         assert (chat["name"], chat["engine"], chat["ready"]) == ("chat", "llamacpp", 1)
         assert [r["ready"] for r in chat["replicas"]] == [True, False]
         assert {r["breaker"] for r in chat["replicas"]} == {"closed"}
-        assert chat["requests_last_minute"] == 5
-        assert chat["errors_last_minute"] == 0
-        assert chat["tokens_per_second"] == round(5 / 60, 2)  # FakeEngine: 1 completion token each
+        assert chat["requests_last_minute"] == 7  # the capped key's two included
+        assert chat["errors_last_minute"] == 1
+        assert chat["tokens_per_second"] == round(6 / 60, 2)  # FakeEngine: 1 completion token each
+        assert chat["queued_by_class"] == {"interactive": 0, "standard": 0, "batch": 0}
+        assert data["refusals"] == [
+            {"key": "capped", "reason": "requests_per_minute_exceeded", "requests": 1}
+        ]
         assert chat["routing"] == "prefix_affinity"
         # FakeEngine reports no cached tokens: no hit rate, not a made-up 0%.
         assert [(r["cache_hit_rate"], r["prompt_tokens"]) for r in chat["replicas"]] == [(None, 0), (None, 0)]
         assert embed["errors_last_minute"] == 2
-        assert [(e["model"], e["key"]) for e in data["recent_errors"]] == [("embed", "tests")] * 2
-        assert all(e["status"] >= 500 for e in data["recent_errors"])
+        assert sorted((e["model"], e["key"], e["status"] >= 500) for e in data["recent_errors"]) == [
+            ("chat", "capped", False),
+            ("embed", "tests", True),
+            ("embed", "tests", True),
+        ]
 
 
 async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
@@ -106,6 +130,7 @@ async def test_the_page_renders_in_headless_chromium(engine_server, tmp_path):
         assert "Prompt cache hits</th>" in dom
         assert "prompt tokens from the engine's cache" in dom
         assert dom.count("<td>embed</td>") >= 2  # its model row and its two errors
+        assert "<td>capped</td><td>requests_per_minute_exceeded</td>" in dom
         # Without a key the page asks for one, and shows no data.
         bare = (await asyncio.to_thread(run, "--dump-dom", f"{gateway.admin_base}/admin/status")).stdout
         assert "an admin key is needed" in bare

@@ -160,3 +160,25 @@ def test_the_proxys_read_timeout_outlasts_every_models_own_timeouts():
     # The gateway must time out first, with its own error body, not nginx with a bare 504.
     assert proxy_read_timeout(routes, {"first_byte": 600, "idle": 120}) == 900 + PROXY_TIMEOUT_MARGIN
     assert proxy_read_timeout([], {"first_byte": 600, "idle": 1200}) == 1200 + PROXY_TIMEOUT_MARGIN
+
+
+def test_a_vllm_model_scheduling_by_priority_is_marked_for_the_gateway():
+    """The gateway sets each request's priority only on engines that order by
+    it: a vLLM engine without --scheduling-policy priority refuses a nonzero one."""
+    ranked = {
+        "name": "ranked",
+        "engine": "vllm",
+        "source": {"path": "/srv/ranked"},
+        "port": 20000,
+        "vllm": {"scheduling_policy": "priority"},
+    }
+    plain = {**ranked, "name": "plain", "port": 20100, "vllm": {"scheduling_policy": "fcfs"}}
+    table = routing_table([("gpu-a", endpoints([ranked, plain, CHAT], "10.0.0.1"))])
+    assert {m["name"]: m.get("priority_scheduling", False) for m in table} == {
+        "ranked": True,
+        "plain": False,
+        "chat": False,
+    }
+    commands = {i["model"]: i["command"] for i in host_instances([ranked, plain], "h")["instances"]}
+    assert commands["ranked"][commands["ranked"].index("--scheduling-policy") + 1] == "priority"
+    assert commands["plain"][commands["plain"].index("--scheduling-policy") + 1] == "fcfs"
