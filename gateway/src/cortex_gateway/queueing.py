@@ -267,15 +267,19 @@ class Admission:
         workers, or kept for more important classes (reserved_slots)."""
         if not self.flow.enabled:
             return True
-        wanted = 0
+        waiting = reserved = 0
         for above in self.flow.above(ticket.flow_class):
-            wanted += self.board.others(("wait", self.model, above.name))
+            waiting += self.board.others(("wait", self.model, above.name))
             if above.reserved_slots:
-                wanted += max(0, above.reserved_slots - self.board.total(("busy", self.model, above.name)))
-        if not wanted:
+                reserved += max(0, above.reserved_slots - self.board.total(("busy", self.model, above.name)))
+        if not waiting and not reserved:
             return True
-        free = sum(max(0, b.max_concurrency - b.outstanding) for b in self._backends if b.routable)
-        return free > wanted
+        usable = [b for b in self._backends if b.routable]
+        # Reservations never take a model's last slot: a less important class
+        # is kept waiting, never starved for good.
+        reserved = min(reserved, max(0, sum(b.max_concurrency for b in usable) - 1))
+        free = sum(max(0, b.max_concurrency - b.outstanding) for b in usable)
+        return free > waiting + reserved
 
     def _try(self, ticket: Ticket, pick: Callable[[], Backend | None]) -> Backend | None:
         if not self._allowed(ticket):

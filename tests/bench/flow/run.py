@@ -16,12 +16,12 @@ alternating order:
 Every request's outcome is recorded by kind (status, exception); a refusal
 must be a 429 with Retry-After, and no request may fail with a 5xx.
 
-``--vllm`` adds the CPU vLLM (the role's command line, which schedules by
+``--engines llamacpp,vllm`` adds the CPU vLLM (the role's command line, which schedules by
 priority): requests sent straight to the engine, more than its sequences,
 then one more at a higher priority, which must start before those queued
 ahead of it; and the priority workload through both gateways.
 
-    python tests/bench/flow/run.py [--quick] [--vllm] [--out flow.json] [--plot flow.png]
+    python tests/bench/flow/run.py [--quick] [--engines llamacpp,vllm] [--out flow.json] [--plot flow.png]
 
 Every loop is bounded by a request count and a time limit.
 """
@@ -58,6 +58,8 @@ from tests.unit.gateway.conftest import free_port  # noqa: E402
 KEYS = {name: f"sk-bench-flow-{name}-{secrets.token_hex(8)}" for name in ("web", "bulk", "bulk-a", "bulk-b")}
 # Most requests in flight from one key at once: an open loop, but bounded.
 MAX_OPEN = 256
+# Most requests of one capacity worker (it stops at its time limit first, or at a failure).
+MAX_CAPACITY_REQUESTS = 2000
 
 
 # --- the gateways ----------------------------------------------------------------------
@@ -126,8 +128,13 @@ async def gateway(backends: list[dict], engine: str, flow: dict, weights: dict[s
 
 
 FIFO = {"enabled": False}
-# Interactive keeps one slot of each replica's pair out of batch's reach.
-FLOW = {"enabled": True, "classes": [{"name": "interactive", "reserved_slots": 2}]}
+
+
+def flow_control(backends: list[dict]) -> dict:
+    """Flow control as an operator would set it here: interactive keeps half
+    the model's slots out of batch's reach."""
+    slots = sum(b["max_concurrency"] for b in backends)
+    return {"enabled": True, "classes": [{"name": "interactive", "reserved_slots": max(1, slots // 2)}]}
 
 
 # --- the load --------------------------------------------------------------------------
@@ -226,7 +233,9 @@ async def capacity(base: str, concurrency: int, seconds: float, max_tokens: int)
 
     async def worker(session: aiohttp.ClientSession, number: int) -> None:
         rng = random.Random(f"capacity-{number}")
-        while time.perf_counter() < ends:
+        for _request in range(MAX_CAPACITY_REQUESTS):
+            if time.perf_counter() >= ends or set(tally.outcomes) - {"ok"}:
+                return
             await one_request(session, base, "bulk", rng, max_tokens, tally)
 
     started = time.perf_counter()
@@ -281,9 +290,9 @@ def server_errors(result: dict) -> int:
 async def workloads(backends: list[dict], engine: str, cap: float, args, folder: Path) -> dict:
     seconds = args.seconds
     results: dict = {"capacity_rps": cap}
-    modes = {"fifo": FIFO, "flow": FLOW}
+    modes = {"fifo": FIFO, "flow": flow_control(backends)}
     # The interactive key alone: its time to first token without batch load.
-    async with gateway(backends, engine, FLOW, {}, folder) as base:
+    async with gateway(backends, engine, modes["flow"], {}, folder) as base:
         results["alone"] = summary(await open_loop(base, {"web": 0.2 * cap}, seconds, args.max_tokens, 1))
     scenarios = [("priority", {"web": 0.2 * cap, "bulk": 2.0 * cap}, {})]
     if engine == "llamacpp":
@@ -308,7 +317,7 @@ async def vllm_overtaking(port: int, args) -> dict:
 
     async def ask(session: aiohttp.ClientSession, priority: int, tag: str, out: dict) -> None:
         body = {
-            "model": "smol", "prompt": f"[{tag}] Count slowly:", "max_tokens": args.vllm_tokens,
+            "model": MODEL, "prompt": f"[{tag}] Count slowly:", "max_tokens": args.vllm_tokens,
             "temperature": 0, "stream": True, "priority": priority,
         }  # fmt: skip
         async with session.post(
@@ -358,7 +367,7 @@ def start_vllm(folder: Path) -> tuple[str, int]:
     role = yaml.safe_load((ROOT / "roles" / "model_servers" / "defaults" / "main.yml").read_text())
     # The role's CPU settings with 2 sequences: a queue forms at the engine.
     settings = {**role["model_servers_vllm_cpu_defaults"], "max_num_seqs": 2, "max_model_len": 2048}
-    command = vllm_command({"name": "smol", "source": {"path": str(model)}, "vllm": settings, "gpus": []})
+    command = vllm_command({"name": MODEL, "source": {"path": str(model)}, "vllm": settings, "gpus": []})
     key_file = folder / "vllm-key"
     key_file.write_text(ENGINE_KEY)
     key_file.chmod(0o644)
@@ -379,17 +388,18 @@ async def bench(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="cortex-bench-flow-") as tmp:
         folder = Path(tmp)
         folder.chmod(0o755)  # noqa: ASYNC240 - once, before any load
-        engines = start_engines(2, {"parallel": 2}, folder)
+        engines = start_engines(2, {"parallel": 2}, folder) if "llamacpp" in args.engines else []
         try:
-            backends = [{"url": e.url, "api_key": ENGINE_KEY, "max_concurrency": 2} for e in engines]
-            async with gateway(backends, "llamacpp", FIFO, {}, folder) as base:
-                await capacity(base, 4, 5, args.max_tokens)  # warm the engines
-                cap = await capacity(base, 4, args.seconds / 2, args.max_tokens)
-            print(f"llama.cpp capacity: {cap:.2f} requests/s (2 replicas x 2 slots)", flush=True)
-            results["llamacpp"] = await workloads(backends, "llamacpp", cap, args, folder)
+            if engines:
+                backends = [{"url": e.url, "api_key": ENGINE_KEY, "max_concurrency": 2} for e in engines]
+                async with gateway(backends, "llamacpp", FIFO, {}, folder) as base:
+                    await capacity(base, 4, 5, args.max_tokens)  # warm the engines
+                    cap = await capacity(base, 4, args.seconds / 2, args.max_tokens)
+                print(f"llama.cpp capacity: {cap:.2f} requests/s (2 replicas x 2 slots)", flush=True)
+                results["llamacpp"] = await workloads(backends, "llamacpp", cap, args, folder)
         finally:
             stop_engines(engines)
-        if args.vllm:
+        if "vllm" in args.engines:
             name, port = start_vllm(folder)
             try:
                 backends = [{"url": f"http://127.0.0.1:{port}", "api_key": ENGINE_KEY, "max_concurrency": 2}]
@@ -461,6 +471,9 @@ def plot(results: dict, path: str) -> None:
         ]
         axis.bar(labels, values, color=["grey", "tab:red", "tab:green"])
         axis.set_title(f"{engine}: interactive TTFT p95 (s), batch at 2x capacity")
+    if "llamacpp" not in results:
+        figure.savefig(path, dpi=100)
+        return
     axis = axes[-1]
     r = results["llamacpp"]
     groups = [f"{n}/{m}" for n in ("fair-1:1", "fair-2:1") for m in ("fifo", "flow")]
@@ -478,11 +491,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 s of load per run instead of 60")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--vllm", action="store_true", help="the CPU vLLM too")
+    parser.add_argument("--engines", default="llamacpp", help="comma-separated: llamacpp, vllm")
     parser.add_argument("--vllm-tokens", type=int, default=48)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="draw the figures into this PNG (needs matplotlib)")
     args = parser.parse_args()
+    args.engines = set(args.engines.split(","))
     if args.seconds is None:
         args.seconds = 20.0 if args.quick else 60.0
     started = time.perf_counter()

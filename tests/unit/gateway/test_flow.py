@@ -220,6 +220,22 @@ async def test_reserved_slots_stay_free_for_their_class():
     room.release(web, 100)
 
 
+async def test_reserved_slots_never_take_the_last_slot():
+    """Reserving as many slots as the model has would starve the classes
+    below for good: they keep one."""
+    greedy = FlowClass("interactive", 0, max_wait=30.0, reserved_slots=2)
+    replica = backend(2)
+    room = admission(greedy, STANDARD, BATCH)
+    first = await room.acquire(picker(replica), [replica], Ticket("bulk", BATCH))
+    assert first.waited == 0.0
+    kept_out = await queue_up(room, replica, [Ticket("bulk", BATCH)])
+    assert not kept_out[0].done()  # the second slot is interactive's
+    room.release(first, 1)
+    await settle()
+    assert kept_out[0].done()
+    room.release(kept_out[0].result(), 1)
+
+
 async def test_each_class_waits_its_own_longest_wait():
     clock = FakeClock()
     replica = backend(1)
