@@ -313,6 +313,7 @@ class Admission:
         if self.flow.enabled:
             self._lift(ticket)
             self.board.add(("wait", self.model, ticket.flow_class.name), 1)
+            self.board.add(("keywait", self.model, ticket.key), 1)
         self._waiters.append(waiter)
 
     def _dequeue(self, waiter: _Waiter) -> None:
@@ -320,10 +321,16 @@ class Admission:
             self._waiters.remove(waiter)
             if self.flow.enabled:
                 self.board.add(("wait", self.model, waiter.ticket.flow_class.name), -1)
+                self.board.add(("keywait", self.model, waiter.ticket.key), -1)
 
     def _lift(self, ticket: Ticket) -> None:
         """A key that starts waiting in its class starts at the least counter
-        of the keys waiting there: no credit for the time it sent nothing."""
+        of the keys waiting there: no credit for the time it sent nothing.
+        Only a key waiting nowhere starts again: one served quickly enough
+        that its requests leave this worker's queue often still has its
+        share (in another worker's queue, or about to arrive here)."""
+        if self.board.total(("keywait", self.model, ticket.key)) > 0:
+            return
         peers = {w.ticket.key for w in self._waiters if w.ticket.flow_class == ticket.flow_class}
         if ticket.key in peers or not peers:
             return

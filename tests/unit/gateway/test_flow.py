@@ -200,6 +200,31 @@ async def test_a_key_that_was_idle_gets_its_share_not_a_burst():
         task.cancel()
 
 
+async def test_a_key_waiting_in_another_worker_keeps_its_credit(tmp_path):
+    """A key served quickly leaves one worker's queue often; while it waits in
+    another worker's, it is still backlogged and is not lifted to its peers'
+    counter (that lift cost a 2:1 key a fifth of its share in the benchmark)."""
+    path = str(tmp_path / "slots")
+    mine, theirs = SlotTable(path, 2, 0), SlotTable(path, 2, 1)
+    replica = backend(1)
+    room = admission(board=FlowBoard(mine))
+    running = await room.acquire(picker(replica), [replica], Ticket("light", BATCH))
+    (light,) = await queue_up(room, replica, [Ticket("light", BATCH)])
+    room.board.add(("vtc", "chat", "light"), 50_000)  # served more than "heavy"
+    FlowBoard(theirs).add(("keywait", "chat", "heavy"), 1)  # "heavy" waits in worker 1
+    (heavy,) = await queue_up(room, replica, [Ticket("heavy", BATCH, 2.0)])
+    assert room.counter("heavy") < room.counter("light")  # not lifted
+    room.release(running, 10)
+    await settle()
+    assert heavy.done()
+    assert not light.done()
+    room.release(heavy.result(), 10)
+    await settle()
+    room.release(light.result(), 10)
+    mine.close()
+    theirs.close()
+
+
 async def test_reserved_slots_stay_free_for_their_class():
     interactive = FlowClass("interactive", 0, max_wait=30.0, reserved_slots=1)
     replica = backend(2)
