@@ -291,15 +291,17 @@ async def workloads(backends: list[dict], engine: str, cap: float, args, folder:
     seconds = args.seconds
     results: dict = {"capacity_rps": cap}
     modes = {"fifo": FIFO, "flow": flow_control(backends)}
-    # The interactive key alone: its time to first token without batch load.
-    async with gateway(backends, engine, modes["flow"], {}, folder) as base:
-        results["alone"] = summary(await open_loop(base, {"web": 0.2 * cap}, seconds, args.max_tokens, 1))
     scenarios = [("priority", {"web": 0.2 * cap, "bulk": 2.0 * cap}, {})]
     if engine == "llamacpp":
         scenarios += [
             ("fair-1:1", {"bulk-a": 1.5 * cap, "bulk-b": 1.5 * cap}, {}),
             ("fair-2:1", {"bulk-a": 1.5 * cap, "bulk-b": 1.5 * cap}, {"bulk-a": 2.0}),
         ]
+    scenarios = [s for s in scenarios if s[0] in args.scenarios]
+    if "priority" in args.scenarios:
+        # The interactive key alone: its time to first token without batch load.
+        async with gateway(backends, engine, modes["flow"], {}, folder) as base:
+            results["alone"] = summary(await open_loop(base, {"web": 0.2 * cap}, seconds, args.max_tokens, 1))
     for number, (name, rates, weights) in enumerate(scenarios):
         # Alternate which mode runs first: the machine's drift hits both alike.
         order = ["fifo", "flow"] if number % 2 == 0 else ["flow", "fifo"]
@@ -419,11 +421,13 @@ def report(results: dict) -> list[str]:
         if engine not in results:
             continue
         r = results[engine]
-        alone = r["alone"]["web"]["ttft_p95"]
-        lines.append(
-            f"{engine}: capacity {r['capacity_rps']:.2f} requests/s; interactive alone TTFT p95 {alone:.3f} s"
-        )
-        for mode in ("fifo", "flow"):
+        lines.append(f"{engine}: capacity {r['capacity_rps']:.2f} requests/s")
+        for mode in ("fifo", "flow") if "alone" in r else ():
+            alone = r["alone"]["web"]["ttft_p95"]
+            if mode == "fifo":
+                lines.append(
+                    f"  interactive alone: TTFT p50 {r['alone']['web']['ttft_p50']:.3f} s p95 {alone:.3f} s"
+                )
             web = r[f"priority/{mode}"]["web"]
             lines.append(
                 f"  priority {mode:4}: interactive TTFT p50 {web['ttft_p50']:.3f} s p95 {web['ttft_p95']:.3f} s"
@@ -463,6 +467,8 @@ def plot(results: dict, path: str) -> None:
     figure, axes = plt.subplots(1, len(engines) + 1, figsize=(5 * (len(engines) + 1), 4))
     for axis, engine in zip(axes, engines, strict=False):
         r = results[engine]
+        if "alone" not in r:
+            continue
         labels = ["alone", "fifo", "flow"]
         values = [
             r["alone"]["web"]["ttft_p95"],
@@ -476,7 +482,7 @@ def plot(results: dict, path: str) -> None:
         return
     axis = axes[-1]
     r = results["llamacpp"]
-    groups = [f"{n}/{m}" for n in ("fair-1:1", "fair-2:1") for m in ("fifo", "flow")]
+    groups = [f"{n}/{m}" for n in ("fair-1:1", "fair-2:1") for m in ("fifo", "flow") if f"{n}/{m}" in r]
     axis.bar(groups, [r[g]["bulk-a"]["tokens"] / max(r[g]["bulk-b"]["tokens"], 1) for g in groups])
     axis.axhline(1, color="grey", linewidth=0.5)
     axis.axhline(2, color="grey", linewidth=0.5)
@@ -492,11 +498,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--engines", default="llamacpp", help="comma-separated: llamacpp, vllm")
+    parser.add_argument(
+        "--scenarios",
+        default="priority,fair-1:1,fair-2:1",
+        help="comma-separated: priority, fair-1:1, fair-2:1",
+    )
     parser.add_argument("--vllm-tokens", type=int, default=48)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="draw the figures into this PNG (needs matplotlib)")
     args = parser.parse_args()
     args.engines = set(args.engines.split(","))
+    args.scenarios = set(args.scenarios.split(","))
     if args.seconds is None:
         args.seconds = 20.0 if args.quick else 60.0
     started = time.perf_counter()
