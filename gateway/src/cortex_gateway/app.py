@@ -26,6 +26,7 @@ from .limits import CounterTable, Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pools import PoolTracker
+from .predict import Predictor
 from .queueing import FlowBoard
 from .routing import Router
 from .slots import SlotTable
@@ -75,6 +76,8 @@ class Gateway:
         self._share_slots(self.backends)
         # The queues' shared counts (queueing.py), in the same table.
         self.flow_board = FlowBoard(slot_table)
+        # Each replica's learnt latencies (predicted_ttft routing), in the same table.
+        self.predictor = Predictor(slot_table)
         self.router = Router(self.backends)
         # Prefix affinity: its settings as started (the index is sized by them),
         # and the index, in a file the workers share or, alone, a private one.

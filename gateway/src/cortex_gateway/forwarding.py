@@ -21,8 +21,8 @@ from .backends import Backend
 from .breaker import BreakerState, Failure
 from .errors import error_response, json_object
 from .limits import Refusal
-from .metrics import StreamTap, usage_of
-from .policies import PREFIX_AFFINITY
+from .metrics import StreamTap, cached_tokens, usage_of
+from .policies import PREDICTED_TTFT, PREFIX_AFFINITY
 from .pools import LOAD_STATES, LoadError
 from .proxy import (
     ClientGone,
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .policies import AffinitySettings
     from .pools import PoolTracker
+    from .predict import Predictor
     from .queueing import FlowBoard
     from .routing import Router
     from .slots import SlotTable
@@ -80,6 +81,7 @@ class ForwardingState(Protocol):
     clock: Callable[[], float]
     config: GatewayConfig
     flow_board: FlowBoard
+    predictor: Predictor
     limiter: Limiter
     metrics: Metrics
     pools: PoolTracker
@@ -253,7 +255,10 @@ class Forwarder:
         # The chain is keyed by the name asked for: an adapter's prompts are
         # cached apart from its base model's.
         chain = self._affinity_chain(request, payload, served, model)
-        home = router.home(served, chain, self.gateway.prefix_index) if chain else None
+        home, matched = (
+            router.home_and_match(served, chain, self.gateway.prefix_index) if chain else (None, 0)
+        )
+        guess = self._guess(served, body, chain, matched) if chain else None
         # A request waits at most this long for a slot on its home, then takes
         # any: never more than half the queue's wait, so it spills, not times out.
         clock = self.gateway.clock
@@ -275,7 +280,7 @@ class Forwarder:
                 home.affine_waiting += 1
             try:
                 grant = await admission.acquire(
-                    lambda: self._pick(served, tried, home if clock() < home_until else None),
+                    lambda: self._pick(served, tried, home if clock() < home_until else None, guess, timing),
                     router.backends(served),
                     ticket,
                 )
@@ -293,6 +298,8 @@ class Forwarder:
                 if home is not None:
                     home.affine_waiting -= 1
             backend, waited = grant.backend, grant.waited
+            # Requests running beside this one on its replica (its slot is taken).
+            timing.beside = max(backend.outstanding - 1, 0)
             tried.add(id(backend))
             if chain:
                 # Whatever the reason it went elsewhere, the prefix is there now.
@@ -383,6 +390,7 @@ class Forwarder:
                         timing.client_gone = True
                     timing.upstream_ended = self.gateway.clock()
                     self._settle_stream(timing, tap)
+                    self._learn(timing, backend, len(body), guess)
                     return response
                 try:
                     whole = await relay_whole(upstream, timeouts.idle, self.gateway.config.max_answer_bytes)
@@ -397,6 +405,7 @@ class Forwarder:
                 if whole.status == 200 and isinstance(whole.body, bytes):
                     timing.usage = usage_of(whole.body)
                     self.gateway.metrics.count_usage(model, engine, timing.usage, backend.name)
+                    self._learn(timing, backend, len(body), guess)
                 whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(self.gateway.clock()) * 1000:.3f}"
                 return whole
             finally:
@@ -424,18 +433,44 @@ class Forwarder:
         """The request's prefix-affinity chain, or [] when its model routes by load alone."""
         if request.path == "/v1/embeddings":
             return []  # no prompt for an engine to reuse
-        if self.gateway.config.models[served].routing.policy != PREFIX_AFFINITY:
+        if self.gateway.config.models[served].routing.policy not in (PREFIX_AFFINITY, PREDICTED_TTFT):
             return []
         settings = self.gateway.affinity
         return request_chain(name, payload, request.headers.get(settings.session_header), settings)
 
-    def _pick(self, model: str, tried: set[int], home: Backend | None = None) -> Backend | None:
+    def _guess(self, model: str, body: bytes, chain: list[int], matched: int) -> _Guess | None:
+        """What predicted_ttft routing needs of a request: its size and what
+        its home holds of it, in tokens (None: the model routes otherwise)."""
+        if self.gateway.config.models[model].routing.policy != PREDICTED_TTFT:
+            return None
+        predictor = self.gateway.predictor
+        prompt = max(predictor.tokens(model, len(body)), 1)
+        if len(chain) == 1 and matched:
+            # A named session (or a conversation shorter than a block): its
+            # home holds the turns before this one, most of the prompt.
+            held = int(prompt * SESSION_HELD)
+        else:
+            held = predictor.tokens(model, matched * self.gateway.affinity.block_bytes)
+        return _Guess(prompt, held)
+
+    def _pick(
+        self,
+        model: str,
+        tried: set[int],
+        home: Backend | None = None,
+        guess: _Guess | None = None,
+        timing: _Timing | None = None,
+    ) -> Backend | None:
         """A ready replica with a free slot whose breaker lets it through: the
         least loaded, or, for a request with a home (the replica holding its
         prefix), the home unless the router says to spill; a home without a
-        free slot is waited for (None) while spilling is not called for."""
+        free slot is waited for (None) while spilling is not called for. With
+        a guess (predicted_ttft), the replica with the least predicted time
+        to first token, waited for while it is the fastest even with its queue."""
         router = self.gateway.router
         ready = [b for b in router.candidates(model) if id(b) not in tried]
+        if guess is not None:
+            return self._pick_predicted(ready, home, guess, timing)
         usable = [b for b in ready if b.outstanding < b.max_concurrency]
         if home is not None:
             usable = router.prefer(ready, usable, home, self.gateway.config.models[model].routing)
@@ -443,6 +478,44 @@ class Forwarder:
             if backend.breaker.allows():
                 return backend
         return None
+
+    def _pick_predicted(
+        self, ready: list[Backend], home: Backend | None, guess: _Guess, timing: _Timing | None
+    ) -> Backend | None:
+        ahead = max(home.affine_waiting - 1, 0) if home is not None else 0
+        ranked = self.gateway.predictor.rank(ready, guess.prompt, home, guess.held, ahead)
+        if timing is not None and timing.predicted is None and ranked:
+            timing.predicted = ranked[0].seconds
+        for place, prediction in enumerate(ranked):
+            backend = prediction.backend
+            if backend.outstanding >= backend.max_concurrency:
+                if place == 0 and home is not None:
+                    return None  # the fastest even counting its queue: wait for it (bounded by home_wait)
+                continue
+            if backend.breaker.allows():
+                return backend
+        return None
+
+    def _learn(self, timing: _Timing, backend: Backend, body_bytes: int, guess: _Guess | None) -> None:
+        """What an answer tells of its replica's latencies (every policy learns,
+        so that a switch to predicted_ttft starts with estimates)."""
+        predictor, usage = self.gateway.predictor, timing.usage or {}
+        prompt = usage.get("prompt_tokens")
+        if timing.upstream_ended is not None:
+            predictor.observe_service(backend, timing.upstream_ended - timing.upstream_started)
+        if not isinstance(prompt, int) or isinstance(prompt, bool):
+            return
+        predictor.observe_prompt(timing.model, body_bytes, prompt)
+        if timing.first_chunk is None:
+            return
+        cached = cached_tokens(usage) or 0
+        predictor.observe_first_token(
+            backend, timing.first_chunk - timing.upstream_started, prompt, cached, timing.beside
+        )
+        if guess is not None and timing.predicted is not None:
+            measured = timing.first_chunk - timing.started
+            metrics = self.gateway.metrics
+            metrics.child(metrics.prediction_error, timing.model).observe(timing.predicted - measured)
 
     def _count_failure(self, backend: Backend, kind: Failure, retry_after: float | None = None) -> None:
         """A failed attempt on ``backend``: its health count and its breaker."""
@@ -460,12 +533,26 @@ class Forwarder:
         )
 
 
+# The share of a prompt its named session's home is taken to hold.
+SESSION_HELD = 0.8
+
+
+class _Guess:
+    """A request's size in tokens, and how many of them its home holds."""
+
+    __slots__ = ("held", "prompt")
+
+    def __init__(self, prompt: int, held: int) -> None:
+        self.prompt = prompt
+        self.held = held
+
+
 class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "admitted", "backend", "client_gone", "first_chunk", "model", "started", "stream", "tap",
-        "upstream_ended", "upstream_started", "usage", "waited",
+        "admitted", "backend", "beside", "client_gone", "first_chunk", "model", "predicted", "started",
+        "stream", "tap", "upstream_ended", "upstream_started", "usage", "waited",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
@@ -480,6 +567,9 @@ class _Timing:
         self.model = "_unknown"
         self.backend = "none"
         self.waited = 0.0
+        # predicted_ttft: the first prediction, and the requests beside it on its replica.
+        self.predicted: float | None = None
+        self.beside = 0
         self.upstream_started = started
         self.upstream_ended: float | None = None
 

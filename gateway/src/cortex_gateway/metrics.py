@@ -29,6 +29,7 @@ from .breaker import BreakerState
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+PREDICTION_ERROR_BUCKETS = (-10, -5, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -88,6 +89,14 @@ class Metrics:
             "cortex_gateway_prompt_cache_tokens",
             "Prompt tokens the engine reused from its cache (hit) or computed (miss), per backend",
             [*backend_labels, "result"],
+            registry=self.registry,
+        )
+        # predicted_ttft routing: how far off its predictions are.
+        self.prediction_error = Histogram(
+            "cortex_gateway_ttft_prediction_error_seconds",
+            "predicted_ttft routing: the predicted time to first token minus the measured one, per stream",
+            ["model"],
+            buckets=PREDICTION_ERROR_BUCKETS,
             registry=self.registry,
         )
         self.routing = Counter(

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 # Routing policies a model may have.
 LEAST_OUTSTANDING = "least_outstanding"
 PREFIX_AFFINITY = "prefix_affinity"
-POLICIES = (LEAST_OUTSTANDING, PREFIX_AFFINITY)
+# The replica with the least predicted time to first token (predict.py).
+PREDICTED_TTFT = "predicted_ttft"
+POLICIES = (LEAST_OUTSTANDING, PREFIX_AFFINITY, PREDICTED_TTFT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,11 +55,16 @@ class Router:
 
     def home(self, model: str, chain: list[int], index: PrefixIndex) -> Backend | None:
         """The replica of ``model`` that last took the longest known prefix of ``chain``."""
+        return self.home_and_match(model, chain, index)[0]
+
+    def home_and_match(self, model: str, chain: list[int], index: PrefixIndex) -> tuple[Backend | None, int]:
+        """The home, and how many digests of ``chain`` it holds."""
         ids = self._ids.get(model)
         if not ids or not chain:
-            return None
-        number, _matched = index.lookup(chain, ids)
-        return ids.get(number)
+            return None, 0
+        number, matched = index.lookup(chain, ids)
+        backend = ids.get(number)
+        return backend, matched if backend is not None else 0
 
     def learn(self, chain: list[int], backend: Backend, index: PrefixIndex) -> None:
         number = self._id_of.get(id(backend))

@@ -105,6 +105,14 @@ class SlotTable:
         """This worker's count."""
         return self._words[self._cell(self.worker, column)]
 
+    def values(self, column: int) -> list[int]:
+        """Every worker's value, by worker."""
+        return [self._words[self._cell(w, column)] for w in range(self.workers)]
+
+    def set_own(self, column: int, value: int) -> None:
+        """This worker's value (an estimate, not a count)."""
+        self._words[self._cell(self.worker, column)] = value
+
     def add(self, column: int, delta: int) -> None:
         """Change this worker's count (a counter, not a slot: no limit). Only
         this worker writes its row: no lock needed."""

@@ -56,7 +56,8 @@ from tests.unit.gateway.conftest import free_port  # noqa: E402
 KEY = "sk-bench-routing-0123456789abcdef"
 ENGINE_KEY = "engine-bench-key"
 MODEL = "smollm2"
-POLICIES = ("least_outstanding", "prefix_affinity")
+POLICIES = ("least_outstanding", "prefix_affinity", "predicted_ttft")
+SHORT = {"prefix_affinity": "affinity", "predicted_ttft": "predicted"}
 # A vocabulary for documents that tokenize like prose.
 _VOCABULARY = (
     "account budget customer delivery engine forecast growth harbour invoice journey kernel ledger "
@@ -423,26 +424,25 @@ def table(data: dict) -> str:
         f"replicas: {data['replicas']}, engine options: {data['engine_options'] or 'the role defaults'}",
         "",
     ]
-    header = f"| workload | figure | {' | '.join(POLICIES)} | affinity / least |"
-    lines += [header, "|" + "---|" * (len(POLICIES) + 3)]
+    policies = [p for p in POLICIES if any(p in by for by in data["results"].values())]
+    others = [p for p in policies if p != "least_outstanding"]
+    compared = "least_outstanding" in policies
+    ratios = [f"{SHORT[p]} / least" for p in others] if compared else []
+    header = f"| workload | figure | {' | '.join(policies)} | {' | '.join(ratios)} |"
+    lines += [header, "|" + "---|" * (len(policies) + len(ratios) + 2)]
     for name, by_policy in data["results"].items():
-        if set(by_policy) != set(POLICIES):  # one policy only: its figures
-            for policy, row in by_policy.items():
-                lines.append(
-                    f"| {name} | {policy} | "
-                    + ", ".join(f"{label} {row[key]:.2f}" for key, label, _b in FIGURES)
-                    + " | | |"
-                )
-            continue
         for key, label, _better in FIGURES:
-            a, b = by_policy["least_outstanding"][key], by_policy["prefix_affinity"][key]
-            ratio = f"{b / a:.2f}x" if a else "-"
             fmt = "{:.0%}" if key == "hit_rate" else "{:.2f}" if key != "tokens_per_s" else "{:.1f}"
-            lines.append(f"| {name} | {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
-        fails = {p: by_policy[p]["failures"] for p in POLICIES}
-        lines.append(
-            f"| {name} | failed requests | {fails['least_outstanding'] or 0} | {fails['prefix_affinity'] or 0} | |"
-        )
+            values = [fmt.format(by_policy[p][key]) if p in by_policy else "-" for p in policies]
+            base = by_policy.get("least_outstanding", {}).get(key) if compared else None
+            shares = (
+                [f"{by_policy[p][key] / base:.2f}x" if base and p in by_policy else "-" for p in others]
+                if compared
+                else []
+            )
+            lines.append(f"| {name} | {label} | {' | '.join(values)} | {' | '.join(shares)} |")
+        fails = [str(by_policy[p]["failures"] or 0) if p in by_policy else "-" for p in policies]
+        lines.append(f"| {name} | failed requests | {' | '.join(fails)} | {' | '.join('' for _ in ratios)} |")
     return "\n".join(lines)
 
 
@@ -463,13 +463,14 @@ def plot(data: dict, out: Path) -> None:
         ),
         strict=True,
     ):
-        width = 0.38
-        for i, policy in enumerate(POLICIES):
+        policies = [p for p in POLICIES if all(p in data["results"][n] for n in names)]
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
             values = [data["results"][n][policy][key] for n in names]
             axis.bar(
                 [x + i * width for x in range(len(names))], values, width, label=policy.replace("_", " ")
             )
-        axis.set_xticks([x + width / 2 for x in range(len(names))], names)
+        axis.set_xticks([x + width * (len(policies) - 1) / 2 for x in range(len(names))], names)
         axis.set_title(label)
     axes[0].legend()
     fig.tight_layout()

@@ -1,0 +1,179 @@
+"""Predicted time to first token per replica, learnt from the engines' answers.
+
+For a request and a replica, the prediction is the wait for one of the
+replica's slots plus the prefill of the prompt tokens it does not already
+hold:
+
+    wait     = requests ahead of this one for a slot x service time / slots
+    prefill  = uncached prompt tokens x seconds per token x (1 + requests running beside it)
+    predicted = wait + base + prefill
+
+Every term is learnt per replica from what its engine answered (exponential
+moving averages): a stream's time from the upstream call to its first chunk,
+with the prompt and cached token counts of its usage, gives the seconds per
+uncached token (normalised by the requests running beside it then, since on a
+shared core they share its time) and the base; a request's time on its slot
+gives the service time. The prompt's size is the body's bytes over the
+model's learnt bytes per token; the tokens a replica holds are the matched
+blocks of the prefix index over the same ratio, for the replica that last
+took the prefix (the index knows no other).
+
+Each worker learns from its own requests and writes its estimates into its
+own row of the shared table; a prediction uses the mean of the rows that have
+learnt something, so every worker predicts with what all of them saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .slots import SlotTable
+
+# Fixed point of the shared estimates: micro-units.
+_MICRO = 1_000_000
+_SMOOTHING = 0.2
+# Until a replica has answered: CPU-like figures, the same for every replica,
+# so the first choices go by cached prefix and load alone.
+DEFAULT_SECONDS_PER_TOKEN = 0.005
+DEFAULT_BASE = 0.05
+DEFAULT_SERVICE = 2.0
+DEFAULT_BYTES_PER_TOKEN = 4.0
+_FIELDS = ("per_token", "base", "service")
+
+
+@dataclass(slots=True)
+class Estimate:
+    per_token: float = DEFAULT_SECONDS_PER_TOKEN
+    base: float = DEFAULT_BASE
+    service: float = DEFAULT_SERVICE
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    backend: Backend
+    seconds: float
+    wait: float
+    cached_tokens: int
+
+
+class Predictor:
+    """The estimates of every replica, this worker's own and the shared ones."""
+
+    def __init__(self, table: SlotTable | None = None) -> None:
+        self.table = table
+        self._own: dict[tuple[str, str], Estimate] = {}
+        self._bytes_per_token: dict[str, float] = {}
+        self._columns: dict[tuple[str, ...], int | None] = {}
+
+    # --- learning ---------------------------------------------------------------
+
+    def observe_first_token(
+        self, backend: Backend, seconds: float, prompt_tokens: int, cached_tokens: int, beside: int
+    ) -> None:
+        """A stream's first chunk came ``seconds`` after the upstream call,
+        for a prompt of ``prompt_tokens`` of which the engine had ``cached_tokens``,
+        with ``beside`` other requests running on the replica then."""
+        if seconds <= 0 or prompt_tokens <= 0:
+            return
+        own = self._estimate(backend)
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        if uncached >= 16:
+            per_token = max(seconds - own.base, 0.0) / (uncached * (1 + beside))
+            own.per_token += _SMOOTHING * (per_token - own.per_token)
+        else:
+            # Nearly all cached: what is left is the base.
+            own.base += _SMOOTHING * (seconds - own.base)
+        self._publish(backend, own)
+
+    def observe_service(self, backend: Backend, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        own = self._estimate(backend)
+        own.service += _SMOOTHING * (seconds - own.service)
+        self._publish(backend, own)
+
+    def observe_prompt(self, model: str, body_bytes: int, prompt_tokens: int) -> None:
+        if body_bytes <= 0 or prompt_tokens <= 0:
+            return
+        ratio = body_bytes / prompt_tokens
+        current = self._bytes_per_token.get(model, DEFAULT_BYTES_PER_TOKEN)
+        self._bytes_per_token[model] = current + _SMOOTHING * (ratio - current)
+
+    def tokens(self, model: str, size_bytes: int) -> int:
+        """About how many tokens ``size_bytes`` of the model's requests are."""
+        return int(size_bytes / self._bytes_per_token.get(model, DEFAULT_BYTES_PER_TOKEN))
+
+    # --- predicting -------------------------------------------------------------
+
+    def estimate(self, backend: Backend) -> Estimate:
+        """What every worker learnt of ``backend``: the mean of their rows."""
+        if self.table is None:
+            return self._own.get((backend.model, backend.url)) or Estimate()
+        values = {}
+        for name in _FIELDS:
+            column = self._column(backend, name)
+            rows = [v for v in self.table.values(column) if v > 0] if column is not None else []
+            values[name] = sum(rows) / len(rows) / _MICRO if rows else None
+        own = self._own.get((backend.model, backend.url)) or Estimate()
+        return Estimate(
+            **{name: value if value is not None else getattr(own, name) for name, value in values.items()}
+        )
+
+    def predict(self, backend: Backend, prompt_tokens: int, cached_tokens: int, ahead: int = 0) -> Prediction:
+        """The time to first token of a request on ``backend``; ``ahead``:
+        requests already waiting for that replica in particular."""
+        estimate = self.estimate(backend)
+        slots = max(backend.max_concurrency, 1)
+        queued = max(backend.outstanding + ahead - slots + 1, 0)
+        wait = queued * estimate.service / slots
+        beside = min(backend.outstanding, slots - 1)
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        seconds = wait + estimate.base + uncached * estimate.per_token * (1 + beside)
+        return Prediction(backend, seconds, wait, cached_tokens)
+
+    def rank(
+        self,
+        backends: Iterable[Backend],
+        prompt_tokens: int,
+        home: Backend | None,
+        home_tokens: int,
+        home_ahead: int,
+    ) -> list[Prediction]:
+        """Every replica's prediction, fastest first (ties: the order given)."""
+        predictions = [
+            self.predict(
+                b,
+                prompt_tokens,
+                min(home_tokens, prompt_tokens) if b is home else 0,
+                home_ahead if b is home else 0,
+            )
+            for b in backends
+        ]
+        return sorted(predictions, key=lambda p: p.seconds)
+
+    # --- the shared rows ----------------------------------------------------------
+
+    def _estimate(self, backend: Backend) -> Estimate:
+        key = (backend.model, backend.url)
+        own = self._own.get(key)
+        if own is None:
+            own = self._own[key] = self.estimate(backend)  # start from what the others learnt
+        return own
+
+    def _column(self, backend: Backend, name: str) -> int | None:
+        key = (backend.model, backend.url, name)
+        if key not in self._columns:
+            self._columns[key] = self.table.column(backend.model, f"\0predict\0{name}\0{backend.url}")  # type: ignore[union-attr]
+        return self._columns[key]
+
+    def _publish(self, backend: Backend, own: Estimate) -> None:
+        if self.table is None:
+            return
+        for name in _FIELDS:
+            column = self._column(backend, name)
+            if column is not None:
+                self.table.set_own(column, max(1, round(getattr(own, name) * _MICRO)))
