@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import secrets
 import subprocess
@@ -51,7 +50,15 @@ for _path in (ROOT, ROOT / "gateway" / "src", ROOT / ".cache" / "collections"):
 
 from cortex_gateway.auth import hash_key  # noqa: E402
 
-from tests.bench.routing.run import ENGINE_KEY, MODEL, document, start_engines, stop_engines  # noqa: E402
+from tests.bench.routing.run import (  # noqa: E402
+    ENGINE_KEY,
+    MODEL,
+    document,
+    serve_gateway,
+    start_engines,
+    stop_engines,
+    stream_chat,
+)
 from tests.integration.conftest import docker  # noqa: E402
 from tests.unit.gateway.conftest import free_port  # noqa: E402
 
@@ -102,29 +109,8 @@ async def gateway(backends: list[dict], engine: str, flow: dict, weights: dict[s
         "timeouts": {"first_byte": 300, "idle": 300},
         "health": {"interval": 1.0},
     }
-    tag = secrets.token_hex(3)
-    path = folder / f"gateway-{tag}.yml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "gateway" / "src")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
-        env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"gateway-{tag}.log").open("wb"),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _attempt in range(3000):  # engines may still be loading: up to 5 minutes
-                with contextlib.suppress(aiohttp.ClientError, ValueError):
-                    async with session.get(base + "/healthz") as response:
-                        if (await response.json())["ready_backends"].get(MODEL, 0) == len(backends):
-                            break
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError(f"the gateway never saw {len(backends)} ready engines")
+    async with serve_gateway(config, folder, secrets.token_hex(3), len(backends)) as base:
         yield base
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 30)
 
 
 FIFO = {"enabled": False}
@@ -161,38 +147,22 @@ def prompt(rng: random.Random) -> list[dict]:
 async def one_request(
     session: aiohttp.ClientSession, base: str, key: str, rng: random.Random, max_tokens: int, tally: Tally
 ) -> None:
-    body = {
-        "model": MODEL, "messages": prompt(rng), "max_tokens": max_tokens, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
+    body = {"model": MODEL, "messages": prompt(rng), "max_tokens": max_tokens, "temperature": 0}
     started = time.perf_counter()
-    first = None
     try:
-        async with session.post(
-            base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS[key]}"}
-        ) as response:
-            if response.status != 200:
-                tally.count(f"status {response.status}")
-                if response.status == 429 and "Retry-After" not in response.headers:
-                    tally.refusals_without_retry_after += 1
-                await response.read()
-                return
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                event = json.loads(line[6:])
-                if first is None and event.get("choices"):
-                    first = time.perf_counter()
-                usage = event.get("usage")
-                if usage:
-                    tally.tokens += int(usage.get("prompt_tokens") or 0) + int(
-                        usage.get("completion_tokens") or 0
-                    )
+        answer = await stream_chat(session, base, KEYS[key], body)
     except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded, by kind
         tally.count(type(exc).__name__)
         return
+    if answer.status != 200:
+        tally.count(f"status {answer.status}")
+        if answer.status == 429 and answer.retry_after is None:
+            tally.refusals_without_retry_after += 1
+        return
+    usage = answer.usage or {}
+    tally.tokens += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
     tally.count("ok")
-    tally.ttft.append((first or time.perf_counter()) - started)
+    tally.ttft.append((answer.first or answer.ended) - started)
 
 
 async def open_loop(

@@ -203,25 +203,33 @@ async def gateway(engines: list[Engine], policy: str, folder: Path):
         "timeouts": {"first_byte": 600, "idle": 600},
         "health": {"interval": 1.0},
     }
-    path = folder / f"gateway-{policy}.yml"
+    async with serve_gateway(config, folder, policy, len(engines)) as base:
+        yield base
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(config: dict, folder: Path, tag: str, ready: int, limit: float = 300):
+    """A gateway process with ``config`` (its file and log in ``folder``, named
+    by ``tag``), once it sees ``ready`` engines of MODEL ready (engines may
+    still be loading: up to ``limit`` seconds); its base URL."""
+    path = folder / f"gateway-{tag}.yml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "gateway" / "src")}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cortex_gateway", "serve", "--config", str(path),
-        env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"gateway-{policy}.log").open("wb"),
+        env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"gateway-{tag}.log").open("wb"),
     )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{config['listen']['port']}"
     try:
         async with aiohttp.ClientSession() as session:
-            for _attempt in range(1200):  # the engines may still be loading: up to 2 minutes
-                with contextlib.suppress(aiohttp.ClientError):
+            for _attempt in range(int(limit * 10)):
+                with contextlib.suppress(aiohttp.ClientError, ValueError):
                     async with session.get(base + "/healthz") as response:
-                        ready = (await response.json())["ready_backends"].get(MODEL, 0)
-                        if ready == len(engines):
+                        if (await response.json())["ready_backends"].get(MODEL, 0) == ready:
                             break
                 await asyncio.sleep(0.1)
             else:
-                raise RuntimeError(f"the gateway never saw {len(engines)} ready engines")
+                raise RuntimeError(f"the gateway never saw {ready} ready engines")
         yield base
     finally:
         process.terminate()
@@ -260,41 +268,59 @@ class Outcome:
     failures: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class Streamed:
+    """One streamed chat: its status, its first content's and its end's time, its usage."""
+
+    status: int
+    retry_after: str | None = None
+    first: float | None = None
+    ended: float = 0.0
+    usage: dict | None = None
+
+
+async def stream_chat(session: aiohttp.ClientSession, base: str, key: str, body: dict) -> Streamed:
+    """Send a streamed chat completion and read it to its end (exceptions go to the caller)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with session.post(
+        base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        answer = Streamed(response.status, response.headers.get("Retry-After"))
+        if response.status != 200:
+            await response.read()
+            return answer
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            event = json.loads(line[6:])
+            if answer.first is None and any(
+                (c.get("delta") or {}).get("content") for c in event.get("choices", [])
+            ):
+                answer.first = time.perf_counter()
+            if event.get("usage"):
+                answer.usage = event["usage"]
+    answer.ended = time.perf_counter()
+    return answer
+
+
 async def one_request(
     session: aiohttp.ClientSession, base: str, messages: list[dict], max_tokens: int, out: Outcome
 ):
-    body = {
-        "model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     started = time.perf_counter()
-    first = None
     try:
-        async with session.post(
-            base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
-        ) as response:
-            if response.status != 200:
-                kind = f"status {response.status}"
-                out.failures[kind] = out.failures.get(kind, 0) + 1
-                await response.read()
-                return
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                event = json.loads(line[6:])
-                if first is None and any(
-                    (c.get("delta") or {}).get("content") for c in event.get("choices", [])
-                ):
-                    first = time.perf_counter()
-                if event.get("usage"):
-                    out.completion_tokens += int(event["usage"].get("completion_tokens") or 0)
+        answer = await stream_chat(session, base, KEY, body)
     except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded, by kind
         kind = type(exc).__name__
         out.failures[kind] = out.failures.get(kind, 0) + 1
         return
-    ended = time.perf_counter()
-    out.ttft.append((first or ended) - started)
-    out.latency.append(ended - started)
+    if answer.status != 200:
+        kind = f"status {answer.status}"
+        out.failures[kind] = out.failures.get(kind, 0) + 1
+        return
+    out.completion_tokens += int((answer.usage or {}).get("completion_tokens") or 0)
+    out.ttft.append((answer.first or answer.ended) - started)
+    out.latency.append(answer.ended - started)
 
 
 async def run(base: str, workload: Workload, max_tokens: int, limit: float) -> dict:
