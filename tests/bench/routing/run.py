@@ -468,7 +468,9 @@ def table(data: dict) -> str:
             )
             lines.append(f"| {name} | {label} | {' | '.join(values)} | {' | '.join(shares)} |")
         fails = [str(by_policy[p]["failures"] or 0) if p in by_policy else "-" for p in policies]
-        lines.append(f"| {name} | failed requests | {' | '.join(fails)} | {' | '.join('' for _ in ratios)} |")
+        lines.append(
+            f"| {name} | failed requests | {' | '.join(fails)} | {' | '.join('' for _ratio in ratios)} |"
+        )
     return "\n".join(lines)
 
 

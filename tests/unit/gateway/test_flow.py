@@ -70,7 +70,7 @@ def picker(replica: Backend):
 
 
 async def settle() -> None:
-    for _ in range(5):
+    for _round in range(5):
         await asyncio.sleep(0)
 
 
@@ -152,7 +152,7 @@ async def test_keys_of_one_class_share_the_slots_by_their_weights(weights, expec
     served = {"heavy": 0, "light": 0}
     running = await room.acquire(picker(replica), [replica], heavy)
     waiting = await queue_up(room, replica, [heavy, light] * 3)
-    for _ in range(120):
+    for _round in range(120):
         key = running.ticket.key
         served[key] += sizes[key]
         room.release(running, sizes[key])
@@ -178,7 +178,7 @@ async def test_a_key_that_was_idle_gets_its_share_not_a_burst():
     room = admission(per_slot=40)
     running = await room.acquire(picker(replica), [replica], Ticket("old", BATCH))
     waiting = await queue_up(room, replica, [Ticket("old", BATCH)] * 20)
-    for _ in range(10):  # "old" alone, served ten times
+    for _round in range(10):  # "old" alone, served ten times
         room.release(running, 100)
         await settle()
         done = [t for t in waiting if t.done()]
@@ -186,7 +186,7 @@ async def test_a_key_that_was_idle_gets_its_share_not_a_burst():
         waiting.remove(done[0])
     waiting += await queue_up(room, replica, [Ticket("new", BATCH)] * 6)
     order = []
-    for _ in range(6):
+    for _round in range(6):
         room.release(running, 100)
         await settle()
         done = [t for t in waiting if t.done()]
@@ -465,7 +465,7 @@ async def test_a_refusal_is_counted_by_key_and_reason(engine_server, gateway_cli
 
 
 async def wait_ready(client) -> None:
-    for _ in range(100):
+    for _round in range(100):
         if all(b.routable for b in client.gateway.backends):
             return
         await asyncio.sleep(0.05)

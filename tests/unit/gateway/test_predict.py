@@ -34,7 +34,7 @@ def replica(url: str, slots: int = 2, running: int = 0) -> Backend:
 def taught(predictor: Predictor, *backends: Backend, per_token: float = 0.005, service: float = 3.0) -> None:
     """Answers as a CPU llama.cpp gives them: 200 uncached tokens at per_token a token."""
     for backend in backends:
-        for _ in range(30):
+        for _round in range(30):
             predictor.observe_first_token(backend, 0.05 + 200 * per_token, 200, 0, 0)
             predictor.observe_first_token(backend, 0.05, 200, 195, 0)
             predictor.observe_service(backend, service)
@@ -85,7 +85,7 @@ def test_a_slower_replica_is_learnt_as_slower():
 
 def test_the_bytes_per_token_are_learnt_per_model():
     predictor = Predictor()
-    for _ in range(40):
+    for _round in range(40):
         predictor.observe_prompt("chat", 6000, 1000)
     assert predictor.tokens("chat", 12000) == pytest.approx(2000, rel=0.05)
     assert predictor.tokens("other", 4000) == 1000  # the default ratio, 4 bytes a token
@@ -114,7 +114,7 @@ async def test_the_request_path_routes_a_conversation_back_and_reports_its_error
     raw["models"][0]["routing"] = {"policy": "predicted_ttft"}
     assert parse_config(raw).models["chat"].routing.policy == "predicted_ttft"
     client = await gateway_client(raw)
-    for _ in range(100):
+    for _round in range(100):
         if all(b.routable for b in client.gateway.backends):
             break
         await asyncio.sleep(0.05)
