@@ -95,7 +95,7 @@ def test_good_inventory_passes(tmp_path):
         ({"cortex_models": [GOOD_MODEL], "engine_firewall_allow": ["10.0.0.300"]},
          "engine_firewall_allow: '10.0.0.300' is not an IP address or CIDR network"),
         ({"cortex_models": [{**GOOD_MODEL, "routing": {"policy": "random"}}]},
-         "value of policy must be one of: prefix_affinity, least_outstanding, got: random"),
+         "value of policy must be one of: prefix_affinity, least_outstanding, predicted_ttft, got: random"),
         ({"cortex_models": [GOOD_MODEL], "gateway_routing": {"index_entries": "many"}},
          "argument 'index_entries' is of type str found in 'gateway_routing'"),
         ({"cortex_models": [GOOD_MODEL], "gateway_api_keys": [{"name": "ops", "key": "k" * 40, "priority": "gold"}]},
