@@ -493,6 +493,8 @@ class Forwarder:
                     return None  # the fastest even counting its queue: wait for it (bounded by home_wait)
                 continue
             if backend.breaker.allows():
+                if timing is not None:
+                    timing.expected_cached = prediction.cached_tokens
                 return backend
         return None
 
@@ -508,14 +510,19 @@ class Forwarder:
         predictor.observe_prompt(timing.model, body_bytes, prompt)
         if timing.first_chunk is None:
             return
-        cached = cached_tokens(usage) or 0
+        reported = cached_tokens(usage)
         predictor.observe_first_token(
-            backend, timing.first_chunk - timing.upstream_started, prompt, cached, timing.beside
+            backend, timing.first_chunk - timing.upstream_started, prompt, reported or 0, timing.beside
         )
+        metrics = self.gateway.metrics
         if guess is not None and timing.predicted is not None:
             measured = timing.first_chunk - timing.started
-            metrics = self.gateway.metrics
             metrics.child(metrics.prediction_error, timing.model).observe(timing.predicted - measured)
+        if guess is not None and timing.expected_cached is not None and reported is not None:
+            # What the index expected the engine to hold against what it says
+            # it reused: within a tenth of the prompt (or 64 tokens) agrees.
+            close = abs(timing.expected_cached - reported) <= max(CACHE_AGREEMENT_TOKENS, prompt // 10)
+            metrics.child(metrics.cache_expectations, timing.model, "agree" if close else "disagree").inc()
 
     def _count_failure(self, backend: Backend, kind: Failure, retry_after: float | None = None) -> None:
         """A failed attempt on ``backend``: its health count and its breaker."""
@@ -535,6 +542,8 @@ class Forwarder:
 
 # The share of a prompt its named session's home is taken to hold.
 SESSION_HELD = 0.8
+# An expected and a reported count of cached tokens this close agree (or a tenth of the prompt).
+CACHE_AGREEMENT_TOKENS = 64
 
 
 class _Guess:
@@ -551,8 +560,8 @@ class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "admitted", "backend", "beside", "client_gone", "first_chunk", "model", "predicted", "started",
-        "stream", "tap", "upstream_ended", "upstream_started", "usage", "waited",
+        "admitted", "backend", "beside", "client_gone", "expected_cached", "first_chunk", "model",
+        "predicted", "started", "stream", "tap", "upstream_ended", "upstream_started", "usage", "waited",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
@@ -569,6 +578,7 @@ class _Timing:
         self.waited = 0.0
         # predicted_ttft: the first prediction, and the requests beside it on its replica.
         self.predicted: float | None = None
+        self.expected_cached: int | None = None
         self.beside = 0
         self.upstream_started = started
         self.upstream_ended: float | None = None

@@ -99,6 +99,13 @@ class Metrics:
             buckets=PREDICTION_ERROR_BUCKETS,
             registry=self.registry,
         )
+        self.cache_expectations = Counter(
+            "cortex_gateway_cache_expectations",
+            "predicted_ttft routing: streams whose engine reported about as many cached prompt tokens as the"
+            " prefix index expected (agree) or not (disagree)",
+            ["model", "result"],
+            registry=self.registry,
+        )
         self.routing = Counter(
             "cortex_gateway_routing_decisions",
             "Replica choices of prefix-affinity models: affinity (the replica holding the prefix),"

@@ -54,6 +54,8 @@ class FakeEngine:
     # (stream_options.include_usage), and `"usage": null` in every other
     # chunk then. Otherwise (llama.cpp) always.
     usage_when_asked: bool = False
+    # Prompt tokens a stream's usage says came from the engine's cache (None: not said).
+    cached_tokens: int | None = None
     received: list[tuple[str, bytes, str | None]] = field(default_factory=list)
     # Requests being answered now, and the most there ever were at once.
     running: int = 0
@@ -138,7 +140,13 @@ class FakeEngine:
             await asyncio.sleep(self.chunk_delay)
         if self.stream_gate is not None:
             await self.stream_gate.wait()
-        usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
+        usage: dict[str, Any] = {
+            "prompt_tokens": 5,
+            "completion_tokens": self.chunks,
+            "total_tokens": 5 + self.chunks,
+        }
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         if send_usage:
             event = {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")

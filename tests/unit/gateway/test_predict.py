@@ -141,3 +141,35 @@ async def test_the_request_path_routes_a_conversation_back_and_reports_its_error
         line for line in text.splitlines() if "prediction" in line
     ]
     assert 'cortex_gateway_routing_decisions_total{decision="affinity",model="chat"} 3.0' in text
+    # FakeEngine reports no cached tokens: nothing to compare, no series made up.
+    assert "cortex_gateway_cache_expectations_total{" not in text
+
+
+async def test_the_engines_cached_tokens_are_compared_with_what_the_index_expected(
+    engine_server, gateway_client
+):
+    """A new conversation: nothing expected cached; an engine that says it
+    reused nothing agrees, one that says it reused 500 tokens does not."""
+    counts = {}
+    for reported in (0, 500):
+        url = await engine_server(FakeEngine(cached_tokens=reported))
+        raw = make_config({"chat": [url]})
+        raw["models"][0]["routing"] = {"policy": "predicted_ttft"}
+        client = await gateway_client(raw)
+        for _attempt in range(100):
+            if all(b.routable for b in client.gateway.backends):
+                break
+            await asyncio.sleep(0.05)
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "new " * 600}], "stream": True},
+            headers=AUTH,
+        )
+        assert answer.status == 200
+        await answer.read()
+        text = (await (await client.get("/metrics")).read()).decode()
+        counts[reported] = [
+            line for line in text.splitlines() if line.startswith("cortex_gateway_cache_expectations_total{")
+        ]
+    assert counts[0] == ['cortex_gateway_cache_expectations_total{model="chat",result="agree"} 1.0']
+    assert counts[500] == ['cortex_gateway_cache_expectations_total{model="chat",result="disagree"} 1.0']
