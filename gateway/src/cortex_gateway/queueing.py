@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -157,6 +158,8 @@ class Admission:
         self._backends: list[Backend] = []
         # The model's average tokens per request (what a new one is charged).
         self.estimate = FIRST_ESTIMATE
+        # When the queue was last looked at (a release, an arrival, a recheck).
+        self._looked = 0.0
 
     @property
     def waiting(self) -> int:
@@ -214,7 +217,9 @@ class Admission:
                 # release here.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(waiter.granted), min(self.recheck, remaining))
-                if not waiter.granted.done():
+                if not waiter.granted.done() and time.monotonic() - self._looked >= self.recheck / 2:
+                    # One look serves every waiter: hundreds of waiters do not
+                    # each sort the queue every recheck.
                     self._dispatch()
             backend = waiter.granted.result()  # raises QueueFull if pushed out
             taken = True
@@ -249,11 +254,14 @@ class Admission:
     def _max_wait(self, ticket: Ticket) -> float:
         return ticket.flow_class.max_wait if self.flow.enabled else self.policy.max_wait
 
-    def _order(self, waiter: _Waiter) -> tuple[int, int, int]:
+    def _in_order(self) -> list[_Waiter]:
+        """The waiters in the order they are served."""
         if not self.flow.enabled:
-            return (0, 0, waiter.seq)
-        ticket = waiter.ticket
-        return (ticket.flow_class.priority, self.counter(ticket.key), waiter.seq)
+            return sorted(self._waiters, key=lambda w: w.seq)
+        counters = {key: self.counter(key) for key in {w.ticket.key for w in self._waiters}}
+        return sorted(
+            self._waiters, key=lambda w: (w.ticket.flow_class.priority, counters[w.ticket.key], w.seq)
+        )
 
     def _ahead_of(self, waiter: _Waiter, ticket: Ticket) -> bool:
         """Is a waiting request served before a new one with ``ticket``?"""
@@ -287,9 +295,13 @@ class Admission:
         backend = pick()
         if backend is None or not backend.take_slot():
             return None
+        self._took(ticket)
+        return backend
+
+    def _took(self, ticket: Ticket) -> None:
+        """A slot taken: counted against its class's reservation."""
         if self.flow.enabled and ticket.flow_class.reserved_slots:
             self.board.add(("busy", self.model, ticket.flow_class.name), 1)
-        return backend
 
     def _give_back(self, ticket: Ticket, backend: Backend) -> None:
         backend.give_slot()
@@ -298,13 +310,23 @@ class Admission:
 
     def _dispatch(self) -> None:
         """Give free slots to waiters, in order, until none can take one."""
-        while True:
-            for waiter in sorted(self._waiters, key=self._order):
-                backend = self._try(waiter.ticket, waiter.pick)
-                if backend is not None:
-                    self._dequeue(waiter)
-                    waiter.granted.set_result(backend)
-                    break
+        self._looked = time.monotonic()
+        while self._waiters and any(b.outstanding < b.max_concurrency for b in self._backends if b.routable):
+            # Each pass reads each class's allowance (and key's counter) once.
+            allowed: dict[str, bool] = {}
+            for waiter in self._in_order():
+                name = waiter.ticket.flow_class.name
+                if name not in allowed:
+                    allowed[name] = self._allowed(waiter.ticket)
+                if not allowed[name]:
+                    continue
+                backend = waiter.pick()
+                if backend is None or not backend.take_slot():
+                    continue
+                self._took(waiter.ticket)
+                self._dequeue(waiter)
+                waiter.granted.set_result(backend)
+                break
             else:
                 return
 
