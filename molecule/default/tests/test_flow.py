@@ -4,7 +4,6 @@ and every gateway worker; vLLM gets the key's class priority on each request."""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,81 +11,83 @@ import openai
 import pytest
 from scenario import GATEWAY_URL, credential, gateway_series
 
-# (model, its slots across replicas: llama.cpp 2 x parallel 2, vLLM 2 x max_num_seqs 8)
-MODELS = [("smollm2-135m-instruct", 4), ("smollm2-135m-vllm", 16)]
+# (model, its slots across replicas: llama.cpp 2 x parallel 2, vLLM 2 x
+# max_num_seqs 8, tokens each standard request generates: enough to hold its
+# slot while the test looks)
+MODELS = [("smollm2-135m-instruct", 4, 64), ("smollm2-135m-vllm", 16, 96)]
 # Standard requests queued beyond the slots: under first come, first served
 # all of them would start before the interactive one.
 QUEUED = 10
 
 
-def first_token(client: openai.OpenAI, model: str, tag: str, max_tokens: int) -> tuple[float | None, str]:
-    """When the stream's first chunk came (None: it failed), and how it ended."""
-    first = None
+def first_token(client: openai.OpenAI, model: str, tag: str, max_tokens: int, started: dict) -> str:
+    """Stream a chat; note when its first chunk came under ``tag``; how it ended."""
     try:
         stream = client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": f"[{tag}] Count from one to twenty."}],
+            messages=[{"role": "user", "content": f"[{tag}] Count from one to a hundred."}],
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
         )
         for chunk in stream:
-            if first is None and chunk.choices:
-                first = time.monotonic()
+            if tag not in started and chunk.choices:
+                started[tag] = time.monotonic()
     except openai.APIStatusError as exc:
-        return None, f"status {exc.status_code}"
+        return f"status {exc.status_code}"
     except Exception as exc:  # noqa: BLE001 - every way a request can fail is recorded, by kind
-        return None, type(exc).__name__
-    return first, "ok"
+        return type(exc).__name__
+    return "ok"
 
 
-@pytest.mark.parametrize(("model", "slots"), MODELS)
-def test_an_interactive_request_overtakes_a_queue_of_standard_ones(host, client_key, model, slots):
+@pytest.mark.parametrize(("model", "slots", "max_tokens"), MODELS)
+def test_an_interactive_request_overtakes_a_queue_of_standard_ones(
+    host, client_key, model: str, slots: int, max_tokens: int
+):
     standard = openai.OpenAI(base_url=GATEWAY_URL, api_key=client_key, timeout=300, max_retries=0)
     interactive = openai.OpenAI(
         base_url=GATEWAY_URL, api_key=credential("gateway-api-key", "interactive"), timeout=300, max_retries=0
     )
-    count = slots + QUEUED
-    results: dict[int, tuple[float | None, str]] = {}
-    lock = threading.Lock()
-
-    def send(number: int) -> None:
-        outcome = first_token(standard, model, f"standard-{number}", 48)
-        with lock:
-            results[number] = outcome
-
-    with ThreadPoolExecutor(max_workers=count + 1) as pool:
-        for number in range(count):
-            pool.submit(send, number)
+    started: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=slots + QUEUED + 1) as pool:
+        outcomes = []
+        for number in range(slots + QUEUED):
+            # The slots' requests end one after the other (a slot at a time
+            # frees); the queued ones are short.
+            tokens = max_tokens + 12 * number if number < slots else 16
+            outcomes.append(pool.submit(first_token, standard, model, f"standard-{number}", tokens, started))
             time.sleep(0.02)
-        # Bounded: the queue forms within seconds on these engines.
+        # Every slot's request is answering (so a request without a first
+        # token is one waiting in the queue) and the queue has formed;
+        # bounded: seconds on these engines.
         waiting = 0.0
         for _look in range(300):
-            waiting = sum(
-                gateway_series(
-                    host, "cortex_gateway_class_queue_depth", model=model, **{"class": "standard"}
-                ).values()
-            )
-            if waiting >= QUEUED - 2:
+            labels = {"model": model, "class": "standard"}
+            waiting = sum(gateway_series(host, "cortex_gateway_class_queue_depth", **labels).values())
+            if len(started) >= slots and waiting >= QUEUED - 2:
                 break
             time.sleep(0.1)
-        assert waiting >= QUEUED - 2, f"only {waiting} standard requests ever waited for {model}"
+        assert len(started) >= slots, f"only {len(started)} of {model}'s {slots} slots answered"
+        assert waiting >= QUEUED - 2, f"only {waiting:.0f} standard requests ever waited for {model}"
         sent = time.monotonic()
-        mine = pool.submit(first_token, interactive, model, "interactive", 8)
-        overtaker, how = mine.result(timeout=300)
+        queued = {tag for tag in (f"standard-{n}" for n in range(slots + QUEUED)) if tag not in started}
+        mine = pool.submit(first_token, interactive, model, "interactive", 8, started)
+        how = mine.result(timeout=300)
+        ends = [outcome.result(timeout=300) for outcome in outcomes]
     assert how == "ok", f"the interactive request failed: {how}"
-    assert {outcome for _first, outcome in results.values()} == {"ok"}, results
-    # Standard requests that began to answer between the interactive one's
-    # arrival and its first token: at most those that had their slot already
-    # (still in prefill), never the queue behind them.
-    started_before_it = [
-        n for n, (first, _how) in results.items() if first is not None and sent < first < overtaker
-    ]
-    assert len(started_before_it) <= slots, (
-        f"{len(started_before_it)} standard requests of {model} started after the interactive one arrived"
-        f" and before it ({waiting:.0f} were waiting): it did not overtake the queue"
+    assert set(ends) == {"ok"}, ends
+    # Standard requests that were still waiting when the interactive one
+    # came and began to answer before it: under first come, first served all
+    # of them; under flow control at most one that took a slot freed at the
+    # same moment as the interactive one's (the slots' requests end a few
+    # tokens apart).
+    before_it = sorted(tag for tag in queued if started[tag] < started["interactive"])
+    assert len(queued) >= QUEUED - 2
+    assert len(before_it) <= 1, (
+        f"{len(before_it)} of the {len(queued)} standard requests of {model} waiting when the interactive one"
+        f" came began to answer before it: {before_it}"
     )
-    assert len(started_before_it) < waiting
+    assert started["interactive"] > sent
 
 
 def test_vllm_runs_with_priority_scheduling(host):
