@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from cortex_gateway.policies import BreakerPolicy, FlowClass, FlowPolicy, QueueP
 from cortex_gateway.queueing import Admission, FlowBoard, Ticket  # noqa: E402
 from cortex_gateway.slots import SlotTable  # noqa: E402
 
+_TABLES = itertools.count()
 CLASSES = (
     FlowClass("interactive", 0, 30.0),
     FlowClass("standard", 10, 30.0),
@@ -87,7 +89,8 @@ async def queued(room: Admission, backend: Backend, requests: int) -> float:
 
 
 async def one(enabled: bool, case: str, requests: int, folder: str) -> float:
-    table = SlotTable(tempfile.mktemp(dir=folder, prefix="slots-"), 2, 0)  # noqa: S306 - a fresh table in our own folder
+    # A fresh table each time: a table's file keeps its counts.
+    table = SlotTable(f"{folder}/slots-{next(_TABLES)}", 2, 0)
     try:
         backend = replica(table, 4)
         flow = FlowPolicy(enabled=enabled, classes=CLASSES)
