@@ -425,7 +425,12 @@ class Forwarder:
         if admission is None or admission.policy != config.queue or admission.flow != config.flow:
             recheck = SHARED_RECHECK_SECONDS if self.gateway.slots is not None else RECHECK_SECONDS
             admission = self.admissions[model] = Admission(
-                model, config.queue, config.flow, self.gateway.flow_board, recheck
+                model,
+                config.queue,
+                config.flow,
+                self.gateway.flow_board,
+                recheck,
+                live=lambda: self.gateway.router.backends(model),
             )
         return admission
 

@@ -144,6 +144,7 @@ class Admission:
         board: FlowBoard | None = None,
         recheck: float = RECHECK_SECONDS,
         clock: Callable[[], float] | None = None,
+        live: Callable[[], list[Backend]] | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -156,6 +157,9 @@ class Admission:
         self._waiters: list[_Waiter] = []
         self._seq = itertools.count()
         self._backends: list[Backend] = []
+        # The model's backends now (a reload replaces them); else those the
+        # last request saw.
+        self._live = live
         # The model's average tokens per request (what a new one is charged).
         self.estimate = FIRST_ESTIMATE
         # When the queue was last looked at (a release, an arrival, a recheck).
@@ -282,7 +286,7 @@ class Admission:
                 reserved += max(0, above.reserved_slots - self.board.total(("busy", self.model, above.name)))
         if not waiting and not reserved:
             return True
-        usable = [b for b in self._backends if b.routable]
+        usable = [b for b in (self._live() if self._live is not None else self._backends) if b.routable]
         # Reservations never take a model's last slot: a less important class
         # is kept waiting, never starved for good.
         reserved = min(reserved, max(0, sum(b.max_concurrency for b in usable) - 1))
@@ -311,7 +315,10 @@ class Admission:
     def _dispatch(self) -> None:
         """Give free slots to waiters, in order, until none can take one."""
         self._looked = time.monotonic()
-        while self._waiters and any(b.outstanding < b.max_concurrency for b in self._backends if b.routable):
+        # Every waiter's own pick says whether a slot suits it: the backends a
+        # request saw when it came may be gone after a reload (a rolling
+        # change), and the new ones never seen by a waiter's look.
+        while self._waiters:
             # Each pass reads each class's allowance (and key's counter) once.
             allowed: dict[str, bool] = {}
             for waiter in self._in_order():

@@ -337,6 +337,30 @@ async def test_a_more_important_request_waiting_in_another_worker_holds_the_last
     theirs.close()
 
 
+async def test_a_waiter_takes_a_replica_added_after_it_came():
+    """A rolling change: the replica a request waited for is drained and a new
+    one added by a reload; with no new request to look at the new list, the
+    waiter's own recheck finds the new replica's free slot."""
+    old, new = backend(1), backend(1)
+    replicas = [old]
+    room = admission()
+    room.recheck = 0.01
+    first = await room.acquire(picker(old), [old], Ticket("a", STANDARD))
+
+    def pick():
+        return next((r for r in replicas if r.outstanding < r.max_concurrency), None)
+
+    waiting = asyncio.create_task(room.acquire(pick, list(replicas), Ticket("b", STANDARD)))
+    await settle()
+    replicas[:] = [new]  # the reload: the old replica is gone, still busy
+    old.health = Health.UNHEALTHY
+    await asyncio.sleep(0.1)
+    assert waiting.done()
+    assert waiting.result().backend is new
+    room.release(waiting.result(), 1)
+    room.release(first, 1)
+
+
 async def test_a_client_gone_while_granted_gives_the_slot_on():
     replica = backend(1)
     room = admission()
