@@ -4,6 +4,7 @@ throwaway inventory of local hosts; no task in it changes a host."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,33 +22,39 @@ GOOD_MODEL = {
 }
 
 
-def run_validate(tmp_path: Path, host_vars: dict) -> subprocess.CompletedProcess:
+def run_validate(
+    tmp_path: Path, hosts: dict[str, dict], callback: str | None = None
+) -> subprocess.CompletedProcess:
+    """validate.yml against local hosts, each a model host and a gateway, with these variables."""
     inventory = {
         "all": {
             "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
             "children": {
-                "gpu_hosts": {"hosts": {"gpu1": host_vars}},
-                "gateways": {"hosts": {"gpu1": {}}},
+                "gpu_hosts": {"hosts": hosts},
+                "gateways": {"hosts": {name: {} for name in hosts}},
             },
         }
     }
     path = tmp_path / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory))
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0"}
+    if callback:
+        env["ANSIBLE_STDOUT_CALLBACK"] = callback
     ansible_playbook = Path(sys.executable).with_name("ansible-playbook")
     return subprocess.run(
         [str(ansible_playbook), "-i", str(path), str(ROOT / "playbooks" / "validate.yml")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
 
 def test_good_inventory_passes(tmp_path):
-    result = run_validate(tmp_path, {"cortex_models": [GOOD_MODEL]})
+    result = run_validate(tmp_path, {"gpu1": {"cortex_models": [GOOD_MODEL]}})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    ("host_vars", "message"),
+# Each bad inventory: (host variables, what the failure must say). Their
+# host is named by the case; "gpu1" in a message stands for it.
+BAD_INVENTORIES = (
     [
         ({"cortex_models": [{**GOOD_MODEL, "engine": "tgi"}]}, "value of engine must be one of: llamacpp, vllm, got: tgi"),
         ({"cortex_models": [{k: v for k, v in GOOD_MODEL.items() if k != "name"}]}, "model cortex_models[0]: missing required arguments: name"),
@@ -104,21 +111,64 @@ def test_good_inventory_passes(tmp_path):
          "missing required arguments: name found in gateway_flow -> classes"),
         ({"cortex_models": [GOOD_MODEL], "gateway_api_keys": [{"name": "ops", "key": "k" * 40, "weight": "heavy"}]},
          "argument 'weight' is of type str found in 'gateway_api_keys'"),
-    ],
-    ids=["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
+    ]
+)  # fmt: skip
+CASES = (
+["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
          "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
          "gpu-not-on-host", "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-tp-without-gpu",
          "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
          "gateway-port-not-int", "port-base-not-int", "admin-over-http", "admin-to-everyone",
          "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow",
          "bad-routing-policy", "routing-index-not-int", "unknown-priority-class", "class-without-name",
-         "weight-not-a-number"],
+         "weight-not-a-number"]
 )  # fmt: skip
-def test_bad_inventory_fails_naming_the_field(tmp_path, host_vars, message):
-    result = run_validate(tmp_path, host_vars)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert message in output, output
-    if not any(key.startswith(("gateway_", "model_servers_")) for key in host_vars):
-        # A problem of a model entry names the model it is about.
+
+
+def failure_texts(result: object) -> list[str]:
+    """Every string in a task's result (its message, argument errors, loop items)."""
+    if isinstance(result, str):
+        return [result]
+    if isinstance(result, dict):
+        return [text for value in result.values() for text in failure_texts(value)]
+    if isinstance(result, list):
+        return [text for value in result for text in failure_texts(value)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def validated_together(tmp_path_factory) -> dict[str, str]:
+    """One run of validate.yml over every bad inventory, each its own host (one
+    ansible-playbook start instead of one per case): per host, the text of what
+    failed on it, or None for a host that did not fail. Every other host has
+    an IP address, so a check across hosts (the engine firewall's gateways)
+    names the case's own host."""
+    hosts = {}
+    for case, (host_vars, _message) in zip(CASES, BAD_INVENTORIES, strict=True):
+        hosts[case] = dict(host_vars)
+        if case != "firewall-gateway-without-address":
+            hosts[case].setdefault("ansible_host", "127.0.0.1")
+    result = run_validate(tmp_path_factory.mktemp("together"), hosts, callback="ansible.posix.json")
+    # The report, between profile_tasks' timestamps and its summary.
+    begins = re.search(r"^\{$", result.stdout, re.MULTILINE)
+    assert begins, result.stdout + result.stderr
+    report, _end = json.JSONDecoder().raw_decode(result.stdout, begins.start())
+    failed: dict[str, list[str]] = {}
+    for play in report["plays"]:
+        for task in play["tasks"]:
+            for host, outcome in task["hosts"].items():
+                if outcome.get("failed") or outcome.get("unreachable"):
+                    failed.setdefault(host, []).extend(failure_texts(outcome))
+    return {case: "\n".join(failed[case]) if case in failed else None for case in CASES}
+
+
+@pytest.mark.parametrize(("case", "host_vars", "message"),
+                         [(c, *bad) for c, bad in zip(CASES, BAD_INVENTORIES, strict=True)], ids=CASES)  # fmt: skip
+def test_bad_inventory_fails_naming_the_field(validated_together, case, host_vars, message):
+    output = validated_together[case]
+    assert output is not None, f"validate.yml passed the inventory of {case}"
+    assert message.replace("gpu1", case) in output, output
+    if set(host_vars) == {"cortex_models"}:
+        # A problem of a model entry names the model it is about (in what
+        # failed: the loop's labels name every model on the way).
         assert re.search(r"model ((chat|v|other|two)\b|cortex_models\[0\])", output), output
