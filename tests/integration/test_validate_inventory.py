@@ -113,16 +113,15 @@ BAD_INVENTORIES = (
          "argument 'weight' is of type str found in 'gateway_api_keys'"),
     ]
 )  # fmt: skip
-CASES = (
-["unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source",
-         "port-not-int", "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256",
-         "gpu-not-on-host", "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-tp-without-gpu",
-         "bad-split-mode", "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value",
-         "gateway-port-not-int", "port-base-not-int", "admin-over-http", "admin-to-everyone",
-         "admin-on-the-public-port", "firewall-gateway-without-address", "firewall-bad-allow",
-         "bad-routing-policy", "routing-index-not-int", "unknown-priority-class", "class-without-name",
-         "weight-not-a-number"]
-)  # fmt: skip
+CASES = [
+    "unknown-engine", "no-name", "wheel-without-member", "wheel-and-path", "no-source", "port-not-int",
+    "ctx-not-int", "unknown-field", "duplicate-name", "url-without-sha256", "gpu-not-on-host",
+    "llamacpp-not-gguf", "vllm-given-gguf", "port-clash", "vllm-tp-without-gpu", "bad-split-mode",
+    "zero-replicas", "unknown-llamacpp-option", "bad-state", "key-without-value", "gateway-port-not-int",
+    "port-base-not-int", "admin-over-http", "admin-to-everyone", "admin-on-the-public-port",
+    "firewall-gateway-without-address", "firewall-bad-allow", "bad-routing-policy", "routing-index-not-int",
+    "unknown-priority-class", "class-without-name", "weight-not-a-number",
+]  # fmt: skip
 
 
 def failure_texts(result: object) -> list[str]:
