@@ -298,8 +298,6 @@ class Forwarder:
                 if home is not None:
                     home.affine_waiting -= 1
             backend, waited = grant.backend, grant.waited
-            # Requests running beside this one on its replica (its slot is taken).
-            timing.beside = max(backend.outstanding - 1, 0)
             tried.add(id(backend))
             if chain:
                 # Whatever the reason it went elsewhere, the prefix is there now.
@@ -311,6 +309,8 @@ class Forwarder:
                 metrics.child(metrics.queue_wait, model, flow_class.name).observe(waited)
             timing.backend = backend.name
             timing.upstream_started = self.gateway.clock()
+            if guess is not None and config.models[served].routing.policy == PREDICTED_TTFT:
+                self._hold_prefill(timing, backend, guess)
             try:
                 try:
                     # A pool's router serves the parent's name; the adapter is the `lora` field.
@@ -373,7 +373,12 @@ class Forwarder:
                     # The stream's headers go out now: the overhead so far.
                     before = timing.overhead()
                     tap = timing.tap = StreamTap(
-                        self.gateway.metrics, model, engine, timing.started, self.gateway.clock
+                        self.gateway.metrics,
+                        model,
+                        engine,
+                        timing.started,
+                        self.gateway.clock,
+                        on_first=lambda: self._drop_prefill(timing),
                     )
                     try:
                         response = await relay_stream(
@@ -409,6 +414,7 @@ class Forwarder:
                 whole.headers[OVERHEAD_HEADER] = f"{timing.overhead(self.gateway.clock()) * 1000:.3f}"
                 return whole
             finally:
+                self._drop_prefill(timing)
                 backend.breaker.release_trial()
                 admission.release(grant, _served_tokens(timing.usage))
         return error_response(
@@ -503,6 +509,21 @@ class Forwarder:
                 return backend
         return None
 
+    def _hold_prefill(self, timing: _Timing, backend: Backend, guess: _Guess) -> None:
+        """The request's uncached prompt tokens count as pending on its replica
+        until its first token (or its end): the next predictions wait behind them."""
+        predictor = self.gateway.predictor
+        tokens = max(guess.prompt - (timing.expected_cached or 0), 0)
+        timing.pending_before = predictor.pending(backend)
+        predictor.hold(backend, tokens)
+        timing.prefill = (backend, tokens)
+
+    def _drop_prefill(self, timing: _Timing) -> None:
+        if timing.prefill is not None:
+            backend, tokens = timing.prefill
+            timing.prefill = None
+            self.gateway.predictor.drop(backend, tokens)
+
     def _learn(self, timing: _Timing, backend: Backend, body_bytes: int, guess: _Guess | None) -> None:
         """What an answer tells of its replica's latencies (every policy learns,
         so that a switch to predicted_ttft starts with estimates)."""
@@ -516,9 +537,8 @@ class Forwarder:
         if timing.first_chunk is None:
             return
         reported = cached_tokens(usage)
-        predictor.observe_first_token(
-            backend, timing.first_chunk - timing.upstream_started, prompt, reported or 0, timing.beside
-        )
+        first_token = timing.first_chunk - timing.upstream_started
+        predictor.observe_first_token(backend, first_token, prompt, reported or 0, timing.pending_before)
         metrics = self.gateway.metrics
         if guess is not None and timing.predicted is not None:
             measured = timing.first_chunk - timing.started
@@ -565,8 +585,9 @@ class _Timing:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
-        "admitted", "backend", "beside", "client_gone", "expected_cached", "first_chunk", "model",
-        "predicted", "started", "stream", "tap", "upstream_ended", "upstream_started", "usage", "waited",
+        "admitted", "backend", "client_gone", "expected_cached", "first_chunk", "model", "pending_before",
+        "predicted", "prefill", "started", "stream", "tap", "upstream_ended", "upstream_started", "usage",
+        "waited",
     )  # fmt: skip
 
     def __init__(self, started: float) -> None:
@@ -581,10 +602,12 @@ class _Timing:
         self.model = "_unknown"
         self.backend = "none"
         self.waited = 0.0
-        # predicted_ttft: the first prediction, and the requests beside it on its replica.
+        # predicted_ttft: the first prediction, the prompt tokens pending on
+        # the replica when it was sent, and its own held there until its first token.
         self.predicted: float | None = None
         self.expected_cached: int | None = None
-        self.beside = 0
+        self.pending_before = 0
+        self.prefill: tuple[Backend, int] | None = None
         self.upstream_started = started
         self.upstream_ended: float | None = None
 

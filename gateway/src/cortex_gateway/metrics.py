@@ -307,12 +307,19 @@ class StreamTap:
     """Sees a relayed stream's chunks: time to the first one, and the usage at the end."""
 
     def __init__(
-        self, metrics: Metrics, model: str, engine: str, started: float, clock: Callable[[], float]
+        self,
+        metrics: Metrics,
+        model: str,
+        engine: str,
+        started: float,
+        clock: Callable[[], float],
+        on_first: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self._ttft = metrics.child(metrics.ttft, model, engine)
         self._started = started
         self._clock = clock
+        self._on_first = on_first
         self.first_chunk: float | None = None
         self.usage = StreamUsage()
 
@@ -320,4 +327,6 @@ class StreamTap:
         if self.first_chunk is None:
             self.first_chunk = self._clock()
             self._ttft.observe(self.first_chunk - self._started)
+            if self._on_first is not None:
+                self._on_first()
         self.usage.feed(chunk)

@@ -2,21 +2,26 @@
 
 For a request and a replica, the prediction is the wait for one of the
 replica's slots plus the prefill of the prompt tokens it does not already
-hold:
+hold, behind the prefill still pending on that replica:
 
     wait     = requests ahead of this one for a slot x service time / slots
-    prefill  = uncached prompt tokens x seconds per token x (1 + requests running beside it)
+    prefill  = (tokens pending + uncached prompt tokens) x seconds per token
     predicted = wait + base + prefill
+
+The tokens pending are the uncached prompt tokens of the requests sent to the
+replica that have not had their first token yet (an engine computes the
+prompts of its running requests together, so a replica busy with a long
+prompt is slow to start another, however few requests it has); every worker
+adds and takes off its own in the shared table.
 
 Every term is learnt per replica from what its engine answered (exponential
 moving averages): a stream's time from the upstream call to its first chunk,
-with the prompt and cached token counts of its usage, gives the seconds per
-uncached token (normalised by the requests running beside it then, since on a
-shared core they share its time) and the base; a request's time on its slot
-gives the service time. The prompt's size is the body's bytes over the
-model's learnt bytes per token; the tokens a replica holds are the matched
-blocks of the prefix index over the same ratio, for the replica that last
-took the prefix (the index knows no other).
+with the prompt and cached token counts of its usage and the tokens that were
+pending when it was sent, gives the seconds per prefill token and the base;
+a request's time on its slot gives the service time. The prompt's size is
+the body's bytes over the model's learnt bytes per token; the tokens a
+replica holds are the matched blocks of the prefix index over the same ratio,
+for the replica that last took the prefix (the index knows no other).
 
 Each worker learns from its own requests and writes its estimates into its
 own row of the shared table; a prediction uses the mean of the rows that have
@@ -68,21 +73,22 @@ class Predictor:
         self._own: dict[tuple[str, str], Estimate] = {}
         self._bytes_per_token: dict[str, float] = {}
         self._columns: dict[tuple[str, ...], int | None] = {}
+        self._pending: dict[tuple[str, str], int] = {}
 
     # --- learning ---------------------------------------------------------------
 
     def observe_first_token(
-        self, backend: Backend, seconds: float, prompt_tokens: int, cached_tokens: int, beside: int
+        self, backend: Backend, seconds: float, prompt_tokens: int, cached_tokens: int, pending: int
     ) -> None:
         """A stream's first chunk came ``seconds`` after the upstream call,
         for a prompt of ``prompt_tokens`` of which the engine had ``cached_tokens``,
-        with ``beside`` other requests running on the replica then."""
+        with ``pending`` prompt tokens of other requests still to compute on the replica then."""
         if seconds <= 0 or prompt_tokens <= 0:
             return
         own = self._estimate(backend)
         uncached = max(prompt_tokens - cached_tokens, 0)
         if uncached >= 16:
-            per_token = max(seconds - own.base, 0.0) / (uncached * (1 + beside))
+            per_token = max(seconds - own.base, 0.0) / (uncached + max(pending, 0))
             own.per_token += _SMOOTHING * (per_token - own.per_token)
         else:
             # Nearly all cached: what is left is the base.
@@ -130,9 +136,8 @@ class Predictor:
         slots = max(backend.max_concurrency, 1)
         queued = max(backend.outstanding + ahead - slots + 1, 0)
         wait = queued * estimate.service / slots
-        beside = min(backend.outstanding, slots - 1)
         uncached = max(prompt_tokens - cached_tokens, 0)
-        seconds = wait + estimate.base + uncached * estimate.per_token * (1 + beside)
+        seconds = wait + estimate.base + (self.pending(backend) + uncached) * estimate.per_token
         return Prediction(backend, seconds, wait, cached_tokens)
 
     def rank(
@@ -154,6 +159,31 @@ class Predictor:
             for b in backends
         ]
         return sorted(predictions, key=lambda p: p.seconds)
+
+    # --- prefill pending on each replica ---------------------------------------------
+
+    def pending(self, backend: Backend) -> int:
+        """Uncached prompt tokens sent to ``backend`` by every worker, not yet answered."""
+        column = self._column(backend, "pending") if self.table is not None else None
+        if column is None:
+            return self._pending.get((backend.model, backend.url), 0)
+        return max(self.table.in_flight(column), 0)  # type: ignore[union-attr]
+
+    def hold(self, backend: Backend, tokens: int) -> None:
+        """``tokens`` of a request sent to ``backend`` wait for their prefill."""
+        self._add_pending(backend, tokens)
+
+    def drop(self, backend: Backend, tokens: int) -> None:
+        """Their first token came, or the request ended: no longer pending."""
+        self._add_pending(backend, -tokens)
+
+    def _add_pending(self, backend: Backend, delta: int) -> None:
+        column = self._column(backend, "pending") if self.table is not None else None
+        if column is None:
+            key = (backend.model, backend.url)
+            self._pending[key] = self._pending.get(key, 0) + delta
+        else:
+            self.table.add(column, delta)  # type: ignore[union-attr]
 
     # --- the shared rows ----------------------------------------------------------
 

@@ -62,14 +62,44 @@ def test_a_home_with_a_long_queue_loses_to_computing_the_prompt_again():
     assert long[1].wait == pytest.approx(9 * 3.0 / 2, rel=0.05)
 
 
-def test_without_a_prefix_the_less_loaded_replica_is_faster():
-    busy, idle = replica("http://a:1", running=1), replica("http://b:1")
+def test_without_a_prefix_the_replica_with_less_prefill_pending_is_faster():
+    busy, idle = replica("http://a:1", running=1), replica("http://b:1", running=1)
     predictor = Predictor()
     taught(predictor, busy, idle)
+    # As many requests on each, but one of them is a long prompt not yet computed.
+    predictor.hold(busy, 1500)
+    predictor.hold(idle, 20)
     ranked = predictor.rank([busy, idle], prompt_tokens=400, home=None, home_tokens=0, home_ahead=0)
     assert [p.backend for p in ranked] == [idle, busy]
-    # On a shared core the request beside it halves the prefill's speed.
-    assert ranked[1].seconds - 0.05 == pytest.approx(2 * (ranked[0].seconds - 0.05), rel=0.05)
+    assert ranked[1].seconds - 0.05 == pytest.approx((1500 + 400) * 0.005, rel=0.05)
+    # Its first token came: nothing pending, the two are alike again.
+    predictor.drop(busy, 1500)
+    predictor.drop(idle, 20)
+    again = predictor.rank([busy, idle], prompt_tokens=400, home=None, home_tokens=0, home_ahead=0)
+    assert again[0].seconds == pytest.approx(again[1].seconds)
+
+
+def test_the_seconds_per_token_are_learnt_with_the_prefill_pending_beside():
+    backend = replica("http://a:1")
+    predictor = Predictor()
+    for _round in range(40):
+        # 200 tokens of its own behind 600 of others: 800 tokens' time.
+        predictor.observe_first_token(backend, 0.05 + 800 * 0.004, 200, 0, 600)
+    assert predictor.estimate(backend).per_token == pytest.approx(0.004, rel=0.1)
+
+
+def test_the_prefill_pending_is_counted_across_workers(tmp_path):
+    path = str(tmp_path / "slots")
+    first, second = SlotTable(path, 2, 0), SlotTable(path, 2, 1)
+    backend = replica("http://a:1")
+    one, two = Predictor(first), Predictor(second)
+    one.hold(backend, 1000)
+    two.hold(backend, 300)
+    assert one.pending(backend) == two.pending(backend) == 1300
+    one.drop(backend, 1000)
+    assert two.pending(backend) == 300
+    first.close()
+    second.close()
 
 
 def test_a_slower_replica_is_learnt_as_slower():
@@ -141,6 +171,14 @@ async def test_the_request_path_routes_a_conversation_back_and_reports_its_error
         line for line in text.splitlines() if "prediction" in line
     ]
     assert 'cortex_gateway_routing_decisions_total{decision="affinity",model="chat"} 3.0' in text
+    # Each turn's prompt was pending on its replica until its first token:
+    # nothing is left pending once every answer came (streamed or whole).
+    whole = await client.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": conversation}, headers=AUTH
+    )
+    assert whole.status == 200
+    await whole.read()
+    assert [client.gateway.predictor.pending(b) for b in client.gateway.backends] == [0, 0]
     # FakeEngine reports no cached tokens: nothing to compare, no series made up.
     assert "cortex_gateway_cache_expectations_total{" not in text
 
