@@ -8,6 +8,10 @@ hold, behind the prefill still pending on that replica:
     prefill  = (tokens pending + uncached prompt tokens) x seconds per token
     predicted = wait + base + prefill
 
+for a conversation without a home; one with a home (the index's replica
+for its prefix) is weighed without the pending tokens, its prefill slowed
+instead by the requests running beside it (x (1 + those requests)): a move
+costs its later turns their cache, which one request's wait does not show.
 The tokens pending are the uncached prompt tokens of the requests sent to the
 replica that have not had their first token yet (an engine computes the
 prompts of its running requests together, so a replica busy with a long
@@ -129,16 +133,23 @@ class Predictor:
             **{name: value if value is not None else getattr(own, name) for name, value in values.items()}
         )
 
-    def predict(self, backend: Backend, prompt_tokens: int, cached_tokens: int, ahead: int = 0) -> Prediction:
+    def predict(
+        self, backend: Backend, prompt_tokens: int, cached_tokens: int, ahead: int = 0, pending: bool = True
+    ) -> Prediction:
         """The time to first token of a request on ``backend``; ``ahead``:
-        requests already waiting for that replica in particular."""
+        requests already waiting for that replica in particular; ``pending``:
+        behind the prompt tokens pending there (else slowed by the requests
+        running beside it, which share the engine's time)."""
         estimate = self.estimate(backend)
         slots = max(backend.max_concurrency, 1)
         queued = max(backend.outstanding + ahead - slots + 1, 0)
         wait = queued * estimate.service / slots
         uncached = max(prompt_tokens - cached_tokens, 0)
-        seconds = wait + estimate.base + (self.pending(backend) + uncached) * estimate.per_token
-        return Prediction(backend, seconds, wait, cached_tokens)
+        if pending:
+            prefill = (self.pending(backend) + uncached) * estimate.per_token
+        else:
+            prefill = uncached * estimate.per_token * (1 + min(backend.outstanding, slots - 1))
+        return Prediction(backend, wait + estimate.base + prefill, wait, cached_tokens)
 
     def rank(
         self,
@@ -148,13 +159,22 @@ class Predictor:
         home_tokens: int,
         home_ahead: int,
     ) -> list[Prediction]:
-        """Every replica's prediction, fastest first (ties: the order given)."""
+        """Every replica's prediction, fastest first (ties: the order given).
+
+        A conversation without a home goes where the least prefill is pending.
+        One with a home is weighed by the slots' queues and the requests
+        running beside it, not by the prompts pending for a moment: leaving
+        its home costs every later turn the cache, which this request's own
+        time to first token does not show (measured: weighing the pending
+        tokens for it too moved conversations off their homes, and the
+        later turns' TTFT p50 went from 0.04x least-outstanding's to 0.77x)."""
         predictions = [
             self.predict(
                 b,
                 prompt_tokens,
                 min(home_tokens, prompt_tokens) if b is home else 0,
                 home_ahead if b is home else 0,
+                pending=home is None,
             )
             for b in backends
         ]

@@ -79,6 +79,19 @@ def test_without_a_prefix_the_replica_with_less_prefill_pending_is_faster():
     assert again[0].seconds == pytest.approx(again[1].seconds)
 
 
+def test_a_conversation_stays_home_while_prompts_are_pending_there():
+    """Pending prompts order the replicas for a new conversation only: a
+    conversation's home keeps it (its later turns need the cache there)."""
+    home, other = replica("http://a:1", running=1), replica("http://b:1")
+    predictor = Predictor()
+    taught(predictor, home, other)
+    predictor.hold(home, 3000)
+    ranked = predictor.rank([other, home], prompt_tokens=1500, home=home, home_tokens=1400, home_ahead=0)
+    assert ranked[0].backend is home
+    new = predictor.rank([home, other], prompt_tokens=1500, home=None, home_tokens=0, home_ahead=0)
+    assert new[0].backend is other
+
+
 def test_the_seconds_per_token_are_learnt_with_the_prefill_pending_beside():
     backend = replica("http://a:1")
     predictor = Predictor()
