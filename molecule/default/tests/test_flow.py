@@ -29,6 +29,10 @@ def first_token(client: openai.OpenAI, model: str, tag: str, max_tokens: int, st
             max_tokens=max_tokens,
             temperature=0,
             stream=True,
+            # Both engines take it: every request runs to its max_tokens, so
+            # the slots' requests end one after the other as planned (an early
+            # end of text freed every slot at once and emptied the queue).
+            extra_body={"ignore_eos": True},
         )
         for chunk in stream:
             if tag not in started and chunk.choices:
